@@ -1,0 +1,46 @@
+# igpt-fast: `make demo`, `make test`, `make bench`. Each creates .venv when missing and installs first.
+#
+# Torch: a machine that already has a CUDA torch (system Python) reuses it through a venv with
+# --system-site-packages; a machine with a GPU but no torch gets the default (CUDA) wheel; a machine
+# without a GPU gets the pinned CPU build, never the multi-GB CUDA one.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.igpt-fast-installed
+CPU_TORCH ?= torch==2.13.0
+FMNIST ?= /usr/share/datasets/fashion-mnist
+DEMO_DIR ?= demo
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+	    echo "using the CUDA torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; fi
+	$(PY) -m pip install -q --upgrade pip
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	    $(PY) -m pip install -q torch; \
+	  else $(PY) -m pip install -q $(CPU_TORCH); fi; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	@if [ ! -d $(FMNIST) ]; then \
+	  echo "Fashion-MNIST not found at $(FMNIST); installing Debian's dataset-fashion-mnist"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y dataset-fashion-mnist >/dev/null; \
+	  else sudo apt-get install -y dataset-fashion-mnist >/dev/null || { \
+	    echo "run: sudo apt-get install -y dataset-fashion-mnist  (or set FMNIST=DIR with the IDX files)"; exit 1; }; fi; fi
+	$(VENV)/bin/igpt-fast demo --src $(FMNIST) --out $(DEMO_DIR)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_tokenize.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
