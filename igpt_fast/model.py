@@ -1,0 +1,330 @@
+"""The Image GPT transformer: GPTConfig, PRESETS and IGPT (AR and BERT objectives, features, KV cache).
+
+Semantics follow the official release (openai/image-gpt src/model.py) and the paper ("Generative
+Pretraining from Pixels", Chen et al., ICML 2020, sections 2-3); see docs/IGPT_REFERENCE.md:
+- norm `x / sqrt(mean(x^2) + 1e-5) * g` (no mean subtraction, no bias), bias-free linears,
+  quick GELU `x * sigmoid(1.702 x)`, pre-norm blocks, final ln_f;
+- learned token table (n_vocab rows), learned positions (n_ctx rows), learned sos vector: the AR
+  model embeds [sos, x_0 .. x_{T-2}] so logits[:, i] predict x_i (the shift happens inside);
+- BERT: each position masked with p = bert_mask_prob (fresh mask every loss-computing forward), masked
+  token embeddings zeroed (no mask token, no sos), no causal mask, loss over masked positions only
+  (mean per image, then over the batch, as in the official code);
+- untied zero-initialised bias-free head; init tok N(0, .02), pos N(0, .01), sos N(0, .02),
+  q/k/v N(0, 1/sqrt(n_embd)), attention out-projection N(0, 1/sqrt(n_embd * n_layer)), MLP N(0, .02).
+
+Attention goes through igpt_fast.kernels.attention and the loss through kernels.cross_entropy, so
+the Triton kernels are used on CUDA. q, k, v are one fused Linear(n_embd, 3 n_embd) (rows q | k | v,
+head h at rows h*hd:(h+1)*hd of each), which is the HF layout transposed.
+
+Generation uses a KV cache (pattern of pytorch-labs/gpt-fast): setup_cache(B), prefill(prefix),
+decode(tok): O(n_ctx) work per image instead of O(n_ctx^2). A classification head (average-pooled
+ln_f output -> zero-init bias-free Linear(n_embd, n_classes)) exists when config.n_classes > 0.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from igpt_fast.kernels import attention, cross_entropy
+
+
+@dataclass
+class GPTConfig:
+    n_px: int = 32  # image side; the sequence is n_px * n_px pixels in raster order
+    n_vocab: int = 512  # palette size
+    n_layer: int = 24
+    n_head: int = 8
+    n_embd: int = 512
+    objective: str = "ar"  # "ar" (next pixel) or "bert" (masked pixels)
+    bert_mask_prob: float = 0.15
+    dropout: float = 0.0  # on embeddings and residual branches (the paper used none)
+    impl: str = "auto"  # kernels for attention and cross-entropy: "auto" | "triton" | "torch"
+    grad_checkpoint: bool = False  # activation checkpointing, one block at a time
+    n_classes: int = 0  # > 0 adds the finetuning classification head
+
+    def __post_init__(self):
+        if self.objective not in ("ar", "bert"):
+            raise ValueError(f"objective must be 'ar' or 'bert', got {self.objective!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if not 0.0 < self.bert_mask_prob < 1.0:
+            raise ValueError(f"bert_mask_prob must be in (0, 1), got {self.bert_mask_prob}")
+
+    @property
+    def n_ctx(self):
+        return self.n_px * self.n_px
+
+
+# Sizes from the paper (table of section 4); "tiny" trains on two CPU cores in minutes (demo, tests).
+PRESETS = {
+    "tiny": dict(n_px=28, n_layer=4, n_head=4, n_embd=128),
+    "igpt-s": dict(n_px=32, n_layer=24, n_head=8, n_embd=512),
+    "igpt-m": dict(n_px=32, n_layer=36, n_head=8, n_embd=1024),
+    "igpt-l": dict(n_px=32, n_layer=48, n_head=16, n_embd=1536),
+    "igpt-xl": dict(n_px=64, n_layer=60, n_head=16, n_embd=3072),
+}
+
+
+class RMSNorm(nn.Module):
+    """iGPT's norm: x / sqrt(mean(x^2) + eps) * g, computed in fp32, no bias."""
+
+    def __init__(self, n_embd, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_embd))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.impl = config.impl
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.k_cache = None  # (B, nh, n_ctx, hd) while a cache is set up
+        self.v_cache = None
+
+    def forward(self, x, causal=True, pos=None):
+        """x (B, T, C). pos None: plain forward. pos p: the cache holds positions < p and x holds
+        positions p .. p+T-1 (p == 0 for a prefill, T == 1 for a decode step)."""
+        B, T, C = x.shape
+        hd = C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
+        if pos is None:
+            y = attention(q, k, v, causal=causal, impl=self.impl)
+        else:
+            self.k_cache[:B, :, pos:pos + T] = k
+            self.v_cache[:B, :, pos:pos + T] = v
+            if pos == 0:
+                y = attention(q, k, v, causal=True, impl=self.impl)
+            elif T == 1:
+                # one query against the cached prefix: nothing to mask; Tq != Tk, so the torch path
+                k = self.k_cache[:B, :, :pos + 1]  # (B, nh, pos+1, hd)
+                v = self.v_cache[:B, :, :pos + 1]  # (B, nh, pos+1, hd)
+                y = attention(q, k, v, causal=False, impl="torch")
+            else:
+                raise ValueError("the KV cache takes a prefill at position 0 or one token at a time")
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        return self.c_proj(h * torch.sigmoid(1.702 * h))  # quick GELU
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.n_embd)
+        self.attn = Attention(config)
+        self.ln_2 = RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, causal=True, pos=None):
+        x = x + self.drop(self.attn(self.ln_1(x), causal, pos))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class IGPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.wte = nn.Embedding(config.n_vocab, C)
+        self.wpe = nn.Embedding(config.n_ctx, C)
+        self.sos = nn.Parameter(torch.zeros(C))
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = RMSNorm(C)
+        self.lm_head = nn.Linear(C, config.n_vocab, bias=False)
+        self.clf_head = nn.Linear(C, config.n_classes, bias=False) if config.n_classes > 0 else None
+        self._cache_pos = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The paper's init (official src/model.py): see the module docstring."""
+        C, L = self.config.n_embd, self.config.n_layer
+        nn.init.normal_(self.wte.weight, std=0.02)
+        nn.init.normal_(self.wpe.weight, std=0.01)
+        nn.init.normal_(self.sos, std=0.02)
+        for block in self.h:
+            nn.init.normal_(block.attn.c_attn.weight, std=1.0 / math.sqrt(C))
+            nn.init.normal_(block.attn.c_proj.weight, std=1.0 / math.sqrt(C * L))
+            nn.init.normal_(block.mlp.c_fc.weight, std=0.02)
+            nn.init.normal_(block.mlp.c_proj.weight, std=0.02)
+            nn.init.ones_(block.ln_1.weight)
+            nn.init.ones_(block.ln_2.weight)
+        nn.init.ones_(self.ln_f.weight)
+        nn.init.zeros_(self.lm_head.weight)
+        if self.clf_head is not None:
+            nn.init.zeros_(self.clf_head.weight)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; non_embedding leaves out the position table (nanoGPT's convention)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    # ---- embedding and trunk
+
+    def _embed(self, idx, bert_mask=None):
+        """idx (B, T) raw tokens -> block input (B, T, C). AR: [sos, x_0 .. x_{T-2}] + positions.
+        BERT: token embeddings zeroed where bert_mask is True, + positions."""
+        B, T = idx.shape
+        if T > self.config.n_ctx:
+            raise ValueError(f"sequence length {T} exceeds n_ctx {self.config.n_ctx}")
+        tok = self.wte(idx)  # (B, T, C)
+        if self.config.objective == "ar":
+            sos = self.sos.to(tok.dtype).expand(B, 1, -1)  # (B, 1, C)
+            tok = torch.cat([sos, tok[:, :-1]], dim=1)  # (B, T, C)
+        elif bert_mask is not None:
+            tok = tok * (~bert_mask).unsqueeze(-1).to(tok.dtype)
+        return self.drop(tok + self.wpe.weight[:T])
+
+    def _trunk(self, x):
+        """Blocks then ln_f: (B, T, C) -> (B, T, C)."""
+        causal = self.config.objective == "ar"
+        for block in self.h:
+            if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal)
+        return self.ln_f(x)
+
+    def sample_bert_mask(self, idx):
+        """A fresh (B, T) bool mask, True where a pixel is masked (p = bert_mask_prob each)."""
+        return torch.rand(idx.shape, device=idx.device) < self.config.bert_mask_prob
+
+    def _gen_loss(self, logits, targets, bert_mask):
+        V = logits.size(-1)
+        if bert_mask is None:
+            return cross_entropy(logits.reshape(-1, V), targets.reshape(-1), impl=self.config.impl)
+        # mean over each image's masked pixels, then over the batch (official src/model.py)
+        per_tok = cross_entropy(logits.reshape(-1, V), targets.reshape(-1), reduction="none",
+                                impl=self.config.impl).view_as(targets)  # (B, T)
+        m = bert_mask.to(per_tok.dtype)
+        return ((per_tok * m).sum(1) / m.sum(1).clamp(min=1.0)).mean()
+
+    def forward(self, idx, targets=None, bert_mask=None):
+        """idx (B, T <= n_ctx) raw tokens; targets (B, T) (usually idx itself) or None.
+        Returns (logits (B, T, n_vocab), loss or None). BERT: when targets are given and bert_mask
+        is None a fresh mask is drawn (from torch's global RNG); without targets nothing is masked
+        unless bert_mask is passed."""
+        if self.config.objective == "bert" and bert_mask is None and targets is not None:
+            bert_mask = self.sample_bert_mask(idx)
+        h = self._trunk(self._embed(idx, bert_mask))
+        logits = self.lm_head(h)
+        loss = None if targets is None else self._gen_loss(logits, targets, bert_mask)
+        return logits, loss
+
+    def classify(self, idx, targets=None, labels=None, bert_mask=None):
+        """Finetuning forward (paper section 3.4): one pass gives the classifier logits of the
+        average-pooled ln_f output and both losses. Returns (clf_logits (B, n_classes),
+        gen_loss or None, clf_loss or None); the finetune objective is gen_loss + clf_loss."""
+        if self.clf_head is None:
+            raise ValueError("this model has no classification head: build it with GPTConfig(n_classes=K) "
+                             "or call model.add_classifier(K)")
+        if self.config.objective == "bert" and bert_mask is None and targets is not None:
+            bert_mask = self.sample_bert_mask(idx)
+        h = self._trunk(self._embed(idx, bert_mask))
+        gen_loss = None if targets is None else self._gen_loss(self.lm_head(h), targets, bert_mask)
+        clf_logits = self.clf_head(h.mean(dim=1))  # (B, n_classes)
+        clf_loss = None if labels is None else cross_entropy(clf_logits, labels, impl="torch")
+        return clf_logits, gen_loss, clf_loss
+
+    def add_classifier(self, n_classes):
+        """Add (or replace) the zero-initialised classification head; updates config.n_classes."""
+        p = self.lm_head.weight
+        self.clf_head = nn.Linear(self.config.n_embd, n_classes, bias=False).to(device=p.device, dtype=p.dtype)
+        nn.init.zeros_(self.clf_head.weight)
+        self.config.n_classes = n_classes
+        return self
+
+    @torch.no_grad()
+    def features(self, idx):
+        """Linear-probe features (paper section 3.3), one forward: (B, n_layer + 1, n_embd) where
+        row l < n_layer is the mean over positions of block l's ln_1 output and the last row the
+        mean of the ln_f output. Nothing is masked for BERT."""
+        x = self._embed(idx)
+        causal = self.config.objective == "ar"
+        feats = []
+        for block in self.h:
+            feats.append(block.ln_1(x).mean(dim=1))  # (B, C)
+            x = block(x, causal)
+        feats.append(self.ln_f(x).mean(dim=1))
+        return torch.stack(feats, dim=1)  # (B, n_layer + 1, C)
+
+    # ---- KV cache for autoregressive generation
+
+    def setup_cache(self, batch_size, device=None, dtype=None):
+        """Allocate per-layer k/v buffers of shape (batch_size, n_head, n_ctx, head_dim)."""
+        if self.config.objective != "ar":
+            raise ValueError("the KV cache is for AR models; a BERT model cannot generate left to right")
+        p = self.lm_head.weight
+        device = device or p.device
+        dtype = dtype or p.dtype
+        c = self.config
+        shape = (batch_size, c.n_head, c.n_ctx, c.n_embd // c.n_head)
+        for block in self.h:
+            block.attn.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+            block.attn.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self._cache_pos = 0
+
+    def clear_cache(self):
+        for block in self.h:
+            block.attn.k_cache = block.attn.v_cache = None
+        self._cache_pos = None
+
+    def _cached_step(self, x, pos):
+        for block in self.h:
+            x = block(x, True, pos)
+        return self.lm_head(self.ln_f(x[:, -1]))  # (B, n_vocab)
+
+    @torch.no_grad()
+    def prefill(self, prefix):
+        """Start generation. prefix (B, t) raw tokens x_0 .. x_{t-1}, 0 <= t < n_ctx (t = 0 for
+        unconditional samples). Caches the inputs [sos, x_0 .. x_{t-1}] and returns the logits
+        (B, n_vocab) for x_t."""
+        if self._cache_pos is None:
+            raise RuntimeError("call model.setup_cache(batch_size) before prefill()")
+        B, t = prefix.shape
+        if t >= self.config.n_ctx:
+            raise ValueError(f"prefix length {t} leaves nothing to generate (n_ctx {self.config.n_ctx})")
+        pad = torch.zeros(B, 1, dtype=prefix.dtype, device=prefix.device)
+        x = self._embed(torch.cat([prefix, pad], dim=1))  # (B, t+1, C): [sos, x_0 .. x_{t-1}]
+        logits = self._cached_step(x, 0)
+        self._cache_pos = t + 1
+        return logits
+
+    @torch.no_grad()
+    def decode(self, tok):
+        """Feed x_t (tok, shape (B,)), the token just chosen for position t; returns the logits
+        (B, n_vocab) for x_{t+1}. Valid while t + 1 < n_ctx."""
+        pos = self._cache_pos
+        if pos is None:
+            raise RuntimeError("call model.setup_cache(batch_size) and prefill() before decode()")
+        if pos >= self.config.n_ctx:
+            raise ValueError(f"the sequence is complete ({self.config.n_ctx} tokens); nothing to decode")
+        x = self.wte(tok).unsqueeze(1) + self.wpe.weight[pos]  # (B, 1, C)
+        logits = self._cached_step(x, pos)
+        self._cache_pos = pos + 1
+        return logits
