@@ -1,13 +1,26 @@
 """Public ops of igpt-fast and their dispatch: attention, softmax, cross_entropy.
 
-impl="auto"   Triton kernels for CUDA tensors, the torch path elsewhere.
+impl="auto"   Triton kernels for CUDA tensors, the torch path elsewhere. On CUDA, a call the kernel
+              does not cover (attention with T_q != T_k, e.g. a KV-cache decode step, or D > 128)
+              takes the torch path; that choice is logged once with its reason.
 impl="triton" always the Triton kernels (on CPU that means the Triton interpreter: set
               TRITON_INTERPRET=1 before this package is imported; fp32/fp16 only there).
 impl="torch"  the torch path (F.scaled_dot_product_attention, torch.softmax, F.cross_entropy).
 
-The choice is logged once per (op, implementation).
+The choice is logged once per (op, implementation). Importing this package is cheap: the Triton
+modules (attention.py, softmax.py, cross_entropy.py) are imported on first Triton use. They register
+their kernels as torch custom ops (`torch.library.custom_op`, namespace `igpt_fast`) with fake and
+autograd implementations, so the ops work inside `torch.compile(fullgraph=True)`.
+
+The submodules share their names with the public ops (kernels/attention.py vs `attention`). Python's
+import system binds a freshly imported submodule as an attribute of its package, which would replace
+the op; the package's module class below refuses that rebinding, so `igpt_fast.kernels.attention`
+stays the function. Reach a kernel module with `from igpt_fast.kernels.attention import ...` or
+`importlib.import_module("igpt_fast.kernels.attention")`.
 """
 import logging
+import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -19,20 +32,28 @@ _IMPLS = ("auto", "triton", "torch")
 _logged = set()
 
 
-def _resolve(op, impl, x):
+def _resolve(op, impl, x, unsupported=None):
+    """Pick 'triton' or 'torch' for one call. `unsupported`: why the kernel cannot take it (or None)."""
     if impl not in _IMPLS:
         raise ValueError(f"{op}: impl must be one of {_IMPLS}, got {impl!r}")
+    reason = ""
     if impl == "auto":
-        impl = "triton" if x.is_cuda else "torch"
-    if (op, impl) not in _logged:
-        _logged.add((op, impl))
-        _log.info("igpt_fast.kernels.%s: using the %s implementation", op, impl)
+        impl = "triton" if x.is_cuda and unsupported is None else "torch"
+        reason = f" ({unsupported})" if x.is_cuda and unsupported is not None else ""
+    if (op, impl, reason) not in _logged and not torch.compiler.is_compiling():
+        _logged.add((op, impl, reason))
+        _log.info("igpt_fast.kernels.%s: using the %s implementation%s", op, impl, reason)
     return impl
 
 
 def attention(q, k, v, causal=True, scale=None, impl="auto"):
     """Scaled dot-product attention over (B, H, T, D) tensors; causal for AR, not for BERT."""
-    if _resolve("attention", impl, q) == "triton":
+    unsupported = None
+    if q.shape != k.shape or q.shape != v.shape:
+        unsupported = "q, k, v shapes differ"
+    elif q.shape[-1] > 128:
+        unsupported = "head dim > 128"
+    if _resolve("attention", impl, q, unsupported) == "triton":
         from .attention import flash_attention
         return flash_attention(q, k, v, causal, scale)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
@@ -52,3 +73,15 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", impl="au
         from .cross_entropy import triton_cross_entropy
         return triton_cross_entropy(logits, targets, ignore_index, reduction)
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction=reduction)
+
+
+class _KernelsPackage(types.ModuleType):
+    """This package's module type: keeps the public ops bound when their same-named submodules load."""
+
+    def __setattr__(self, name, value):
+        if name in __all__ and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _KernelsPackage

@@ -1,0 +1,444 @@
+"""Flash attention (FlashAttention-2 style) forward and backward in Triton, causal and bidirectional.
+
+Maths. For one (batch, head), S = scale * Q K^T (T x T), P = softmax(S) row-wise (causal: S[i, j] = -inf
+for j > i), O = P V. The forward streams K/V tiles past a resident Q tile with the online softmax in
+base 2 (s2 = S * log2(e), running max m and sum l, acc rescaled by exp2(m_old - m_new)), then writes O
+and the base-2 log-sum-exp L = m + log2(l) per row; nothing T x T is stored. The backward recomputes
+P = exp2(s2 - L) tile by tile, with Delta = rowsum(dO * O) precomputed:
+    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - Delta),   dQ = scale * dS K,   dK = scale * dS^T Q.
+Two kernels, no atomics: `_attn_bwd_dkdv_kernel` keeps a K/V tile resident and walks the query tiles,
+`_attn_bwd_dq_kernel` keeps a Q tile resident and walks the key tiles (FlashAttention-2, Sec. 3.1;
+Dao 2023, arXiv:2307.08691). Causal tiles wholly above the diagonal are never visited; only the
+diagonal tiles (and the ragged last tile) pay for masking.
+
+References: Dao, "FlashAttention-2" (2023); triton-lang tutorial 06-fused-attention;
+Dao-AILab/flash-attention flash_attn/flash_attn_triton.py.
+
+Limits. q, k, v: (B, H, T, D), all the same shape (self-attention: T_q == T_k), any T >= 1, any
+D <= 128 (the head-dim tile is padded to a power of 2 >= 16 with masks, so 96 runs in a 128 tile).
+fp16, bf16 and fp32 inputs; fp32 accumulation (fp32 inputs use IEEE fp32 dots, not TF32); output in
+the input dtype; the last dimension must be contiguous (other strides are free; a tensor with a
+strided last dimension is copied). Offsets into the (B, H) planes are int64. Deterministic (no
+atomics). On CPU the kernels run only under the Triton interpreter (TRITON_INTERPRET=1 set before
+import; fp32/fp16 only), with one small fixed tile configuration; on CUDA a small autotune set.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile, zero outside n_rows and (unless EVEN_D) outside HEAD_DIM."""
+    if EVEN_D:
+        return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+                    lo, hi, N_CTX, qk_scale,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, N_CTX, offs_d,
+                       HEAD_DIM, EVEN_D)  # (BLOCK_N, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        if MASKED:
+            keep = offs_n[None, :] < N_CTX
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, N_CTX, offs_d,
+                       HEAD_DIM, EVEN_D)  # (BLOCK_N, BLOCK_D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                     H, N_CTX,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                     CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    o_base = O + off_b * stride_ob + off_h * stride_oh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, N_CTX, offs_d,
+                   HEAD_DIM, EVEN_D)  # (BLOCK_M, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Key tiles [0, free_hi) need no mask; [free_hi, hi) hold the diagonal and/or the ragged end.
+    if CAUSAL:
+        free_hi = start_m
+        hi = tl.minimum(start_m + BLOCK_M, N_CTX)
+    else:
+        free_hi = (N_CTX // BLOCK_N) * BLOCK_N
+        hi = N_CTX
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                                    offs_d, 0, free_hi, N_CTX, qk_scale, False, CAUSAL, BLOCK_N,
+                                    HEAD_DIM, EVEN_D, DOT_PREC)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                                    offs_d, free_hi, hi, N_CTX, qk_scale, True, CAUSAL, BLOCK_N,
+                                    HEAD_DIM, EVEN_D, DOT_PREC)
+
+    acc = acc / l_i[:, None]
+    row_ok = offs_m < N_CTX
+    tl.store(LSE + off_bh * N_CTX + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+    o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :]
+    if EVEN_D:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot,
+                                stride_dob, stride_doh, stride_dot, H, N_CTX,
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                                BLOCK_M: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                   offs_m, N_CTX, offs_d, HEAD_DIM, EVEN_D)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot
+                    + offs_d[None, :], offs_m, N_CTX, offs_d, HEAD_DIM, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + off_bh * N_CTX + offs_m, delta, mask=offs_m < N_CTX)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                         offs_n, offs_d, lo, hi, N_CTX, qk_scale,
+                         MASKED: tl.constexpr, BLOCK_M1: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Query rows past N_CTX load as zeros (q, dO, L, Delta), which makes their P^T dO and dS^T Q zero.
+    for start_m in range(lo, hi, BLOCK_M1):
+        offs_m = start_m + tl.arange(0, BLOCK_M1)
+        row_ok = offs_m < N_CTX
+        q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, N_CTX, offs_d,
+                       HEAD_DIM, EVEN_D)  # (BLOCK_M1, BLOCK_D)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N1, BLOCK_M1)
+        p_t = tl.exp2(qk_t - lse[None, :])
+        if MASKED:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        do = _load_tile(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, N_CTX, offs_d,
+                        HEAD_DIM, EVEN_D)  # (BLOCK_M1, BLOCK_D)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N1, BLOCK_M1)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, qk_scale,
+                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                          stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                          H, N_CTX,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                          CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                          BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N1
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    lse_base = LSE + off_bh * N_CTX
+    delta_base = DELTA + off_bh * N_CTX
+
+    offs_n = start_n + tl.arange(0, BLOCK_N1)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                   offs_n, N_CTX, offs_d, HEAD_DIM, EVEN_D)  # (BLOCK_N1, BLOCK_D)
+    v = _load_tile(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                   offs_n, N_CTX, offs_d, HEAD_DIM, EVEN_D)  # (BLOCK_N1, BLOCK_D)
+    dk = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
+
+    # Causal: query tiles [start_n, start_n + BLOCK_N1) straddle the diagonal (masked); the later
+    # ones see every key of this tile; the earlier ones see none and are skipped.
+    if CAUSAL:
+        diag_hi = start_n + BLOCK_N1
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                      stride_dot, offs_n, offs_d, start_n, tl.minimum(diag_hi, N_CTX),
+                                      N_CTX, qk_scale, True, BLOCK_M1, HEAD_DIM, EVEN_D, DOT_PREC)
+    else:
+        diag_hi = 0
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                  stride_dot, offs_n, offs_d, diag_hi, N_CTX, N_CTX, qk_scale, False,
+                                  BLOCK_M1, HEAD_DIM, EVEN_D, DOT_PREC)
+
+    dk *= sm_scale
+    row_ok = offs_n[:, None] < N_CTX
+    if not EVEN_D:
+        row_ok = row_ok & (offs_d[None, :] < HEAD_DIM)
+    dk_ptrs = DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    dv_ptrs = DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_ok)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+                       lo, hi, N_CTX, qk_scale,
+                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N2: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N2):
+        offs_n = start_n + tl.arange(0, BLOCK_N2)
+        k = _load_tile(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, N_CTX, offs_d,
+                       HEAD_DIM, EVEN_D)  # (BLOCK_N2, BLOCK_D)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, N_CTX, offs_d,
+                       HEAD_DIM, EVEN_D)  # (BLOCK_N2, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M2, BLOCK_N2)
+        p = tl.exp2(qk - lse[:, None])
+        if MASKED:
+            keep = offs_n[None, :] < N_CTX
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (BLOCK_M2, BLOCK_N2)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, qk_scale,
+                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                        stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                        stride_dqb, stride_dqh, stride_dqt,
+                        H, N_CTX,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                        CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                        BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M2
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M2)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N_CTX
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                   offs_m, N_CTX, offs_d, HEAD_DIM, EVEN_D)  # (BLOCK_M2, BLOCK_D)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot
+                    + offs_d[None, :], offs_m, N_CTX, offs_d, HEAD_DIM, EVEN_D)  # (BLOCK_M2, BLOCK_D)
+    lse = tl.load(LSE + off_bh * N_CTX + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + off_bh * N_CTX + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
+
+    if CAUSAL:
+        free_hi = start_m
+        hi = tl.minimum(start_m + BLOCK_M2, N_CTX)
+    else:
+        free_hi = (N_CTX // BLOCK_N2) * BLOCK_N2
+        hi = N_CTX
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+                            0, free_hi, N_CTX, qk_scale, False, CAUSAL, BLOCK_N2, HEAD_DIM, EVEN_D,
+                            DOT_PREC)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+                            free_hi, hi, N_CTX, qk_scale, True, CAUSAL, BLOCK_N2, HEAD_DIM, EVEN_D,
+                            DOT_PREC)
+
+    dq *= sm_scale
+    mask = row_ok[:, None]
+    if not EVEN_D:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+# Tile configurations. The causal loop bounds need BLOCK_M % BLOCK_N == 0 (forward, dQ) and
+# BLOCK_N1 % BLOCK_M1 == 0 (dK/dV); every config below keeps that. The interpreter uses one small
+# fixed config (autotuning there would only burn CPU) that still gives several tiles per row at T=100.
+_INTERPRET_FWD = dict(BLOCK_M=64, BLOCK_N=32)
+_INTERPRET_DKDV = dict(BLOCK_M1=32, BLOCK_N1=64)
+_INTERPRET_DQ = dict(BLOCK_M2=64, BLOCK_N2=32)
+_AUTOTUNE_KEY = ["N_CTX", "HEAD_DIM", "CAUSAL"]
+_attn_fwd_tuned = triton.autotune(
+    configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+             for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)]],
+    key=_AUTOTUNE_KEY)(_attn_fwd_kernel)
+_attn_bwd_dkdv_tuned = triton.autotune(
+    configs=[triton.Config(dict(BLOCK_M1=bm, BLOCK_N1=bn), num_warps=w, num_stages=s)
+             for bm, bn, w, s in [(32, 128, 4, 5), (64, 128, 8, 3), (32, 64, 4, 4)]],
+    key=_AUTOTUNE_KEY)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq_tuned = triton.autotune(
+    configs=[triton.Config(dict(BLOCK_M2=bm, BLOCK_N2=bn), num_warps=w, num_stages=s)
+             for bm, bn, w, s in [(128, 32, 4, 5), (128, 64, 8, 3), (64, 32, 4, 4)]],
+    key=_AUTOTUNE_KEY)(_attn_bwd_dq_kernel)
+
+
+def _check_inputs(q, k, v):
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"flash_attention: q, k, v must share one (B, H, T, D) shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"flash_attention: q, k, v must share a dtype among fp16/bf16/fp32, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError("flash_attention: q, k, v must be on one device")
+    if q.shape[2] < 1 or not 1 <= q.shape[3] <= 128:
+        raise ValueError(f"flash_attention: need T >= 1 and 1 <= D <= 128, got T={q.shape[2]}, D={q.shape[3]}")
+    if not q.is_cuda and not _INTERPRET:
+        raise RuntimeError("flash_attention: CPU tensors need the Triton interpreter; set TRITON_INTERPRET=1 "
+                           "before importing igpt_fast.kernels, or use impl='torch'")
+    if _INTERPRET and q.dtype == torch.bfloat16:
+        raise ValueError("flash_attention: the Triton interpreter has no bf16; use fp16/fp32 or a GPU")
+
+
+def _empty(like, shape, dtype=None):
+    """Allocate a kernel output; the tests swap this for a NaN-filled allocator to catch unwritten elements."""
+    return like.new_empty(shape, dtype=dtype)
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _common_meta(q):
+    D = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(D))
+    return dict(HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _flash_attn_forward(q, k, v, causal, scale):
+    """Launch the forward kernel. Returns o (B, H, T, D) in q's dtype and the base-2 LSE (B, H, T) fp32."""
+    _check_inputs(q, k, v)
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    B, H, T, D = q.shape
+    o = _empty(q, (B, H, T, D))
+    lse = _empty(q, (B, H, T), torch.float32)
+    if B * H == 0:
+        return o, lse
+    args = (q, k, v, o, lse, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, T)
+    meta = dict(_common_meta(q), CAUSAL=bool(causal))
+    if _INTERPRET:
+        _attn_fwd_kernel[(triton.cdiv(T, _INTERPRET_FWD["BLOCK_M"]), B * H)](*args, **meta, **_INTERPRET_FWD)
+    else:
+        _attn_fwd_tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)](*args, **meta)
+    return o, lse
+
+
+def _flash_attn_backward(do, q, k, v, o, lse, causal, scale):
+    """Launch the three backward kernels. Returns dq, dk, dv (B, H, T, D), contiguous, in q's dtype."""
+    q, k, v, o, do = (_last_dim_contiguous(x) for x in (q, k, v, o, do))
+    B, H, T, D = q.shape
+    dq, dk, dv = (_empty(q, (B, H, T, D)) for _ in range(3))
+    if B * H == 0:
+        return dq, dk, dv
+    meta = _common_meta(q)
+    delta = _empty(lse, (B, H, T))  # fp32: rowsum(dO * O)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(T, 64), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],
+        EVEN_D=meta["EVEN_D"], BLOCK_M=64)
+    meta["CAUSAL"] = bool(causal)
+    common = (scale, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    dkdv_args = (q, k, v, do, dk, dv, lse, delta, *common, *_strides(dk), *_strides(dv), H, T)
+    dq_args = (q, k, v, do, dq, lse, delta, *common, *_strides(dq), H, T)
+    if _INTERPRET:
+        _attn_bwd_dkdv_kernel[(triton.cdiv(T, _INTERPRET_DKDV["BLOCK_N1"]), B * H)](
+            *dkdv_args, **meta, **_INTERPRET_DKDV)
+        _attn_bwd_dq_kernel[(triton.cdiv(T, _INTERPRET_DQ["BLOCK_M2"]), B * H)](*dq_args, **meta, **_INTERPRET_DQ)
+    else:
+        _attn_bwd_dkdv_tuned[lambda m: (triton.cdiv(T, m["BLOCK_N1"]), B * H)](*dkdv_args, **meta)
+        _attn_bwd_dq_tuned[lambda m: (triton.cdiv(T, m["BLOCK_M2"]), B * H)](*dq_args, **meta)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("igpt_fast::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _flash_attn_forward(q, k, v, causal, scale)
+
+
+@_flash_attn_fwd_op.register_fake
+def _(q, k, v, causal, scale):
+    B, H, T, D = q.shape
+    return q.new_empty((B, H, T, D)), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("igpt_fast::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, causal: bool, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _flash_attn_backward(do, q, k, v, o, lse, causal, scale)
+
+
+@_flash_attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, causal, scale):
+    return tuple(q.new_empty(q.shape) for _ in range(3))
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _fwd_backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _flash_attn_bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_flash_attn_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+def flash_attention(q, k, v, causal=True, scale=None):
+    """Triton flash attention over (B, H, T, D) q, k, v; differentiable, works under torch.compile."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _flash_attn_fwd_op(q, k, v, bool(causal), scale)[0]
+
+
+def attention_ref(q, k, v, causal=True, scale=None):
+    """Pure-torch attention in fp32 (fp64 stays fp64): the test oracle. Materialises T x T."""
+    dtype = q.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, T, T)
+    if causal:
+        T = q.shape[-2]
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), v).to(dtype)  # (B, H, T, D)
