@@ -1,0 +1,167 @@
+"""Palette: exact quantisation against a float64 brute force, fit determinism and degenerate data,
+save/load round trip, the OpenAI/HF layout, malformed files."""
+import warnings
+
+import numpy as np
+import pytest
+import skimage.data
+
+from igpt_fast.palette import Palette, PaletteError
+
+
+def brute_force(colours, centers):
+    """float64 argmin of sum((x - c)^2) over centres; argmin keeps the lowest index on ties."""
+    x = colours.reshape(-1, 3).astype(np.float64) / 127.5 - 1.0
+    c = centers.astype(np.float64)
+    return np.concatenate([((x[s:s + 4096, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+                           for s in range(0, len(x), 4096)])
+
+
+def photo_pixels():
+    return np.concatenate([im.reshape(-1, 3) for im in
+                           (skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea())])
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return Palette.fit(photo_pixels(), k=512, seed=0)
+
+
+def probe_colours(n_random=120_000, seed=0):
+    """Every combination of corner and cell-boundary channel values, plus uniform random colours."""
+    levels = np.array([0, 1, 7, 8, 63, 64, 127, 128, 191, 192, 247, 248, 254, 255], dtype=np.uint8)
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
+    rand = np.random.default_rng(seed).integers(0, 256, (n_random, 3), dtype=np.uint8)
+    return np.concatenate([grid, rand])
+
+
+PALETTES = {
+    "fitted": None,
+    "uniform-random": np.random.default_rng(1).uniform(-1, 1, (512, 3)).astype(np.float32),
+    # duplicates and a grey ramp: exact ties everywhere, the lowest index must win
+    "ties": np.concatenate([np.zeros((3, 3)), np.linspace(-1, 1, 9)[:, None].repeat(3, 1),
+                            np.zeros((2, 3))]).astype(np.float32),
+    "tiny": np.array([[0.1, -0.2, 0.3]], dtype=np.float32),
+}
+
+
+@pytest.mark.parametrize("name", PALETTES)
+def test_quantize_equals_brute_force(name, fitted):
+    pal = fitted if PALETTES[name] is None else Palette(PALETTES[name])
+    colours = probe_colours()
+    ids = pal.quantize(colours)
+    assert ids.dtype == np.uint16
+    np.testing.assert_array_equal(ids, brute_force(colours, pal.centers))
+    # warm table, other shapes: same answers
+    images = colours[:4096].reshape(4, 32, 32, 3)
+    assert pal.quantize(images).shape == (4, 32, 32)
+    np.testing.assert_array_equal(pal.quantize(images).reshape(-1), ids[:4096])
+
+
+def test_full_lookup_table_matches_brute_force_on_a_stride(fitted):
+    pal = Palette(fitted.centers)
+    pal.build_lut()
+    keys = np.arange(0, 1 << 24, 97, dtype=np.uint32)  # 173k colours spread over the whole cube
+    colours = np.stack([keys >> 16, (keys >> 8) & 255, keys & 255], -1).astype(np.uint8)
+    np.testing.assert_array_equal(pal.quantize(colours), brute_force(colours, pal.centers))
+
+
+def test_fit_is_deterministic_sorted_and_distinct(fitted):
+    again = Palette.fit(photo_pixels(), k=512, seed=0)
+    np.testing.assert_array_equal(fitted.centers, again.centers)
+    assert fitted.sha256 == again.sha256
+    assert fitted.centers.dtype == np.float32 and fitted.centers.shape == (512, 3)
+    assert np.abs(fitted.centers).max() <= 1.0
+    assert len(np.unique(fitted.centers, axis=0)) == 512
+    luma = fitted.centers @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    assert np.all(np.diff(luma) >= 0)
+    other = Palette.fit(photo_pixels(), k=512, seed=1)
+    assert other.sha256 != fitted.sha256
+
+
+def test_fit_quality_beats_a_random_palette(fitted):
+    px = photo_pixels()[::7]
+    x = px.astype(np.float64) / 127.5 - 1
+
+    def sse(pal):
+        return ((x - pal.centers[pal.quantize(px)].astype(np.float64)) ** 2).sum()
+    assert sse(fitted) < 0.2 * sse(Palette(PALETTES["uniform-random"]))
+
+
+def test_fewer_distinct_colours_than_k():
+    greys = np.random.default_rng(0).integers(0, 256, 50_000).astype(np.uint8)
+    pixels = np.repeat(greys[:, None], 3, 1)
+    with pytest.warns(UserWarning, match="only 256 distinct colours"):
+        pal = Palette.fit(pixels, k=512)
+    assert pal.k == 256
+    np.testing.assert_array_equal(np.sort(pal.colours()[:, 0]), np.arange(256))
+    # every grey maps to itself: lossless
+    np.testing.assert_array_equal(pal.dequantize(pal.quantize(pixels[:64].reshape(1, 8, 8, 3)), 8),
+                                  pixels[:64].reshape(1, 8, 8, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Palette.fit(pixels, k=256).k == 256  # exactly k: no warning
+
+
+def test_dequantize(fitted):
+    ids = np.arange(512, dtype=np.uint16).reshape(2, 16, 16)
+    images = fitted.dequantize(ids, 16)
+    assert images.dtype == np.uint8 and images.shape == (2, 16, 16, 3)
+    expected = np.rint(127.5 * (fitted.centers.astype(np.float64) + 1)).astype(np.uint8)
+    np.testing.assert_array_equal(images.reshape(-1, 3), expected)
+    with pytest.raises(PaletteError, match="do not form images"):
+        fitted.dequantize(ids.reshape(-1)[:100], 16)
+    with pytest.raises(PaletteError, match="ids must lie in"):
+        Palette(PALETTES["tiny"]).dequantize(np.ones((1, 4), np.uint16), 2)
+
+
+def test_save_load_round_trip(tmp_path, fitted):
+    path = tmp_path / "palette.npy"
+    fitted.save(path)
+    loaded = Palette.load(path)
+    np.testing.assert_array_equal(loaded.centers, fitted.centers)
+    assert loaded.sha256 == fitted.sha256
+    assert list(tmp_path.iterdir()) == [path]  # no temp files left behind
+    swatch = tmp_path / "swatch.png"
+    fitted.save_swatch(swatch)
+    from PIL import Image
+    assert Image.open(swatch).size == (32 * 16, 16 * 16)
+
+
+def test_openai_layout_loads_unchanged(tmp_path):
+    """kmeans_centers.npy: float (512, 3) in [-1, 1], any order; float64 files are accepted as float32."""
+    centers = np.random.default_rng(5).uniform(-1, 1, (512, 3))
+    np.save(tmp_path / "kmeans_centers.npy", centers)
+    pal = Palette.load(tmp_path / "kmeans_centers.npy")
+    np.testing.assert_array_equal(pal.centers, centers.astype(np.float32))  # never reordered
+
+
+@pytest.mark.parametrize("content,match", [
+    (np.zeros((512, 4), np.float32), r"shape \(k, 3\)"),
+    (np.zeros((512,), np.float32), r"shape \(k, 3\)"),
+    (np.zeros((512, 3), np.int64), "floating point"),
+    (np.full((4, 3), 200.0, np.float32), r"in \[-1, 1\]"),
+    (np.array([[0, 0, np.nan]], np.float32), "NaN"),
+    (np.array([{"a": 1}], dtype=object), "not a readable"),
+    (b"not a numpy file", "not a readable"),
+])
+def test_malformed_files(tmp_path, content, match):
+    path = tmp_path / "bad.npy"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        np.save(path, content, allow_pickle=True)
+    with pytest.raises(PaletteError, match=match):
+        Palette.load(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(PaletteError, match="not found"):
+        Palette.load(tmp_path / "nope.npy")
+
+
+def test_quantize_rejects_non_uint8(fitted):
+    with pytest.raises(PaletteError, match="uint8 RGB"):
+        fitted.quantize(np.zeros((4, 3), np.float32))
+    with pytest.raises(PaletteError, match="uint8 RGB"):
+        fitted.quantize(np.zeros((4, 4), np.uint8))
