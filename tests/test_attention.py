@@ -28,7 +28,7 @@ requires_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 _COVER = [(1, 32, True), (17, 64, False), (100, 96, True), (256, 128, False), (576, 64, True)]
 _COVER_FLIPPED = [(1, 128, False), (17, 32, True), (100, 64, False), (256, 96, True)]
-_FLOOR = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+_FLOOR = {torch.float32: 4e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
 
 
 @pytest.fixture(autouse=True)
