@@ -3,6 +3,8 @@
 Heavy imports (torch, faiss, webdataset) happen inside each command so `igpt-fast --help` is instant.
 Progress bars go to stderr; stdout carries results.
 """
+import os
+
 import click
 
 from . import __version__
@@ -12,6 +14,204 @@ from . import __version__
 @click.version_option(__version__, prog_name="igpt-fast")
 def cli():
     """Image GPT: palette -> tokenize -> train -> probe / finetune / sample."""
+
+
+@cli.command("palette")
+@click.argument("src", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", default="palette.npy", show_default=True, type=click.Path(dir_okay=False),
+              help="Output .npy, float32 (k, 3) in [-1, 1]; a swatch PNG is written beside it.")
+@click.option("--k", type=click.IntRange(1, 65535), default=512, show_default=True, help="Number of colours.")
+@click.option("--n-px", type=click.IntRange(1, 1024), default=32, show_default=True,
+              help="Images are resized to n_px first, as for tokenize.")
+@click.option("--resize", type=click.Choice(["squash", "center-crop", "pad"]), default="squash", show_default=True)
+@click.option("--max-pixels", type=click.IntRange(1), default=10_000_000, show_default=True,
+              help="Pixels sampled from the train images.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=max(1, min(8, os.cpu_count() or 1)), show_default=True,
+              help="Decode/resize processes.")
+def palette_cmd(src, out, k, n_px, resize, max_pixels, seed, workers):
+    """k-means colour palette of the images in SRC... (the same sources tokenize reads)."""
+    import time
+    import warnings
+
+    from .palette import Palette, PaletteError
+    from .tokenize import TokenizeError, sample_pixels
+
+    t0 = time.perf_counter()
+    try:
+        pixels = sample_pixels(list(src), n_px, resize=resize, max_pixels=max_pixels, seed=seed, workers=workers)
+        t1 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            palette = Palette.fit(pixels, k=k, seed=seed)
+    except (TokenizeError, PaletteError) as e:
+        raise click.ClickException(str(e)) from None
+    for w in caught:
+        click.echo(f"note: {w.message}", err=True)
+    t2 = time.perf_counter()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    palette.save(out)
+    swatch = os.path.splitext(out)[0] + ".png"
+    palette.save_swatch(swatch)
+    click.echo(f"palette {out} | k {palette.k} | {len(pixels)} pixels | sample {t1 - t0:.1f} s | "
+               f"k-means {t2 - t1:.1f} s | sha256 {palette.sha256[:12]} | swatch {swatch}")
+
+
+@cli.command("tokenize")
+@click.argument("src", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--palette", "palette_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="palette.npy: float (k, 3) in [-1, 1] (from `igpt-fast palette` or OpenAI's kmeans_centers.npy).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder DIR.")
+@click.option("--n-px", type=click.IntRange(1, 1024), default=32, show_default=True, help="Image side in pixels.")
+@click.option("--resize", type=click.Choice(["squash", "center-crop", "pad"]), default="squash", show_default=True,
+              help="squash = HF ImageGPT's bilinear resize; center-crop; pad (e.g. 28 -> 32, black border).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Fraction of train carved out as val (seeded).")
+@click.option("--workers", type=click.IntRange(1), default=max(1, min(8, os.cpu_count() or 1)), show_default=True,
+              help="Decode/resize processes.")
+@click.option("--shard-size", type=click.IntRange(1), default=5000, show_default=True, help="Samples per shard.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Shuffle and val split seed.")
+def tokenize_cmd(src, palette_path, out, n_px, resize, val_fraction, workers, shard_size, seed):
+    """Images in SRC... (image folders, CIFAR python folders, IDX files, .tar WebDatasets) -> token shards.
+
+    Writes DIR/{split}-%06d.tar, DIR/palette.npy and DIR/meta.json. Interrupted runs resume: rerun the
+    same command.
+    """
+    from .palette import Palette, PaletteError
+    from .tokenize import TokenizeError, tokenize_dataset
+
+    try:
+        palette = Palette.load(palette_path)
+        meta = tokenize_dataset(list(src), palette, out, n_px=n_px, resize=resize, val_fraction=val_fraction,
+                                workers=workers, shard_size=shard_size, seed=seed)
+    except (TokenizeError, PaletteError) as e:
+        raise click.ClickException(str(e)) from None
+    splits = " | ".join(f"{s} {m['samples']} in {m['shards']} shards, {len(m['skipped'])} skipped"
+                        for s, m in meta["splits"].items())
+    if "_elapsed_s" in meta:
+        rate = meta["_tokenized"] / max(meta["_elapsed_s"], 1e-9)
+        click.echo(f"tokenized {out} | {splits} | n_px {n_px} | {rate:.0f} img/s")
+    else:
+        click.echo(f"already complete {out} | {splits} | n_px {n_px}")
+
+
+@cli.command("train")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder RUN (config, log, ckpt).")
+@click.option("--preset", type=click.Choice(["tiny", "igpt-s", "igpt-m", "igpt-l", "igpt-xl"]), default="tiny",
+              show_default=True, help="Model size; n_vocab always comes from the data's palette.")
+@click.option("--objective", type=click.Choice(["ar", "bert"]), default="ar", show_default=True)
+@click.option("--n-px", type=click.IntRange(1), help="Override the preset's image side (must match the data).")
+@click.option("--n-layer", type=click.IntRange(1), help="Override the preset's depth.")
+@click.option("--n-head", type=click.IntRange(1), help="Override the preset's head count.")
+@click.option("--n-embd", type=click.IntRange(1), help="Override the preset's width.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--grad-checkpoint", is_flag=True, help="Activation checkpointing (recompute blocks in backward).")
+@click.option("--impl", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
+              help="Kernels for attention and cross-entropy.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--steps", type=click.IntRange(1), default=1000, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Micro-batch per process.")
+@click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True, help="Micro-batches per step.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True, help="Peak LR.")
+@click.option("--min-lr", type=click.FloatRange(0), default=0.0, show_default=True, help="LR at the end of the cosine.")
+@click.option("--warmup-steps", type=click.IntRange(0), default=100, show_default=True)
+@click.option("--lr-decay-steps", type=click.IntRange(0), default=0, show_default=True,
+              help="Cosine horizon in steps (0 = --steps).")
+@click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--grad-clip", type=click.FloatRange(0), default=1.0, show_default=True, help="0 disables clipping.")
+@click.option("--log-every", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--eval-every", type=click.IntRange(0), default=200, show_default=True, help="0 = only at the end.")
+@click.option("--eval-batches", type=click.IntRange(0), default=20, show_default=True, help="Per process; 0 = all.")
+@click.option("--ckpt-every", type=click.IntRange(0), default=500, show_default=True, help="0 = only at the end.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers.")
+@click.option("--peak-tflops", type=click.FloatRange(0), default=0.0, help="GPU peak for MFU (default: looked up).")
+@click.option("--resume", help="'auto' (RUN/ckpt.pt when present) or a checkpoint path.")
+def train_cmd(data_dir, out, preset, objective, n_px, n_layer, n_head, n_embd, dropout, grad_checkpoint, impl,
+              compile_, steps, batch_size, grad_accum, lr, min_lr, warmup_steps, lr_decay_steps, weight_decay,
+              grad_clip, log_every, eval_every, eval_batches, ckpt_every, seed, num_workers, peak_tflops, resume):
+    """Pretrain an Image GPT on the token shards in DATA_DIR (from `igpt-fast tokenize`).
+
+    Under `torchrun --nproc_per_node=K` the same command runs DDP. Prints
+    `step | loss | ms/step | tok/s | mfu`; writes RUN/config.json, RUN/log.jsonl, RUN/ckpt.pt, RUN/loss.png.
+    """
+    from .data import DataError, read_meta
+    from .model import PRESETS, GPTConfig
+    from .palette import PaletteError
+    from .train import DataMismatchError, TrainConfig, TrainingDiverged, cleanup_distributed, train
+
+    if resume is not None and resume != "auto" and not os.path.isfile(resume):
+        raise click.UsageError(f"--resume {resume}: no such checkpoint (use 'auto' or a ckpt.pt path)")
+    try:
+        meta = read_meta(data_dir)
+    except DataError as e:
+        raise click.ClickException(str(e)) from None
+    arch = dict(PRESETS[preset])
+    arch.update({k: v for k, v in dict(n_px=n_px, n_layer=n_layer, n_head=n_head, n_embd=n_embd).items()
+                 if v is not None})
+    try:
+        model_config = GPTConfig(**arch, n_vocab=meta["n_vocab"], objective=objective, dropout=dropout, impl=impl,
+                                 grad_checkpoint=grad_checkpoint)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    tcfg = TrainConfig(data_dir=data_dir, out_dir=out, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+                       lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, lr_decay_steps=lr_decay_steps,
+                       weight_decay=weight_decay, grad_clip=grad_clip, log_every=log_every, eval_every=eval_every,
+                       eval_batches=eval_batches, ckpt_every=ckpt_every, seed=seed, compile=compile_,
+                       num_workers=num_workers, peak_tflops=peak_tflops)
+    try:
+        result = train(model_config, tcfg, resume=resume)
+    except (DataError, DataMismatchError, PaletteError, TrainingDiverged) as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        cleanup_distributed()
+    if result["val_loss"] is not None:
+        click.echo(f"done | step {result['step']} | val_loss {result['val_loss']:.4f} | {result['ckpt']}")
+    else:
+        click.echo(f"done | step {result['step']} | loss {result['loss']:.4f} | {result['ckpt']}")
+
+
+@cli.command("convert")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output checkpoint (e.g. igpt-s.pt).")
+@click.option("--n-head", type=click.IntRange(1), help="Needed when SOURCE is a bare weights file (no config.json).")
+@click.option("--palette", "palette_path", type=click.Path(exists=True, dir_okay=False),
+              help="palette.npy to store (default: the clusters of SOURCE/preprocessor_config.json, if any).")
+def convert_cmd(source, out, n_head, palette_path):
+    """Convert a Hugging Face ImageGPT checkpoint (directory or weights file) to an igpt-fast checkpoint.
+
+    The output loads with igpt_fast.train.load_checkpoint + model_from_checkpoint, and its logits for x
+    equal HF's for [512] + x[:-1].
+    """
+    from dataclasses import asdict
+
+    import torch
+
+    from .convert import ConversionError, from_hf_imagegpt, read_hf_palette
+    from .palette import Palette, PaletteError
+    from .train import CKPT_VERSION, save_checkpoint
+
+    try:
+        model = from_hf_imagegpt(source, n_head=n_head)
+        if palette_path is not None:
+            palette = Palette.load(palette_path)
+        else:
+            clusters = read_hf_palette(source) if os.path.isdir(source) else None
+            palette = Palette(clusters) if clusters is not None else None
+    except (ConversionError, PaletteError) as e:
+        raise click.ClickException(str(e)) from None
+    if palette is not None and palette.k != model.config.n_vocab:
+        raise click.ClickException(f"the palette has {palette.k} colours but the model has n_vocab "
+                                   f"{model.config.n_vocab}; pass the matching --palette")
+    state = {"version": CKPT_VERSION, "model": model.state_dict(), "model_config": asdict(model.config), "step": 0,
+             "palette": None if palette is None else torch.from_numpy(palette.centers.copy()),
+             "palette_sha256": None if palette is None else palette.sha256, "source": os.path.abspath(source)}
+    save_checkpoint(out, state)
+    c = model.config
+    where = "no palette (pass --palette)" if palette is None else f"palette {palette.sha256[:12]}"
+    click.echo(f"converted {source} -> {out} | {c.n_layer} layers, {c.n_embd} wide, {c.n_head} heads, "
+               f"{c.n_px}x{c.n_px}, {model.num_params() / 1e6:.1f}M params | {where}")
 
 
 def main():
