@@ -37,7 +37,7 @@ Resize modes (`resize_image`), all PIL bilinear on 8-bit RGB:
   smaller images are not enlarged (28 -> 32 pads 2 pixels on each side); the image is centred on black
   (0, 0, 0), an odd remainder going to the bottom / right.
 
-Output (`tokenize_dataset`): DIR/{split}-%06d.tar written with webdataset's ShardWriter (fixed mtime
+Output (`tokenize_dataset`): DIR/{split}-%06d.tar written with webdataset's ShardWriter (integer mtime
 0, uid/gid 0, mode 0444, USTAR: byte-reproducible), `shard_size` samples per shard; each sample has
 `__key__` = "{source:03d}_{index:09d}" (source position on the command line, item position in that
 source's sorted listing: unique, dot-free, traceable), `tokens.npy` (uint16, n_ctx) and `cls` when the
@@ -100,16 +100,23 @@ def _composite_on_white(rgba):
 def _array_to_rgb(a):
     """uint8/uint16 array (H, W), (H, W, 1|2|3|4) -> uint8 (H, W, 3) by the module's colour rule."""
     a = np.asarray(a)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3:
+        raise TokenizeError(f"image arrays must be (H, W) or (H, W, 1|2|3|4), got {a.shape}")
+    return _channels_to_rgb(a)
+
+
+def _channels_to_rgb(a):
+    """uint8/uint16/bool (..., C), C in 1..4 (grey, grey+alpha, RGB, RGBA) -> uint8 (..., 3)."""
     if a.dtype == np.uint16:
         a = ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
     elif a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
     elif a.dtype != np.uint8:
         raise TokenizeError(f"image arrays must be uint8 or uint16, got {a.dtype}")
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.ndim != 3 or a.shape[-1] not in (1, 2, 3, 4):
-        raise TokenizeError(f"image arrays must be (H, W) or (H, W, 1|2|3|4), got {a.shape}")
+    if a.shape[-1] not in (1, 2, 3, 4):
+        raise TokenizeError(f"image arrays need 1 to 4 channels (grey, grey+alpha, RGB, RGBA), got {a.shape}")
     if a.shape[-1] == 3:
         return a
     if a.shape[-1] == 1:
@@ -169,6 +176,25 @@ def _prepare(image, n_px, resize):
     return resize_image(to_rgb(image), n_px, resize)
 
 
+def _fast_batch(batch, n_px, resize):
+    """Array batch (B, H, W[, C]) needing no resampling -> uint8 (B, n_px, n_px, 3); else None.
+
+    Same result as `_prepare` per image: sizes equal to n_px are never resampled, and `pad` does not
+    resample images no larger than n_px.
+    """
+    if batch.ndim == 3:
+        batch = batch[..., None]  # (B, H, W, 1)
+    h, w = batch.shape[1:3]
+    if (h, w) == (n_px, n_px):
+        return _channels_to_rgb(batch)
+    if resize == "pad" and h <= n_px and w <= n_px:
+        out = np.zeros((len(batch), n_px, n_px, 3), dtype=np.uint8)
+        top, left = (n_px - h) // 2, (n_px - w) // 2
+        out[:, top:top + h, left:left + w] = _channels_to_rgb(batch)
+        return out
+    return None
+
+
 def _prepare_batch(images, n_px, resize):
     """PIL images / arrays (a list, or an array (B, H, W[, C])) -> uint8 (B, n_px, n_px, 3)."""
     if resize not in RESIZE_MODES:
@@ -181,8 +207,9 @@ def _prepare_batch(images, n_px, resize):
                                 "pass a single image as a list of one")
         if images.dtype == np.uint8 and images.shape[1:] == (n_px, n_px, 3):
             return images  # the fast path: nothing to convert or resample
-        if images.dtype == np.uint8 and images.ndim == 3 and images.shape[1:] == (n_px, n_px):
-            return np.repeat(images[..., None], 3, axis=-1)  # grey batch (B, n_px, n_px)
+        fast = _fast_batch(images, n_px, resize)
+        if fast is not None:
+            return fast
     out = np.empty((len(images), n_px, n_px, 3), dtype=np.uint8)
     for i, image in enumerate(images):
         out[i] = _prepare(image, n_px, resize)
@@ -532,6 +559,11 @@ def _describe(err):
 def _load_chunk(task):
     """Worker: (n_px, resize, entries) -> (uint8 (m, n_px, n_px, 3) of the good ones, {pos: reason})."""
     n_px, resize, entries = task
+    arrays = [e[1] for e in entries if e[0] == "array"]
+    if arrays and len(arrays) == len(entries) and len({(a.shape, a.dtype) for a in arrays}) == 1:
+        fast = _fast_batch(np.stack(arrays), n_px, resize)
+        if fast is not None:
+            return fast, {}
     images, bad = [], {}
     for pos, entry in enumerate(entries):
         try:
@@ -666,7 +698,7 @@ class _SplitWriter:
             self.writer_shards_done = 0
             self.writer = wds.ShardWriter(pattern, maxcount=self.shard_size, maxsize=float("inf"),
                                           post=self._finished, start_shard=self.start_shard, verbose=0,
-                                          opener=self._open, mtime=0.0, user="igpt-fast",
+                                          opener=self._open, mtime=0, user="igpt-fast",
                                           group="igpt-fast", mode=0o444)
         sample = {"__key__": key, "tokens.npy": tokens}
         if label is not None:
