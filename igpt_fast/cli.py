@@ -214,6 +214,39 @@ def convert_cmd(source, out, n_head, palette_path):
                f"{c.n_px}x{c.n_px}, {model.num_params() / 1e6:.1f}M params | {where}")
 
 
+@cli.command("demo")
+@click.option("--src", default="/usr/share/datasets/fashion-mnist", show_default=True, type=click.Path(),
+              help="Fashion-MNIST IDX files (Debian's dataset-fashion-mnist) or any source tokenize reads.")
+@click.option("--out", default="demo", show_default=True, type=click.Path(file_okay=False),
+              help="Demo folder; completed stages found there are reused.")
+@click.option("--n-px", type=click.IntRange(1, 1024), default=28, show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=max(1, min(8, os.cpu_count() or 1)), show_default=True)
+@click.pass_context
+def demo_cmd(ctx, src, out, n_px, workers):
+    """Images to results on real data: palette -> tokenize, ending with a summary."""
+    import json
+
+    if not os.path.exists(src):
+        raise click.ClickException(f"{src} not found; install Debian's Fashion-MNIST "
+                                   "(sudo apt-get install -y dataset-fashion-mnist) or pass --src DIR")
+    os.makedirs(out, exist_ok=True)
+    palette_path = os.path.join(out, "palette.npy")
+    data_dir = os.path.join(out, "data")
+    click.echo(f"[1/2] palette -> {palette_path}")
+    if os.path.exists(palette_path):
+        click.echo("      reusing the existing palette")
+    else:
+        ctx.invoke(palette_cmd, src=(src,), out=palette_path, n_px=n_px, workers=workers)
+    click.echo(f"[2/2] tokenize -> {data_dir}")
+    ctx.invoke(tokenize_cmd, src=(src,), palette_path=palette_path, out=data_dir, n_px=n_px, val_fraction=0.1,
+               workers=workers)
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        meta = json.load(f)
+    splits = ", ".join(f"{s} {m['samples']}" for s, m in meta["splits"].items())
+    click.echo(f"demo summary | palette {meta['n_vocab']} colours | n_px {meta['n_px']} (n_ctx {meta['n_ctx']}) | "
+               f"{splits} | shards in {data_dir}")
+
+
 def main():
     cli()
 
