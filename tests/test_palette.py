@@ -165,3 +165,30 @@ def test_quantize_rejects_non_uint8(fitted):
         fitted.quantize(np.zeros((4, 3), np.float32))
     with pytest.raises(PaletteError, match="uint8 RGB"):
         fitted.quantize(np.zeros((4, 4), np.uint8))
+
+
+def test_palette_cli(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from igpt_fast.cli import cli
+
+    src = tmp_path / "images" / "cats"
+    src.mkdir(parents=True)
+    for i, name in enumerate(("astronaut", "coffee", "chelsea")):
+        Image.fromarray(getattr(skimage.data, name)()).save(src / f"{i}.png")
+    out = tmp_path / "pal" / "palette.npy"
+    result = CliRunner().invoke(cli, ["palette", str(tmp_path / "images"), "--k", "64", "--n-px", "16",
+                                      "--out", str(out), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    pal = Palette.load(out)
+    assert pal.k == 64 and (tmp_path / "pal" / "palette.png").is_file()
+    assert "k 64" in result.output and pal.sha256[:12] in result.output
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(cli, ["palette", str(empty), "--out", str(tmp_path / "x.npy")])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert result.output.startswith("Error:") and len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(cli, ["palette", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "does not exist" in result.output
