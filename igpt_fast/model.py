@@ -224,11 +224,14 @@ class IGPT(nn.Module):
         m = bert_mask.to(per_tok.dtype)
         return ((per_tok * m).sum(1) / m.sum(1).clamp(min=1.0)).mean()
 
-    def forward(self, idx, targets=None, bert_mask=None):
+    def forward(self, idx, targets=None, bert_mask=None, labels=None, classify=False):
         """idx (B, T <= n_ctx) raw tokens; targets (B, T) (usually idx itself) or None.
         Returns (logits (B, T, n_vocab), loss or None). BERT: when targets are given and bert_mask
         is None a fresh mask is drawn (from torch's global RNG); without targets nothing is masked
-        unless bert_mask is passed."""
+        unless bert_mask is passed. classify=True returns classify(idx, targets, labels, bert_mask)
+        instead, so a DDP- or compile-wrapped model can finetune through its forward."""
+        if classify:
+            return self.classify(idx, targets, labels, bert_mask)
         if self.config.objective == "bert" and bert_mask is None and targets is not None:
             bert_mask = self.sample_bert_mask(idx)
         h = self._trunk(self._embed(idx, bert_mask))

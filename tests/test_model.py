@@ -206,6 +206,8 @@ def test_classifier_head():
     assert torch.count_nonzero(clf_logits) == 0
     assert clf_loss.item() == pytest.approx(math.log(10), abs=1e-6)
     torch.testing.assert_close(gen_loss, model(idx, idx)[1])
+    via_forward = model(idx, idx, labels=labels, classify=True)  # the path a DDP-wrapped model takes
+    torch.testing.assert_close(via_forward[2], clf_loss)
     with torch.no_grad():
         model.clf_head.weight.normal_()
     ref = []

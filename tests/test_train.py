@@ -1,0 +1,266 @@
+"""Training loop tests on tiny shards written here (webdataset.ShardWriter + meta.json + palette.npy):
+CLI end to end, bitwise-identical resume, kill -9 during a checkpoint write, NaN stop, data/model
+mismatch errors, and a 2-process torchrun (gloo) run checked against hand-averaged gradients."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from click.testing import CliRunner
+
+from igpt_fast.cli import cli
+from igpt_fast.model import GPTConfig, IGPT, PRESETS
+from igpt_fast.palette import Palette
+from igpt_fast.train import (DataMismatchError, TrainConfig, TrainingDiverged, check_data, configure_optimizer,
+                             load_checkpoint, make_scheduler, model_from_checkpoint, train)
+
+N_PX, N_VOCAB = 4, 16
+ARCH = ["--preset", "tiny", "--n-px", str(N_PX), "--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
+
+
+def model_config(**kw):
+    return GPTConfig(**{**dict(n_px=N_PX, n_vocab=N_VOCAB, n_layer=2, n_head=2, n_embd=32), **kw})
+
+
+def write_split(out, split, n_shards, per_shard, rng):
+    with wds.ShardWriter(os.path.join(out, f"{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(n_shards * per_shard):
+            offset, label = rng.integers(0, 4), i % 3
+            rows = (offset + label * np.arange(N_PX))[:, None] + np.zeros(N_PX, dtype=np.int64)  # (n_px, n_px)
+            tokens = (rows % N_VOCAB).astype(np.uint16).reshape(-1)  # (n_ctx,): learnable rows
+            sink.write({"__key__": f"{split}{i:05d}", "tokens.npy": tokens, "cls": label})
+    return {"samples": n_shards * per_shard, "shards": n_shards, "skipped": []}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("data"))
+    rng = np.random.default_rng(0)
+    palette = Palette(rng.uniform(-1, 1, (N_VOCAB, 3)).astype(np.float32))
+    palette.save(os.path.join(out, "palette.npy"))
+    splits = {"train": write_split(out, "train", 4, 16, rng), "val": write_split(out, "val", 2, 8, rng)}
+    meta = {"version": 1, "n_px": N_PX, "n_ctx": N_PX * N_PX, "n_vocab": N_VOCAB, "palette_sha256": palette.sha256,
+            "resize": "squash", "class_names": ["a", "b", "c"], "source": ["synthetic"], "splits": splits}
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return out
+
+
+def tcfg(data_dir, out, **kw):
+    base = dict(data_dir=data_dir, out_dir=str(out), steps=6, batch_size=4, lr=1e-2, warmup_steps=2, log_every=1,
+                eval_every=3, eval_batches=2, ckpt_every=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def losses(run):
+    rows = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r], [(r["step"], r["val_loss"]) for r in rows
+                                                                   if "val_loss" in r]
+
+
+def test_cli_train_end_to_end(data_dir, tmp_path):
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(run), *ARCH, "--steps", "8", "--batch-size", "4",
+                                   "--lr", "1e-2", "--warmup-steps", "2", "--log-every", "1", "--eval-every", "4",
+                                   "--eval-batches", "0", "--ckpt-every", "4"])
+    assert res.exit_code == 0, res.output
+    assert '"n_vocab": 16' in res.output  # the resolved config is printed first
+    lines = [ln for ln in res.output.splitlines() if re.fullmatch(
+        r"step \d+ \| loss \d+\.\d{4} \| [\d.]+ ms/step \| [\d.e+]+ tok/s \| mfu -", ln)]
+    assert len(lines) == 8
+    train_losses, val_losses = losses(run)
+    assert [s for s, _ in train_losses] == list(range(1, 9))
+    assert train_losses[0][1] == pytest.approx(np.log(N_VOCAB), abs=1e-4)  # zero-init head
+    assert train_losses[-1][1] < train_losses[0][1] - 0.3
+    assert [s for s, _ in val_losses] == [4, 8]
+    assert (run / "loss.png").stat().st_size > 1000
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["n_px"] == N_PX and cfg["train"]["steps"] == 8
+    ckpt = load_checkpoint(run / "ckpt.pt")
+    assert ckpt["step"] == 8 and ckpt["data_step"] == 8 and len(ckpt["rng"]) == 1
+    assert ckpt["palette_sha256"] == Palette.load(os.path.join(data_dir, "palette.npy")).sha256
+    model = model_from_checkpoint(ckpt).eval()
+    tokens = torch.from_numpy(np.arange(16) % 16).view(1, 16)
+    _, loss = model(tokens, tokens)
+    assert torch.isfinite(loss)
+    assert not (run / "ckpt.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("objective,grad_accum", [("bert", 2), ("ar", 1)])
+def test_resume_gives_identical_losses(data_dir, tmp_path, objective, grad_accum):
+    cfg = model_config(objective=objective, dropout=0.1 if objective == "ar" else 0.0)
+    straight = train(cfg, tcfg(data_dir, tmp_path / "straight", grad_accum=grad_accum), print_fn=lambda *a: None)
+    first = train(cfg, tcfg(data_dir, tmp_path / "split", steps=3, lr_decay_steps=6, grad_accum=grad_accum),
+                  print_fn=lambda *a: None)
+    assert first["step"] == 3
+    second = train(cfg, tcfg(data_dir, tmp_path / "split", grad_accum=grad_accum), resume="auto",
+                   print_fn=lambda *a: None)
+    assert second["step"] == 6
+    a, va = losses(tmp_path / "straight")
+    b, vb = losses(tmp_path / "split")
+    assert a == b  # bitwise: same data, RNG (BERT masks, dropout), optimizer and schedule
+    assert va == vb
+    sa = load_checkpoint(tmp_path / "straight" / "ckpt.pt")["model"]
+    sb = load_checkpoint(tmp_path / "split" / "ckpt.pt")["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+HARNESS = """
+import io, os, sys, time
+import torch
+import igpt_fast.train as T
+from igpt_fast.model import GPTConfig
+
+real_save, calls = torch.save, [0]
+
+def stalling_save(obj, f, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 1:
+        return real_save(obj, f, *args, **kwargs)
+    buf = io.BytesIO()
+    real_save(obj, buf)
+    f.write(buf.getvalue()[: len(buf.getvalue()) // 2])  # half a checkpoint on disk, then "power cut"
+    f.flush()
+    os.fsync(f.fileno())
+    open(sys.argv[3], "w").close()
+    time.sleep(600)
+
+torch.save = stalling_save
+cfg = GPTConfig(n_px=4, n_vocab=16, n_layer=2, n_head=2, n_embd=32)
+T.train(cfg, T.TrainConfig(data_dir=sys.argv[1], out_dir=sys.argv[2], steps=6, batch_size=4, lr=1e-2,
+                           warmup_steps=2, log_every=1, eval_every=0, eval_batches=2, ckpt_every=2))
+"""
+
+
+def test_kill9_during_checkpoint_write_then_resume(data_dir, tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "stalled"
+    script = tmp_path / "harness.py"
+    script.write_text(textwrap.dedent(HARNESS))
+    proc = subprocess.Popen([sys.executable, str(script), data_dir, str(run), str(marker)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "the harness never reached its second checkpoint"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (run / "ckpt.pt.tmp").exists()
+    with pytest.raises(RuntimeError):  # the half-written file is unreadable
+        load_checkpoint(run / "ckpt.pt.tmp")
+    assert load_checkpoint(run / "ckpt.pt")["step"] == 2  # the previous checkpoint is intact
+
+    cfg = model_config()
+    kw = dict(eval_every=0, ckpt_every=2)
+    train(cfg, tcfg(data_dir, run, **kw), resume="auto", print_fn=lambda *a: None)
+    train(cfg, tcfg(data_dir, tmp_path / "straight", **kw), print_fn=lambda *a: None)
+    resumed = dict(losses(run)[0])  # steps 1-4 logged twice (before the kill and after); last wins
+    assert list(resumed.values()) == [loss for _, loss in losses(tmp_path / "straight")[0]]
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path):
+    calls = [0]
+
+    def exploding_loss(model, tokens, labels):
+        calls[0] += 1
+        _, loss = model(tokens, tokens)
+        return (loss * float("nan") if calls[0] == 5 else loss), {}
+
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5.*ckpt\.pt"):
+        train(model_config(), tcfg(data_dir, tmp_path, ckpt_every=2, eval_every=0), loss_fn=exploding_loss,
+              print_fn=lambda *a: None)
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_data_model_mismatch_errors(data_dir, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["train", data_dir, "--out", str(tmp_path / "r"), "--preset", "tiny", "--steps", "1"])
+    assert res.exit_code == 1 and "--n-px 4" in res.output and "28x28" in res.output
+    res = runner.invoke(cli, ["train", str(tmp_path), "--out", str(tmp_path / "r"), *ARCH])
+    assert res.exit_code == 1 and "meta.json not found" in res.output
+    res = runner.invoke(cli, ["train", data_dir, "--out", str(tmp_path / "r"), *ARCH, "--n-head", "3"])
+    assert res.exit_code == 2 and "divisible" in res.output
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    with pytest.raises(DataMismatchError, match="16 colours but the model has n_vocab 512"):
+        check_data(meta, model_config(n_vocab=512))
+    with pytest.raises(DataMismatchError, match="palette"):
+        check_data(meta, model_config(), palette_sha256="0" * 64)
+    # a checkpoint trained on another palette refuses this data
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in os.listdir(data_dir):
+        os.symlink(os.path.join(data_dir, name), bad / name)
+    os.remove(bad / "palette.npy")
+    other = Palette(np.random.default_rng(1).uniform(-1, 1, (N_VOCAB, 3)).astype(np.float32))
+    other.save(bad / "palette.npy")
+    res = runner.invoke(cli, ["train", str(bad), "--out", str(tmp_path / "r"), *ARCH])
+    assert res.exit_code == 1 and "is not the palette meta.json names" in res.output
+    os.remove(bad / "meta.json")
+    (bad / "meta.json").write_text(json.dumps({**meta, "palette_sha256": other.sha256}))
+    run = tmp_path / "run"
+    train(model_config(), tcfg(data_dir, run, steps=1, eval_every=0), print_fn=lambda *a: None)
+    res = runner.invoke(cli, ["train", str(bad), "--out", str(run), *ARCH, "--resume", "auto"])
+    assert res.exit_code == 1 and "re-tokenize with the checkpoint's palette" in res.output
+
+
+def test_cli_preset_choices_match_presets():
+    train_cmd = cli.commands["train"]
+    preset = next(p for p in train_cmd.params if p.name == "preset")
+    assert set(preset.type.choices) == set(PRESETS)
+
+
+def test_torchrun_two_processes_gloo(data_dir, tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "igpt_fast.cli",
+           "train", data_dir, "--out", str(run), *ARCH, "--steps", "3", "--batch-size", "4", "--lr", "1e-2",
+           "--warmup-steps", "2", "--log-every", "1", "--eval-every", "0", "--eval-batches", "0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("step 1 | loss") == 1  # rank 0 logs alone
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["world_size"] == 2
+    ckpt = load_checkpoint(run / "ckpt.pt")
+    assert len(ckpt["rng"]) == 2 and ckpt["world_size"] == 2
+    ddp_losses, val = losses(run)
+    rows = [json.loads(line) for line in open(run / "log.jsonl") if "tok_per_s" in line]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+    # the same three steps by hand: rank r's batches, gradients averaged over the two ranks
+    from igpt_fast.data import train_loader
+
+    torch.manual_seed(0)
+    model = IGPT(model_config())
+    opt = configure_optimizer(model, 1e-2)
+    sched = make_scheduler(opt, 2, 3)
+    streams = [iter(train_loader(data_dir, 4, seed=0, rank=r, world_size=2)) for r in range(2)]
+    expected = []
+    for _ in range(3):
+        batch_losses = []
+        for it in streams:
+            tokens, _ = next(it)
+            _, loss = model(tokens, tokens)
+            (loss / 2).backward()
+            batch_losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        expected.append(sum(batch_losses) / 2)
+    assert [loss for _, loss in ddp_losses] == pytest.approx(expected, abs=1e-5)
+    assert len(val) == 1  # the final eval, averaged over both ranks
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ckpt["model"][k], v, atol=1e-5, rtol=1e-4)
