@@ -20,7 +20,8 @@ fp16, bf16 and fp32 inputs; fp32 accumulation (fp32 inputs use IEEE fp32 dots, n
 the input dtype; the last dimension must be contiguous (other strides are free; a tensor with a
 strided last dimension is copied). Offsets into the (B, H) planes are int64. Deterministic (no
 atomics). On CPU the kernels run only under the Triton interpreter (TRITON_INTERPRET=1 set before
-import; fp32/fp16 only), with one small fixed tile configuration; on CUDA a small autotune set.
+import; fp32/fp16 only), with one small fixed tile configuration; on CUDA a fixed config per head dim, or
+autotuning over a small set with IGPT_FAST_AUTOTUNE=1.
 """
 import math
 import os
@@ -283,24 +284,45 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, qk_scale,
 
 
 # Tile configurations. The causal loop bounds need BLOCK_M % BLOCK_N == 0 (forward, dQ) and
-# BLOCK_N1 % BLOCK_M1 == 0 (dK/dV); every config below keeps that. The interpreter uses one small
-# fixed config (autotuning there would only burn CPU) that still gives several tiles per row at T=100.
-_INTERPRET_FWD = dict(BLOCK_M=64, BLOCK_N=32)
-_INTERPRET_DKDV = dict(BLOCK_M1=32, BLOCK_N1=64)
-_INTERPRET_DQ = dict(BLOCK_M2=64, BLOCK_N2=32)
-_AUTOTUNE_KEY = ["N_CTX", "HEAD_DIM", "CAUSAL"]
-_attn_fwd_tuned = triton.autotune(
-    configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-             for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)]],
-    key=_AUTOTUNE_KEY)(_attn_fwd_kernel)
-_attn_bwd_dkdv_tuned = triton.autotune(
-    configs=[triton.Config(dict(BLOCK_M1=bm, BLOCK_N1=bn), num_warps=w, num_stages=s)
-             for bm, bn, w, s in [(32, 128, 4, 5), (64, 128, 8, 3), (32, 64, 4, 4)]],
-    key=_AUTOTUNE_KEY)(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq_tuned = triton.autotune(
-    configs=[triton.Config(dict(BLOCK_M2=bm, BLOCK_N2=bn), num_warps=w, num_stages=s)
-             for bm, bn, w, s in [(128, 32, 4, 5), (128, 64, 8, 3), (64, 32, 4, 4)]],
-    key=_AUTOTUNE_KEY)(_attn_bwd_dq_kernel)
+# BLOCK_N1 % BLOCK_M1 == 0 (dK/dV); every config below keeps that. On CUDA each kernel uses a fixed
+# config per head-dim tile (BLOCK_D <= 64 or 128) unless IGPT_FAST_AUTOTUNE=1 (read at import), which
+# autotunes over a small set that contains it (keyed on T, D, causal and dtypes; the first call per
+# key pays for the tuning). The interpreter uses one small fixed config (autotuning there would only
+# burn CPU) that still gives several tiles per row at T = 100.
+_AUTOTUNE = os.environ.get("IGPT_FAST_AUTOTUNE") == "1"
+_INTERPRET_CONFIGS = dict(fwd=dict(BLOCK_M=64, BLOCK_N=32), dkdv=dict(BLOCK_M1=32, BLOCK_N1=64),
+                          dq=dict(BLOCK_M2=64, BLOCK_N2=32))
+# (block rows, block cols, num_warps, num_stages) for fwd (BLOCK_M, BLOCK_N), dkdv (BLOCK_M1, BLOCK_N1)
+# and dq (BLOCK_M2, BLOCK_N2), by BLOCK_D.
+_DEFAULT_CONFIGS = {
+    64: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
+    128: dict(fwd=(128, 64, 8, 3), dkdv=(32, 64, 4, 3), dq=(64, 32, 4, 3)),
+}
+_TUNE_SETS = dict(
+    fwd=[(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+    dkdv=[(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
+    dq=[(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+)
+_BLOCK_NAMES = dict(fwd=("BLOCK_M", "BLOCK_N"), dkdv=("BLOCK_M1", "BLOCK_N1"), dq=("BLOCK_M2", "BLOCK_N2"))
+_KERNELS = dict(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)
+_TUNED = {name: triton.autotune(
+    configs=[triton.Config(dict(zip(_BLOCK_NAMES[name], (r, c))), num_warps=w, num_stages=st)
+             for r, c, w, st in _TUNE_SETS[name]],
+    key=["N_CTX", "HEAD_DIM", "CAUSAL"])(kernel) for name, kernel in _KERNELS.items()}
+
+
+def _launch(name, grid_axis, T, BH, args, meta):
+    """Launch kernel `name` over (cdiv(T, tile along grid_axis), B * H) with the config policy above."""
+    if _INTERPRET:
+        blocks = _INTERPRET_CONFIGS[name]
+        _KERNELS[name][(triton.cdiv(T, blocks[grid_axis]), BH)](*args, **meta, **blocks)
+    elif _AUTOTUNE:
+        _TUNED[name][lambda m: (triton.cdiv(T, m[grid_axis]), BH)](*args, **meta)
+    else:
+        r, c, w, st = _DEFAULT_CONFIGS[64 if meta["BLOCK_D"] <= 64 else 128][name]
+        blocks = dict(zip(_BLOCK_NAMES[name], (r, c)))
+        _KERNELS[name][(triton.cdiv(T, blocks[grid_axis]), BH)](*args, **meta, **blocks, num_warps=w,
+                                                               num_stages=st)
 
 
 def _check_inputs(q, k, v):
@@ -352,10 +374,7 @@ def _flash_attn_forward(q, k, v, causal, scale):
         return o, lse
     args = (q, k, v, o, lse, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, T)
     meta = dict(_common_meta(q), CAUSAL=bool(causal))
-    if _INTERPRET:
-        _attn_fwd_kernel[(triton.cdiv(T, _INTERPRET_FWD["BLOCK_M"]), B * H)](*args, **meta, **_INTERPRET_FWD)
-    else:
-        _attn_fwd_tuned[lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)](*args, **meta)
+    _launch("fwd", "BLOCK_M", T, B * H, args, meta)
     return o, lse
 
 
@@ -375,13 +394,8 @@ def _flash_attn_backward(do, q, k, v, o, lse, causal, scale):
     common = (scale, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
     dkdv_args = (q, k, v, do, dk, dv, lse, delta, *common, *_strides(dk), *_strides(dv), H, T)
     dq_args = (q, k, v, do, dq, lse, delta, *common, *_strides(dq), H, T)
-    if _INTERPRET:
-        _attn_bwd_dkdv_kernel[(triton.cdiv(T, _INTERPRET_DKDV["BLOCK_N1"]), B * H)](
-            *dkdv_args, **meta, **_INTERPRET_DKDV)
-        _attn_bwd_dq_kernel[(triton.cdiv(T, _INTERPRET_DQ["BLOCK_M2"]), B * H)](*dq_args, **meta, **_INTERPRET_DQ)
-    else:
-        _attn_bwd_dkdv_tuned[lambda m: (triton.cdiv(T, m["BLOCK_N1"]), B * H)](*dkdv_args, **meta)
-        _attn_bwd_dq_tuned[lambda m: (triton.cdiv(T, m["BLOCK_M2"]), B * H)](*dq_args, **meta)
+    _launch("dkdv", "BLOCK_N1", T, B * H, dkdv_args, meta)
+    _launch("dq", "BLOCK_M2", T, B * H, dq_args, meta)
     return dq, dk, dv
 
 
