@@ -614,8 +614,9 @@ class _Decoder:
             yield images, bad, min(CHUNK, len(items) - s)
 
     def close(self):
+        """Stop the workers (every needed result has been consumed, or an error is propagating)."""
         if self.pool is not None:
-            self.pool.close()
+            self.pool.terminate()
             self.pool.join()
 
 
