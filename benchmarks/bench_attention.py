@@ -102,6 +102,7 @@ def run(args):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     causals = {"both": (True, False), "causal": (True,), "bidirectional": (False,)}[args.causal]
     env = env_info()
+    configs = "autotune" if args.autotune else "default"
     rows = []
     for D in args.head_dims:
         H = max(1, args.n_embd // D)
@@ -115,7 +116,7 @@ def run(args):
                     fn = _make_fn(provider, causal)
                     for mode in args.modes:
                         row = dict(provider=provider, mode=mode, dtype=args.dtype, B=B, H=H, T=T, D=D,
-                                   causal=causal)
+                                   causal=causal, configs=configs if provider == "ours" else "")
                         timed, error = guarded(lambda: _measure(fn, q, k, v, do, mode, args, time_fn,
                                                                 peak_memory_mb))
                         if error is None:
