@@ -169,9 +169,13 @@ class Palette:
         base = np.stack([cells >> 10, (cells >> 5) & 31, cells & 31], -1) * _CELL  # (n, 3) uint8 corner
         lo = base / 127.5 - 1.0
         hi = (base + _CELL - 1) / 127.5 - 1.0
-        c = self._c64[None]  # (1, k, 3)
-        dmin = (np.maximum(np.maximum(lo[:, None] - c, c - hi[:, None]), 0.0) ** 2).sum(-1)  # (n, k)
-        dmax = (np.maximum(c - lo[:, None], hi[:, None] - c) ** 2).sum(-1)  # (n, k)
+        dmin = np.zeros((len(cells), self.k))  # (n, k) squared distance from each centre to each box
+        dmax = np.zeros((len(cells), self.k))  # (n, k) ... to the box's farthest corner
+        for a in range(3):
+            c = self._c64[None, :, a]  # (1, k)
+            below, above = lo[:, a, None] - c, c - hi[:, a, None]  # (n, k)
+            dmin += np.maximum(np.maximum(below, above), 0.0) ** 2
+            dmax += np.maximum(-below, -above) ** 2
         cand = dmin <= dmax.min(1, keepdims=True) + 1e-9  # (n, k)
         counts = cand.sum(1)
         order = np.argsort(counts, kind="stable")
