@@ -103,6 +103,8 @@ def _cross_entropy_forward(logits, targets, ignore_index, compute_grad):
     if not logits.is_cuda and not _INTERPRET:
         raise RuntimeError("cross_entropy: CPU tensors need the Triton interpreter; set TRITON_INTERPRET=1 "
                            "before importing igpt_fast.kernels, or use impl='torch'")
+    if _INTERPRET and logits.dtype == torch.bfloat16:
+        raise ValueError("cross_entropy: the Triton interpreter has no bf16; use fp16/fp32 or a GPU")
     N, V = logits.shape
     if not logits.is_cuda:
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))

@@ -104,6 +104,8 @@ def _check(x):
     if not x.is_cuda and not _INTERPRET:
         raise RuntimeError("softmax: CPU tensors need the Triton interpreter; set TRITON_INTERPRET=1 "
                            "before importing igpt_fast.kernels, or use impl='torch'")
+    if _INTERPRET and x.dtype == torch.bfloat16:
+        raise ValueError("softmax: the Triton interpreter has no bf16; use fp16/fp32 or a GPU")
 
 
 def _softmax_forward(x):
