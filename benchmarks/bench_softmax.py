@@ -35,6 +35,16 @@ def parse_args(argv=None):
     return args
 
 
+def _mode_fn(fn, x, dy, mode):
+    """A zero-argument callable that runs `mode` once (bwd: the backward of one saved forward)."""
+    import torch
+
+    if mode == "fwd":
+        return lambda: fn(x)
+    y = fn(x)
+    return lambda: torch.autograd.grad(y, x, dy, retain_graph=True)
+
+
 def run(args):
     import torch
 
@@ -55,12 +65,8 @@ def run(args):
         for provider in args.providers:
             fn = fns[provider]
             for mode in args.modes:
-                if mode == "fwd":
-                    call, nbytes = (lambda: fn(x)), 2 * x.numel() * x.element_size()
-                else:
-                    y = fn(x)
-                    call = lambda: torch.autograd.grad(y, x, dy, retain_graph=True)  # noqa: E731
-                    nbytes = 3 * x.numel() * x.element_size()
+                call = _mode_fn(fn, x, dy, mode)
+                nbytes = (2 if mode == "fwd" else 3) * x.numel() * x.element_size()
                 timing, error = guarded(lambda: time_fn(call, warmup=args.warmup, rep=args.rep))
                 ms, p20, p80 = timing if error is None else (math.nan,) * 3
                 gbps = nbytes / (ms * 1e-3) / 1e9

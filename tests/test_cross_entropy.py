@@ -100,7 +100,8 @@ def test_cross_entropy_no_grad_and_errors():
 
 def test_cross_entropy_dispatch_and_compile():
     logits, targets = _inputs(16, 512, torch.float32)
-    torch.testing.assert_close(cross_entropy(logits, targets, impl="triton"), cross_entropy(logits, targets, impl="torch"))
+    torch.testing.assert_close(cross_entropy(logits, targets, impl="triton"),
+                               cross_entropy(logits, targets, impl="torch"))
     x = logits.clone().requires_grad_()
 
     def f(t):
