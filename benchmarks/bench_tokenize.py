@@ -60,7 +60,7 @@ def compare_with_hf(images, n_px, palette, ours, hf_ids):
     return len(where), bool(np.all(d_ours <= d_hf))
 
 
-def bench_tokenizer(palette, n_images, n_px, rep):
+def bench_tokenizer(palette, n_images, n_px, rep, workers):
     from transformers import ImageGPTImageProcessor
 
     hf = ImageGPTImageProcessor(clusters=palette.centers, size={"height": n_px, "width": n_px})
@@ -74,16 +74,20 @@ def bench_tokenizer(palette, n_images, n_px, rep):
         t = time.perf_counter()
         ours = tokenize_images(images, fresh, n_px=n_px)
         cold_s = time.perf_counter() - t
-        warm_ms, p20, p80 = time_fn(lambda: tokenize_images(images, fresh, n_px=n_px), warmup=1, rep=rep)
+        warm_ms, _, _ = time_fn(lambda: tokenize_images(images, fresh, n_px=n_px), warmup=1, rep=rep)
+        par_ms, _, _ = time_fn(lambda: tokenize_images(images, fresh, n_px=n_px, workers=workers), warmup=1, rep=rep)
         differ, explained = compare_with_hf(images, n_px, palette, ours, hf_ids)
-        for impl, seconds in (("hf", hf_s), ("ours-cold", cold_s), ("ours-warm", warm_ms / 1e3)):
+        timings = (("hf", 1, hf_s), ("ours-cold", 1, cold_s), ("ours-warm", 1, warm_ms / 1e3),
+                   ("ours-warm", workers, par_ms / 1e3))
+        for impl, n_workers, seconds in timings:
             rows.append(dict(bench="tokenize", source_px=size, n_px=n_px, images=n_images, impl=impl,
-                             ms=round(seconds * 1e3, 2), img_per_s=round(n_images / seconds, 1),
+                             workers=n_workers, ms=round(seconds * 1e3, 2), img_per_s=round(n_images / seconds, 1),
                              speedup_vs_hf=round(hf_s / seconds, 1), ids_differing_from_hf=differ,
                              hf_differences_explained=explained))
-        print(f"{size}x{size} -> {n_px}: HF {n_images / hf_s:9.0f} img/s | ours cold {n_images / cold_s:9.0f} | "
-              f"warm {n_images / (warm_ms / 1e3):9.0f} img/s ({hf_s / (warm_ms / 1e3):.0f}x) | ids differing from HF {differ} "
-              f"(all HF float32 near-ties: {explained})")
+        print(f"{size}x{size} -> {n_px}: HF {n_images / hf_s:7.0f} img/s | ours cold {n_images / cold_s:7.0f} | "
+              f"warm {n_images / (warm_ms / 1e3):7.0f} ({hf_s / (warm_ms / 1e3):.0f}x) | "
+              f"warm, {workers} workers {n_images / (par_ms / 1e3):7.0f} ({hf_s / (par_ms / 1e3):.0f}x) | "
+              f"ids differing from HF {differ} (all HF float32 near-ties: {explained})")
     return rows
 
 
@@ -122,12 +126,13 @@ def main():
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--n-px", type=int, default=32)
     ap.add_argument("--rep", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for the parallel row")
     ap.add_argument("--stream-samples", type=int, default=8000)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     palette = Palette.fit(np.concatenate([np.asarray(im).reshape(-1, 3) for im in source_images(64, 64, seed=1)]),
                           k=512, seed=0)
-    rows = bench_tokenizer(palette, args.images, args.n_px, args.rep)
+    rows = bench_tokenizer(palette, args.images, args.n_px, args.rep, args.workers)
     rows += bench_stream(args.n_px * args.n_px, args.stream_samples, 64, args.stream_samples // 64 - 2)
     info = env_info()
     write_results([{**info, **r} for r in rows], "tokenize", args.out)

@@ -216,16 +216,27 @@ def _prepare_batch(images, n_px, resize):
     return out
 
 
-def tokenize_images(images, palette, n_px=32, resize="squash"):
+def tokenize_images(images, palette, n_px=32, resize="squash", workers=1):
     """PIL images or uint8 arrays -> uint16 (B, n_ctx) token ids, raster order.
 
     `images`: a list of PIL images / arrays (H, W[, C]), or one array batch (B, H, W) (grey) or
     (B, H, W, C); a single image goes in a list. A uint8 array
     (B, n_px, n_px, 3) is quantized directly. `palette`: a Palette or a path to palette.npy.
-    The CLI's workers run `_prepare` on each image and quantize the same way.
+    `workers` > 1 converts and resizes a list in that many threads (PIL's resampling releases the
+    GIL); quantisation is one lookup-table gather for the whole batch. The CLI's worker processes run
+    `_prepare` on each image and quantize the same way.
     """
     palette = _as_palette(palette)
-    batch = _prepare_batch(images, n_px, resize)  # (B, n_px, n_px, 3)
+    if workers > 1 and not isinstance(images, (np.ndarray, Image.Image)) and len(images) >= 2 * workers:
+        from concurrent.futures import ThreadPoolExecutor
+
+        step = -(-len(images) // workers)
+        with ThreadPoolExecutor(workers) as pool:
+            parts = pool.map(_prepare_batch, [images[s:s + step] for s in range(0, len(images), step)],
+                             [n_px] * workers, [resize] * workers)
+            batch = np.concatenate(list(parts))  # (B, n_px, n_px, 3)
+    else:
+        batch = _prepare_batch(images, n_px, resize)  # (B, n_px, n_px, 3)
     return palette.quantize(batch).reshape(len(batch), n_px * n_px)
 
 

@@ -94,6 +94,7 @@ def test_squash_matches_hf_imagegpt_on_real_photos(palette, n_px):
     np.testing.assert_array_equal(ids, expected)
     ids_from_arrays = tokenize_images([np.asarray(p) for p in photos], palette, n_px=n_px)
     np.testing.assert_array_equal(ids_from_arrays, expected)
+    np.testing.assert_array_equal(tokenize_images(photos, palette, n_px=n_px, workers=3), expected)
 
 
 def test_arrays_of_n_px_skip_resize_with_identical_ids(palette):
