@@ -247,6 +247,208 @@ def demo_cmd(ctx, src, out, n_px, workers):
                f"{splits} | shards in {data_dir}")
 
 
+def _torch_device(device):
+    """--device value -> torch.device: cuda when present unless told otherwise."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise click.UsageError(f"--device {device}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return dev
+
+
+def _open_run(run, device):
+    """(model, palette or None, ckpt path) of RUN, or a ClickException naming the fix."""
+    from .sample import SampleError, load_run
+
+    try:
+        return load_run(run, device)
+    except SampleError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _check_run_data(data_dir, model, palette):
+    """meta.json of DATA_DIR, checked against the run's model and palette (ClickException on mismatch)."""
+    from .data import DataError, read_meta
+    from .train import DataMismatchError, check_data
+
+    try:
+        meta = read_meta(data_dir)
+        check_data(meta, model.config, palette.sha256 if palette is not None else None, data_dir)
+    except (DataError, DataMismatchError) as e:
+        raise click.ClickException(str(e)) from None
+    return meta
+
+
+@cli.command("probe")
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Tokenized, labelled dataset (from `igpt-fast tokenize`) with the run's palette.")
+@click.option("--max-train", type=click.IntRange(1), help="Use at most N train samples (speed).")
+@click.option("--max-eval", type=click.IntRange(1), help="Use at most N val and N test samples.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Feature extraction batch.")
+@click.option("--device", help="cuda, cuda:1, cpu (default: cuda when present).")
+@click.option("--l2", "l2_grid", default="1e-4,1e-3,1e-2,1e-1,1", show_default=True,
+              help="L2 strengths tried per layer (comma-separated); the best on val is kept.")
+@click.option("--max-iter", type=click.IntRange(1), default=200, show_default=True, help="L-BFGS iterations.")
+@click.option("--no-pixels", is_flag=True, help="Skip the raw-pixel baseline.")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for probe.json and probe.png (default: RUN).")
+def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, l2_grid, max_iter, no_pixels, out):
+    """Linear probe of every layer of RUN (a run folder or ckpt.pt) on the labelled shards in --data.
+
+    Features of all layers in one pass per split, logistic regression per layer (L-BFGS, L2 chosen on
+    val), accuracy on test (val without a test split), a raw-pixel baseline. Prints
+    `layer | val acc | test acc | best L2`; writes probe.json and probe.png.
+    """
+    import json
+
+    from .palette import PaletteError
+    from .probe import ProbeError, format_table, plot_probe, probe
+    from .train import DataMismatchError
+
+    try:
+        grid = [float(v) for v in l2_grid.split(",") if v.strip()]
+    except ValueError:
+        raise click.UsageError(f"--l2 {l2_grid!r}: expected comma-separated numbers such as 1e-3,1e-2") from None
+    if not grid or min(grid) < 0:
+        raise click.UsageError(f"--l2 {l2_grid!r}: give one or more strengths >= 0")
+    dev = _torch_device(device)
+    model, palette, ckpt_path = _open_run(run, dev)
+    _check_run_data(data_dir, model, palette)
+    out = out or os.path.dirname(os.path.abspath(ckpt_path))
+    try:
+        result = probe(model, data_dir, batch_size=batch_size, device=dev, max_train=max_train, max_eval=max_eval,
+                       l2_grid=grid, max_iter=max_iter, pixels=not no_pixels,
+                       log=lambda s: click.echo(s, err=True))
+    except (ProbeError, DataMismatchError, PaletteError) as e:
+        raise click.ClickException(str(e)) from None
+    result.update(run=os.path.abspath(ckpt_path), data=os.path.abspath(data_dir), device=str(dev))
+    os.makedirs(out, exist_ok=True)
+    json_path, png_path = os.path.join(out, "probe.json"), os.path.join(out, "probe.png")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=2)
+    plot_probe(result, png_path, title=f"linear probe: {os.path.basename(os.path.dirname(result['run']))}")
+    click.echo(format_table(result))
+    best = result["layers"][result["best_layer"]]
+    pixels = f" | raw pixels {result['pixels']['test_acc']:.4f}" if result["pixels"] else ""
+    click.echo(f"best layer {best['layer']} | {result['eval_split']} acc {best['test_acc']:.4f}{pixels} | "
+               f"{result['n_train']} train, {result['n_val']} val, {result['n_test']} test | "
+               f"{result['seconds']:.1f} s | {json_path} | {png_path}")
+
+
+@cli.command("sample")
+@click.argument("run", type=click.Path(exists=True))
+@click.argument("image_files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--images", "from_files", is_flag=True,
+              help="Complete the image files given after RUN (tokenized with the run's palette).")
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False),
+              help="Complete the first --n-images images of a split of these shards.")
+@click.option("--split", default="test", show_default=True, help="Split of --data.")
+@click.option("--n-images", type=click.IntRange(1), default=8, show_default=True, help="Images taken from --data.")
+@click.option("--rows", type=click.IntRange(0), help="Condition on the first K rows (default n_px // 2).")
+@click.option("--samples-per-image", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--n-samples", type=click.IntRange(1), default=16, show_default=True,
+              help="Unconditional samples (when neither --data nor image files are given).")
+@click.option("--temperature", type=click.FloatRange(0), default=1.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = no top-k.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Sequences per batch.")
+@click.option("--device", help="cuda, cuda:1, cpu (default: cuda when present).")
+@click.option("--resize", type=click.Choice(["squash", "center-crop", "pad"]), default="squash", show_default=True,
+              help="How image files are brought to n_px (as tokenize).")
+@click.option("--bert-steps", type=click.IntRange(1), help="BERT runs: unmasking forwards (default n_px).")
+@click.option("--scale", type=click.IntRange(1), help="Upscale factor of the grid (default: cells >= 64 px).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: RUN/samples).")
+def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, samples_per_image, n_samples,
+               temperature, top_k, seed, batch_size, device, resize, bert_steps, scale, out):
+    """Sample images from RUN (a run folder or ckpt.pt) with the KV cache.
+
+    Unconditional by default (a grid of --n-samples); with --data DIR or `--images a.png b.png`,
+    completions of the first --rows rows: a grid original | masked input | --samples-per-image
+    completions. Writes the PNG grid and the token arrays (.npy, uint16) to --out.
+    """
+    import time
+
+    import numpy as np
+    import torch
+
+    from .sample import SampleError, complete, completion_grid, samples_grid, save_png, unconditional
+
+    if from_files and not image_files:
+        raise click.UsageError("--images needs image files after RUN: igpt-fast sample RUN --images a.png b.png")
+    if image_files and data_dir:
+        raise click.UsageError("complete either --data shards or image files, not both")
+    dev = _torch_device(device)
+    model, palette, ckpt_path = _open_run(run, dev)
+    c = model.config
+    rows = c.n_px // 2 if rows is None else rows
+    if rows >= c.n_px:
+        raise click.UsageError(f"--rows {rows}: the images have {c.n_px} rows; condition on fewer")
+    originals = None
+    if data_dir:
+        from .data import DataError, eval_loader
+        from .palette import PaletteError
+        from .train import DataMismatchError, load_data_palette
+
+        meta = _check_run_data(data_dir, model, palette)
+        try:
+            if palette is None:
+                palette = load_data_palette(data_dir, meta)
+            originals, _ = next(iter(eval_loader(data_dir, split, n_images)))
+        except (DataError, DataMismatchError, PaletteError) as e:
+            raise click.ClickException(str(e)) from None
+    elif image_files:
+        from PIL import Image, UnidentifiedImageError
+
+        from .tokenize import tokenize_images
+
+        if palette is None:
+            raise click.ClickException(f"{ckpt_path} stores no palette to tokenize the images with; convert it "
+                                       "again with `igpt-fast convert ... --palette palette.npy`")
+        try:
+            pictures = [Image.open(p) for p in image_files]
+        except (UnidentifiedImageError, OSError) as e:
+            raise click.ClickException(f"cannot read an image: {e}") from None
+        originals = torch.from_numpy(tokenize_images(pictures, palette, n_px=c.n_px, resize=resize).astype(np.int64))
+    elif palette is None:
+        raise click.ClickException(f"{ckpt_path} stores no palette to draw the samples with; convert it again "
+                                   "with `igpt-fast convert ... --palette palette.npy`")
+    out = out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "samples")
+    os.makedirs(out, exist_ok=True)
+    scale = scale or max(1, -(-64 // c.n_px))
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    kw = dict(batch_size=batch_size, temperature=temperature, top_k=top_k or None, generator=gen,
+              bert_steps=bert_steps, progress=True)
+    t0 = time.perf_counter()
+    try:
+        if originals is not None:
+            tokens = complete(model, originals, rows, samples_per_image, **kw)  # (N, S, n_ctx)
+            picture = completion_grid(palette, originals, tokens, c.n_px, rows, scale=scale)
+            np.save(os.path.join(out, "originals.npy"), originals.numpy().astype(np.uint16))
+            name = "completions"
+        else:
+            tokens = unconditional(model, n_samples, **kw)  # (N, n_ctx)
+            picture = samples_grid(palette, tokens, c.n_px, scale=scale)
+            name = "samples"
+    except SampleError as e:
+        raise click.ClickException(str(e)) from None
+    seconds = time.perf_counter() - t0
+    np.save(os.path.join(out, f"{name}.npy"), tokens.numpy().astype(np.uint16))
+    png = os.path.join(out, f"{name}.png")
+    save_png(picture, png)
+    n_seq = tokens.numel() // c.n_ctx
+    given = rows * c.n_px if originals is not None else 0
+    what = (f"{len(originals)} images x {samples_per_image} completions from {rows} rows" if originals is not None
+            else f"{n_seq} unconditional samples")
+    click.echo(f"{what} | {c.objective} | {n_seq * (c.n_ctx - given) / seconds:.0f} px/s | {seconds:.1f} s | "
+               f"{png} | {os.path.join(out, name + '.npy')}")
+
+
 @cli.group("bench")
 def bench():
     """Kernel microbenchmarks: CSV, markdown and a plot in benchmarks/results/ (needs a source checkout).

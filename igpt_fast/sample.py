@@ -1,0 +1,220 @@
+"""Sampling from an Image GPT: unconditional samples, completions of partial images, image grids.
+
+References: Chen et al. 2020, section 4 and figure 1 (completions of the top half of images);
+openai/image-gpt src/run.py (sampling at temperature 1 from sos, no top-k; it recomputed the whole
+sequence for every pixel, O(n_ctx^2) forwards); pytorch-labs/gpt-fast generate.py (prefill once,
+then one cached decode step per token; temperature and top-k on the last logits).
+
+- `generate` (AR): prefill [sos, prefix] into the KV cache, then one `decode` per pixel: O(n_ctx)
+  work per image. `use_cache=False` recomputes the full prefix for every pixel (the reference path;
+  `benchmarks/bench_sample.py` times both). With the same generator both paths draw the same tokens.
+- Sampling rule (`sample_logits`): temperature 0 is greedy (argmax); otherwise logits / temperature,
+  top-k keeps the k largest logits (top_k=1 is greedy), then one multinomial draw per row.
+- BERT-objective models cannot decode left to right; `generate` fills the missing pixels by
+  iterative unmasking instead: all unknown pixels start masked (token embedding zeroed, as in
+  training) and `bert_steps` forwards each sample the next chunk of masked pixels in raster order,
+  conditioned on everything already known. The model was trained with 15% of pixels masked, so far
+  more masking than that is out of its training distribution: expect rough completions and poor
+  unconditional samples.
+- `complete` repeats each image's first `rows` rows `samples_per_image` times and samples the rest;
+  `completion_grid` draws original | masked input (the unconditioned part grey) | completions.
+"""
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+__all__ = ["SampleError", "load_run", "sample_logits", "generate", "complete", "unconditional", "image_grid",
+           "completion_grid", "samples_grid", "save_png"]
+
+GREY = 128  # colour of the pixels a completion did not condition on, in the masked-input column
+
+
+class SampleError(ValueError):
+    """A sampling request that cannot be served (bad rows, missing palette, missing checkpoint)."""
+
+
+def load_run(run, device="cpu"):
+    """A run folder (RUN/ckpt.pt) or a checkpoint file -> (IGPT in eval mode on device, Palette or None,
+    checkpoint path). Built on train.load_checkpoint / model_from_checkpoint (the model comes from the
+    checkpoint's own config)."""
+    from igpt_fast.palette import Palette
+    from igpt_fast.train import CKPT_NAME, load_checkpoint, model_from_checkpoint
+
+    run = os.fspath(run)
+    path = os.path.join(run, CKPT_NAME) if os.path.isdir(run) else run
+    if not os.path.isfile(path):
+        raise SampleError(f"{path} not found; run `igpt-fast train` first (or pass a checkpoint file)")
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt).to(device).eval()
+    palette = Palette(ckpt["palette"].numpy()) if ckpt.get("palette") is not None else None
+    return model, palette, path
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, generator=None):
+    """One token per row of logits (B, V): greedy at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k largest logits (None or 0: all)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def _bert_fill(model, out, t0, temperature, top_k, generator, steps, bar):
+    """Iterative unmasking of positions t0.. of out (B, n_ctx) in `steps` raster-order chunks."""
+    n_ctx = out.size(1)
+    masked = torch.zeros_like(out, dtype=torch.bool)
+    masked[:, t0:] = True
+    bounds = np.linspace(t0, n_ctx, max(1, min(steps, n_ctx - t0)) + 1).round().astype(int)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        logits, _ = model(out, bert_mask=masked)  # (B, n_ctx, V)
+        B, V = logits.size(0), logits.size(-1)
+        chunk = logits[:, lo:hi].reshape(-1, V)  # (B * (hi - lo), V)
+        out[:, lo:hi] = sample_logits(chunk, temperature, top_k, generator).view(B, hi - lo)
+        masked[:, lo:hi] = False
+        bar.update(hi - lo)
+    return out
+
+
+@torch.no_grad()
+def generate(model, prefix=None, n=None, temperature=1.0, top_k=None, generator=None, use_cache=True,
+             bert_steps=None, progress=False):
+    """Sample images token by token. prefix: int tokens (B, t) with 0 <= t < n_ctx (the first t pixels
+    of each image, kept as they are), or None with n for n unconditional samples. Returns int64
+    tokens (B, n_ctx) on the model's device. AR models use the KV cache (use_cache=False: recompute
+    every prefix); BERT models use iterative unmasking in bert_steps forwards (default n_px)."""
+    from tqdm import tqdm
+
+    c = model.config
+    device = next(model.parameters()).device
+    if prefix is None:
+        if n is None or n < 1:
+            raise SampleError("pass a prefix (B, t) or the number of unconditional samples n >= 1")
+        prefix = torch.zeros(n, 0, dtype=torch.long)
+    prefix = torch.as_tensor(prefix).to(device=device, dtype=torch.long)
+    B, t0 = prefix.shape
+    if not 0 <= t0 < c.n_ctx:
+        raise SampleError(f"the prefix has {t0} tokens; it must be shorter than n_ctx {c.n_ctx}")
+    if t0 and (prefix.min() < 0 or prefix.max() >= c.n_vocab):
+        raise SampleError(f"prefix tokens must lie in [0, {c.n_vocab})")
+    model.eval()
+    out = torch.zeros(B, c.n_ctx, dtype=torch.long, device=device)
+    out[:, :t0] = prefix
+    bar = tqdm(total=c.n_ctx - t0, unit="px", desc="sample", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
+    try:
+        if c.objective == "bert":
+            return _bert_fill(model, out, t0, temperature, top_k, generator, bert_steps or c.n_px, bar)
+        if use_cache:
+            model.setup_cache(B)
+            try:
+                logits = model.prefill(prefix)  # (B, V): logits for x_{t0}
+                for t in range(t0, c.n_ctx):
+                    out[:, t] = sample_logits(logits, temperature, top_k, generator)
+                    bar.update(1)
+                    if t + 1 < c.n_ctx:
+                        logits = model.decode(out[:, t])
+            finally:
+                model.clear_cache()
+        else:
+            for t in range(t0, c.n_ctx):
+                logits, _ = model(out[:, :t + 1])  # (B, t + 1, V); position t predicts x_t
+                out[:, t] = sample_logits(logits[:, -1], temperature, top_k, generator)
+                bar.update(1)
+        return out
+    finally:
+        bar.close()
+
+
+def _batched(model, prefix, batch_size, progress, **kw):
+    """generate over prefix (N, t) in batches of batch_size rows; (N, n_ctx) on the CPU."""
+    outs = []
+    for i in range(0, len(prefix), batch_size):
+        outs.append(generate(model, prefix[i:i + batch_size], progress=progress, **kw).cpu())
+    return torch.cat(outs)
+
+
+def complete(model, tokens, rows=None, samples_per_image=1, batch_size=64, temperature=1.0, top_k=None,
+             generator=None, use_cache=True, bert_steps=None, progress=False):
+    """Completions of images from their first `rows` rows (default n_px // 2).
+
+    tokens: int (N, n_ctx) (or (N, >= rows * n_px)). Returns int64 (N, samples_per_image, n_ctx) on the
+    CPU; [:, :, :rows * n_px] equals the given prefix.
+    """
+    n_px = model.config.n_px
+    rows = n_px // 2 if rows is None else rows
+    if not 0 <= rows < n_px:
+        raise SampleError(f"rows must be in [0, {n_px}) for {n_px}x{n_px} images, got {rows}")
+    tokens = torch.as_tensor(np.asarray(tokens)).long()
+    if tokens.dim() != 2 or tokens.size(1) < rows * n_px:
+        raise SampleError(f"tokens must be (N, >= {rows * n_px}), got {tuple(tokens.shape)}")
+    prefix = tokens[:, :rows * n_px].repeat_interleave(samples_per_image, dim=0)  # (N * S, rows * n_px)
+    out = _batched(model, prefix, batch_size, progress, temperature=temperature, top_k=top_k,
+                   generator=generator, use_cache=use_cache, bert_steps=bert_steps)
+    return out.view(len(tokens), samples_per_image, -1)  # (N, S, n_ctx)
+
+
+def unconditional(model, n, batch_size=64, temperature=1.0, top_k=None, generator=None, use_cache=True,
+                  bert_steps=None, progress=False):
+    """n samples from sos alone: int64 (n, n_ctx) on the CPU."""
+    prefix = torch.zeros(n, 0, dtype=torch.long)
+    return _batched(model, prefix, batch_size, progress, temperature=temperature, top_k=top_k,
+                    generator=generator, use_cache=use_cache, bert_steps=bert_steps)
+
+
+def image_grid(images, pad=2, scale=1, background=255):
+    """uint8 images (R, C, H, W, 3) -> one uint8 picture (R (H s + pad) + pad, C (W s + pad) + pad, 3),
+    each image upscaled s times (nearest) and framed by `pad` pixels of `background`."""
+    images = np.asarray(images)
+    R, C, H, W, _ = images.shape
+    if scale > 1:
+        images = images.repeat(scale, axis=2).repeat(scale, axis=3)  # (R, C, H s, W s, 3)
+        H, W = H * scale, W * scale
+    grid = np.full((R * (H + pad) + pad, C * (W + pad) + pad, 3), background, dtype=np.uint8)
+    for r in range(R):
+        for col in range(C):
+            y, x = pad + r * (H + pad), pad + col * (W + pad)
+            grid[y:y + H, x:x + W] = images[r, col]
+    return grid
+
+
+def completion_grid(palette, originals, samples, n_px, rows, scale=1):
+    """original | masked input (pixels after the first `rows` rows grey) | completions, one image per row.
+
+    originals: int (N, n_ctx); samples: int (N, S, n_ctx). Returns uint8 (height, width, 3)."""
+    originals, samples = np.asarray(originals), np.asarray(samples)
+    N, S, _ = samples.shape
+    orig = palette.dequantize(originals, n_px)  # (N, n_px, n_px, 3)
+    masked = orig.copy()
+    masked[:, rows:] = GREY
+    comp = palette.dequantize(samples.reshape(N * S, -1), n_px).reshape(N, S, n_px, n_px, 3)
+    return image_grid(np.concatenate([orig[:, None], masked[:, None], comp], axis=1), scale=scale)
+
+
+def samples_grid(palette, samples, n_px, columns=None, scale=1):
+    """A near-square grid of unconditional samples (N, n_ctx): uint8 (height, width, 3)."""
+    samples = np.asarray(samples)
+    N = len(samples)
+    columns = columns or math.ceil(math.sqrt(N))
+    rows = math.ceil(N / columns)
+    imgs = np.full((rows * columns, n_px, n_px, 3), 255, dtype=np.uint8)
+    imgs[:N] = palette.dequantize(samples, n_px)
+    return image_grid(imgs.reshape(rows, columns, n_px, n_px, 3), scale=scale)
+
+
+def save_png(picture, path):
+    """Write a uint8 (H, W, 3) picture as PNG (temp file, then rename)."""
+    from PIL import Image
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    Image.fromarray(np.asarray(picture)).save(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,178 @@
+"""Sampling tests: the KV-cache path draws exactly the tokens of the full-recompute path under the
+same generator, temperature / top-k semantics (top-k 1 is greedy, the sampled distribution is
+softmax(logits / T) over the top k), completions keep their prefix, BERT runs fill by unmasking, and
+`igpt-fast sample` writes its grids and token arrays (unconditional, from shards, from image files)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from igpt_fast.cli import cli
+from igpt_fast.model import GPTConfig, IGPT
+from igpt_fast.sample import (SampleError, complete, completion_grid, generate, image_grid, load_run,
+                              sample_logits, unconditional)
+from test_probe import N_PX, PALETTE, make_dataset, make_run
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops on a shared CPU: one intra-op thread avoids OpenMP spin contention (100x here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(objective="ar", dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    model = IGPT(GPTConfig(n_px=N_PX, n_vocab=PALETTE.k, n_layer=2, n_head=2, n_embd=32, objective=objective))
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    return model.to(dtype).eval()
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_cache_equals_full_recompute(top_k):
+    model = tiny_model()
+    uncached = generate(model, n=3, top_k=top_k, generator=gen(1), use_cache=False)
+    cached = generate(model, n=3, top_k=top_k, generator=gen(1), use_cache=True)
+    assert torch.equal(cached, uncached)
+    assert len({tuple(r) for r in cached.tolist()}) == 3  # really sampled: three different images
+    prefix = cached[:, :20]
+    a = generate(model, prefix, temperature=0.7, top_k=top_k, generator=gen(2), use_cache=False)
+    b = generate(model, prefix, temperature=0.7, top_k=top_k, generator=gen(2), use_cache=True)
+    assert torch.equal(a, b) and torch.equal(b[:, :20], prefix)
+
+
+def test_greedy_cache_equals_recompute_in_fp32():
+    model = tiny_model(dtype=torch.float32)
+    a = generate(model, n=2, temperature=0, use_cache=False)
+    b = generate(model, n=2, temperature=0, use_cache=True)
+    assert torch.equal(a, b)
+
+
+def test_top_k_one_is_greedy():
+    model = tiny_model()
+    greedy = generate(model, n=2, temperature=0)
+    assert torch.equal(generate(model, n=2, top_k=1, generator=gen(0)), greedy)
+    assert torch.equal(generate(model, n=2, temperature=5.0, top_k=1, generator=gen(3)), greedy)
+    assert torch.equal(greedy[0], greedy[1])  # the same prefix (none): the same greedy image
+
+
+def test_temperature_and_top_k_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]]).repeat(40000, 1)
+    for T, k in ((1.0, None), (2.0, None), (0.5, 3), (1.0, 2)):
+        draws = sample_logits(logits, temperature=T, top_k=k, generator=gen(0))
+        freq = torch.bincount(draws, minlength=5).double() / len(draws)
+        z = logits[0].double() / T
+        if k:
+            z[torch.argsort(z, descending=True)[k:]] = float("-inf")
+        expected = torch.softmax(z, 0)
+        assert (freq - expected).abs().max() < 0.01, (T, k, freq, expected)
+        if k:
+            assert freq[expected == 0].sum() == 0
+    assert torch.equal(sample_logits(logits[:3], temperature=0), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError):
+        sample_logits(logits, temperature=-1)
+
+
+def test_completion_keeps_prefix_and_varies():
+    model = tiny_model()
+    tokens = torch.randint(0, PALETTE.k, (2, N_PX * N_PX), generator=gen(5))
+    out = complete(model, tokens, rows=3, samples_per_image=4, batch_size=3, generator=gen(6))
+    assert out.shape == (2, 4, N_PX * N_PX)
+    assert torch.equal(out[:, :, :3 * N_PX], tokens[:, None, :3 * N_PX].expand(2, 4, -1))
+    assert len({tuple(r) for r in out[0].tolist()}) == 4
+    with pytest.raises(SampleError):
+        complete(model, tokens, rows=N_PX)
+    with pytest.raises(SampleError):
+        generate(model, tokens)  # a full-length prefix leaves nothing to sample
+
+
+def test_unconditional_batches_match_one_batch():
+    model = tiny_model(dtype=torch.float32)
+    greedy_one = unconditional(model, 5, batch_size=5, temperature=0)
+    greedy_split = unconditional(model, 5, batch_size=2, temperature=0)
+    assert greedy_one.shape == (5, N_PX * N_PX) and torch.equal(greedy_one, greedy_split)
+
+
+def test_bert_fills_by_unmasking():
+    model = tiny_model("bert")
+    tokens = torch.randint(0, PALETTE.k, (2, N_PX * N_PX), generator=gen(7))
+    out = complete(model, tokens, rows=4, samples_per_image=2, generator=gen(8), bert_steps=3)
+    assert torch.equal(out[:, :, :4 * N_PX], tokens[:, None, :4 * N_PX].expand(2, 2, -1))
+    assert out.min() >= 0 and out.max() < PALETTE.k
+    # one step = every masked pixel sampled independently given the prefix: greedy equals one forward
+    mask = torch.zeros(1, N_PX * N_PX, dtype=torch.bool)
+    mask[:, 4 * N_PX:] = True
+    logits, _ = model(tokens[:1], bert_mask=mask)
+    greedy = generate(model, tokens[:1, :4 * N_PX], temperature=0, bert_steps=1)
+    assert torch.equal(greedy[0, 4 * N_PX:], logits[0, 4 * N_PX:].argmax(-1))
+
+
+def test_grids():
+    imgs = np.zeros((2, 3, 4, 4, 3), dtype=np.uint8)
+    imgs[1, 2] = 200
+    g = image_grid(imgs, pad=1, scale=2)
+    assert g.shape == (2 * 9 + 1, 3 * 9 + 1, 3)
+    assert (g[10:18, 19:27] == 200).all() and (g[0] == 255).all()
+    originals = np.full((1, N_PX * N_PX), PALETTE.k - 1)
+    samples = np.zeros((1, 2, N_PX * N_PX), dtype=np.int64)
+    pic = completion_grid(PALETTE, originals, samples, N_PX, rows=3, scale=1)
+    assert pic.shape == (N_PX + 4, 4 * (N_PX + 2) + 2, 3)
+    masked = pic[2:2 + N_PX, 2 + (N_PX + 2):2 + (N_PX + 2) + N_PX]  # second column
+    assert (masked[:3] == 255).all() and (masked[3:] == 128).all()
+
+
+def test_cli_sample_outputs(tmp_path):
+    data = make_dataset(str(tmp_path))
+    run, _ = make_run(str(tmp_path))
+    runner = CliRunner()
+    res = runner.invoke(cli, ["sample", run, "--n-samples", "5", "--device", "cpu", "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    samples = np.load(os.path.join(run, "samples", "samples.npy"))
+    assert samples.shape == (5, N_PX * N_PX) and samples.dtype == np.uint16
+    w, h = Image.open(os.path.join(run, "samples", "samples.png")).size
+    assert (w, h) == (3 * (8 * N_PX + 2) + 2, 2 * (8 * N_PX + 2) + 2)  # 3 x 2 cells of 8x-scaled images
+
+    out = str(tmp_path / "from_data")
+    res = runner.invoke(cli, ["sample", run, "--data", data, "--split", "test", "--n-images", "3", "--rows", "2",
+                              "--samples-per-image", "2", "--top-k", "4", "--out", out, "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    comp, orig = np.load(os.path.join(out, "completions.npy")), np.load(os.path.join(out, "originals.npy"))
+    assert comp.shape == (3, 2, N_PX * N_PX) and orig.shape == (3, N_PX * N_PX)
+    assert (comp[:, :, :2 * N_PX] == orig[:, None, :2 * N_PX]).all()
+    assert Image.open(os.path.join(out, "completions.png")).size == (4 * (8 * N_PX + 2) + 2, 3 * (8 * N_PX + 2) + 2)
+
+    files = []
+    for i, value in enumerate((0, 255)):
+        path = str(tmp_path / f"img{i}.png")
+        Image.fromarray(np.full((16, 12, 3), value, dtype=np.uint8)).save(path)
+        files.append(path)
+    out = str(tmp_path / "from_files")
+    res = runner.invoke(cli, ["sample", run, "--images", *files, "--samples-per-image", "1", "--out", out,
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    orig = np.load(os.path.join(out, "originals.npy"))
+    assert (orig[0] == 0).all() and (orig[1] == PALETTE.k - 1).all()  # black and white in the grey palette
+    comp = np.load(os.path.join(out, "completions.npy"))
+    assert comp.shape == (2, 1, N_PX * N_PX) and (comp[:, 0, :N_PX * N_PX // 2] == orig[:, :N_PX * N_PX // 2]).all()
+
+
+def test_cli_sample_errors(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["sample", str(tmp_path)])
+    assert res.exit_code != 0 and "ckpt.pt not found" in res.output and "igpt-fast train" in res.output
+    with pytest.raises(SampleError, match="igpt-fast train"):
+        load_run(tmp_path)
+    run, _ = make_run(str(tmp_path))
+    res = runner.invoke(cli, ["sample", run, "--images"])
+    assert res.exit_code == 2 and "--images needs image files" in res.output
+    res = runner.invoke(cli, ["sample", run, "--rows", str(N_PX)])
+    assert res.exit_code == 2 and "--rows" in res.output
