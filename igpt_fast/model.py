@@ -77,9 +77,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_embd))
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        # F.rms_norm is exactly x * rsqrt(mean(x^2) + eps), one fused op
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype) * self.weight
 
 
 class Attention(nn.Module):
@@ -302,7 +301,7 @@ class IGPT(nn.Module):
             x = block(x, True, pos)
         return self.lm_head(self.ln_f(x[:, -1]))  # (B, n_vocab)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, prefix):
         """Start generation. prefix (B, t) raw tokens x_0 .. x_{t-1}, 0 <= t < n_ctx (t = 0 for
         unconditional samples). Caches the inputs [sos, x_0 .. x_{t-1}] and returns the logits
@@ -318,7 +317,7 @@ class IGPT(nn.Module):
         self._cache_pos = t + 1
         return logits
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, tok):
         """Feed x_t (tok, shape (B,)), the token just chosen for position t; returns the logits
         (B, n_vocab) for x_{t+1}. Valid while t + 1 < n_ctx."""

@@ -376,10 +376,10 @@ def train(model_config, tcfg, resume=None, model=None, loss_fn=lm_loss, evaluate
 
     def run_eval():
         """(metrics, stop): evaluate, log, and ask on_eval whether to stop."""
-        model.eval()
-        metrics = evaluate(model, tcfg.data_dir, tcfg.batch_size, tcfg.eval_batches, rank, world_size, device,
+        raw_model.eval()  # not through DDP: ranks may see different numbers of eval batches
+        metrics = evaluate(raw_model, tcfg.data_dir, tcfg.batch_size, tcfg.eval_batches, rank, world_size, device,
                            autocast, tcfg.seed)
-        model.train()
+        raw_model.train()
         if metrics:
             log({"step": step, **metrics})
             say(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
