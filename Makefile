@@ -1,4 +1,5 @@
-# igpt-fast: `make demo`, `make test`, `make bench`. Each creates .venv when missing and installs first.
+# igpt-fast: `make demo`, `make test`, `make bench` (each creates .venv when missing and installs first),
+# `make gpu-check` (CUDA tests and GPU benchmarks with the machine's own torch; results in $(OUT)).
 #
 # Torch: a machine that already has a CUDA torch (system Python) reuses it through a venv with
 # --system-site-packages; a machine with a GPU but no torch gets the default (CUDA) wheel; a machine
@@ -11,7 +12,7 @@ CPU_TORCH ?= torch==2.13.0
 FMNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_DIR ?= demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -41,6 +42,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_tokenize.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_sample.py
+
+gpu-check:  # on a CUDA machine that has torch and triton: CUDA tests + every GPU benchmark
+	bash benchmarks/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
