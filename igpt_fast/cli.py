@@ -341,6 +341,69 @@ def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, l2_grid, m
                f"{result['seconds']:.1f} s | {json_path} | {png_path}")
 
 
+@cli.command("finetune")
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Tokenized, labelled dataset with train and val splits (test is scored when present).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: RUN/finetune).")
+@click.option("--steps", type=click.IntRange(1), default=500, show_default=True, help="Optimizer steps (at most).")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Peak LR (default: the pretraining LR / 10).")
+@click.option("--gen-weight", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Weight of L_GEN in L_CLF + w L_GEN (0 = classification loss only).")
+@click.option("--warmup-steps", type=click.IntRange(0), help="Default: steps // 10.")
+@click.option("--eval-every", type=click.IntRange(0), default=100, show_default=True,
+              help="Val accuracy every N steps (0 = only at the end).")
+@click.option("--eval-batches", type=click.IntRange(0), default=20, show_default=True,
+              help="Val batches per evaluation during training; 0 = the whole split.")
+@click.option("--patience", type=click.IntRange(0), default=3, show_default=True,
+              help="Stop after N evaluations without a better val accuracy (0 = never).")
+@click.option("--max-eval", type=click.IntRange(1), help="Score the best model on at most N val and N test samples.")
+@click.option("--n-classes", type=click.IntRange(2), help="Default: meta.json's class names, else the train labels.")
+@click.option("--grad-clip", type=click.FloatRange(0), default=1.0, show_default=True, help="0 disables clipping.")
+@click.option("--log-every", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", help="'auto' (OUT/ckpt.pt when present; a finished run is reported) or a checkpoint path.")
+def finetune_cmd(run, data_dir, out, steps, batch_size, lr, gen_weight, warmup_steps, eval_every, eval_batches,
+                 patience, max_eval, n_classes, grad_clip, log_every, seed, resume):
+    """Finetune the pretrained RUN (run folder or ckpt.pt) as a classifier on the shards in --data.
+
+    Average-pooled ln_f output -> zero-initialised bias-free linear head; loss L_CLF + w L_GEN; early
+    stopping on val accuracy. Writes OUT/best.pt (best model), OUT/ckpt.pt (latest state, for --resume),
+    OUT/log.jsonl, OUT/loss.png and OUT/finetune.json (val and test accuracy of the best model).
+    """
+    from .data import DataError
+    from .finetune import BEST_NAME, FINETUNE_DIR, RESULT_NAME, FinetuneError, finetune
+    from .palette import PaletteError
+    from .train import CKPT_NAME, DataMismatchError, TrainingDiverged, cleanup_distributed
+
+    ckpt_path = os.path.join(run, CKPT_NAME) if os.path.isdir(run) else run
+    if not os.path.isfile(ckpt_path):
+        raise click.ClickException(f"{ckpt_path} not found; pretrain first with `igpt-fast train {data_dir} --out "
+                                   f"{run}` (or pass a checkpoint file)")
+    if resume is not None and resume != "auto" and not os.path.isfile(resume):
+        raise click.UsageError(f"--resume {resume}: no such checkpoint (use 'auto' or a ckpt.pt path)")
+    out = out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), FINETUNE_DIR)
+    result_path = os.path.join(out, RESULT_NAME)
+    finished = resume == "auto" and os.path.isfile(result_path)
+    try:
+        result = finetune(ckpt_path, data_dir, out_dir=out, steps=steps, batch_size=batch_size, lr=lr,
+                          gen_weight=gen_weight, warmup_steps=warmup_steps, eval_every=eval_every,
+                          eval_batches=eval_batches, patience=patience, max_eval=max_eval, n_classes=n_classes,
+                          seed=seed, resume=resume, grad_clip=grad_clip, log_every=log_every)
+    except (DataError, DataMismatchError, FinetuneError, PaletteError, TrainingDiverged) as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        cleanup_distributed()
+    if result is None:  # not the main process of a torchrun launch
+        return
+    if finished:
+        click.echo(f"already finetuned ({result_path}; delete {out} to redo)")
+    test = f" | test acc {result['test_acc']:.4f} ({result['n_test']})" if result["test_acc"] is not None else ""
+    click.echo(f"done | val acc {result['val_acc']:.4f} ({result['n_val']}){test} | best step {result['best_step']} "
+               f"of {result['steps_run']} | {os.path.join(out, BEST_NAME)} | {result_path}")
+
+
 @cli.command("sample")
 @click.argument("run", type=click.Path(exists=True))
 @click.argument("image_files", nargs=-1, type=click.Path(exists=True, dir_okay=False))

@@ -1,0 +1,164 @@
+"""Finetuning tests on tiny label-dependent shards written here: accuracy far above chance (AR with
+L_GEN, AR without it, BERT), outputs in RUN/finetune, early stopping, interrupted + resumed runs equal
+to a straight run, the early-stopping state rebuilt from log.jsonl, and the CLI (run and errors)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from click.testing import CliRunner
+
+from igpt_fast.cli import cli
+from igpt_fast.finetune import EarlyStopping, FinetuneError, finetune
+from igpt_fast.model import GPTConfig
+from igpt_fast.palette import Palette
+from igpt_fast.train import TrainConfig, load_checkpoint, train
+
+N_PX, N_VOCAB, N_CLASSES = 4, 16, 3
+QUIET = dict(print_fn=lambda *a: None)
+
+
+def write_split(out, split, n_shards, per_shard, rng):
+    """Class k draws its pixels from colours 5k .. 5k+4 in a class-specific layout (k=0: horizontal
+    stripes, 1: vertical stripes, 2: checkerboard), so the label is in the image."""
+    yy, xx = np.mgrid[:N_PX, :N_PX]
+    patterns = [yy % 2, xx % 2, (yy + xx) % 2]
+    with wds.ShardWriter(os.path.join(out, f"{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(n_shards * per_shard):
+            label = int(rng.integers(0, N_CLASSES))
+            a, b = 5 * label + rng.choice(5, 2, replace=False)
+            tokens = np.where(patterns[label] == 1, a, b).astype(np.uint16).reshape(-1)  # (n_ctx,)
+            sink.write({"__key__": f"{split}{i:05d}", "tokens.npy": tokens, "cls": label})
+    return {"samples": n_shards * per_shard, "shards": n_shards, "skipped": []}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("data"))
+    rng = np.random.default_rng(0)
+    palette = Palette(rng.uniform(-1, 1, (N_VOCAB, 3)).astype(np.float32))
+    palette.save(os.path.join(out, "palette.npy"))
+    splits = {"train": write_split(out, "train", 4, 32, rng), "val": write_split(out, "val", 2, 32, rng),
+              "test": write_split(out, "test", 2, 32, rng)}
+    meta = {"version": 1, "n_px": N_PX, "n_ctx": N_PX * N_PX, "n_vocab": N_VOCAB, "palette_sha256": palette.sha256,
+            "resize": "squash", "class_names": None, "source": ["synthetic"], "splits": splits}
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return out
+
+
+def pretrain(data_dir, run, objective="ar"):
+    cfg = GPTConfig(n_px=N_PX, n_vocab=N_VOCAB, n_layer=2, n_head=2, n_embd=32, objective=objective)
+    train(cfg, TrainConfig(data_dir=data_dir, out_dir=str(run), steps=4, batch_size=8, lr=1e-2, warmup_steps=1,
+                           eval_every=0, eval_batches=1, ckpt_every=0), **QUIET)
+    return str(run)
+
+
+@pytest.fixture(scope="module")
+def ar_run(data_dir, tmp_path_factory):
+    return pretrain(data_dir, tmp_path_factory.mktemp("ar") / "run")
+
+
+def rows(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+FAST = dict(steps=30, batch_size=16, lr=1e-2, warmup_steps=3, eval_every=10, eval_batches=0, patience=0, log_every=1)
+
+
+@pytest.mark.parametrize("objective,gen_weight", [("ar", 1.0), ("ar", 0.0), ("bert", 0.5)])
+def test_finetune_beats_chance(data_dir, ar_run, tmp_path, objective, gen_weight):
+    run = ar_run if objective == "ar" else pretrain(data_dir, tmp_path / "run", "bert")
+    out = str(tmp_path / f"ft-{objective}-{gen_weight}")
+    res = finetune(run, data_dir, out_dir=out, gen_weight=gen_weight, **FAST, **QUIET)
+    assert res["n_classes"] == N_CLASSES and res["n_val"] == 64 and res["n_test"] == 64
+    assert res["val_acc"] >= 0.9 and res["test_acc"] >= 0.9  # chance is 1/3
+    assert res["val_acc"] == res["best_val_acc_during_training"]  # the saved best model is what was scored
+    assert res["steps_run"] == 30 and not res["stopped_early"]
+    for name in ("ckpt.pt", "best.pt", "log.jsonl", "finetune.json", "loss.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    train_rows = [r for r in rows(out) if "loss" in r]
+    assert all(("gen_loss" in r) == (gen_weight > 0) for r in train_rows)
+    assert all(r["lr"] <= 1e-2 for r in train_rows)
+    best = load_checkpoint(os.path.join(out, "best.pt"))
+    assert best["model_config"]["n_classes"] == N_CLASSES and best["model_config"]["objective"] == objective
+    assert best["extra"]["step"] == res["best_step"]
+
+
+def test_default_out_dir_and_lower_lr(data_dir, ar_run):
+    res = finetune(ar_run, data_dir, steps=2, batch_size=8, eval_every=0, eval_batches=1, **QUIET)
+    assert os.path.dirname(res["best"]) == os.path.join(os.path.abspath(ar_run), "finetune")
+    assert res["lr"] == pytest.approx(1e-3)  # pretraining LR / 10
+
+
+def test_early_stopping_stops_and_keeps_the_best(data_dir, ar_run, tmp_path):
+    # lr ~ 0: the zero-initialised head predicts class 0 for everything, so val accuracy never improves
+    out = str(tmp_path / "ft")
+    res = finetune(ar_run, data_dir, out_dir=out, steps=100, batch_size=8, lr=1e-12, warmup_steps=0, eval_every=2,
+                   eval_batches=2, patience=2, log_every=1, **QUIET)
+    assert res["stopped_early"] and res["steps_run"] == 6 and res["best_step"] == 2
+    assert [r["step"] for r in rows(out) if "val_acc" in r] == [2, 4, 6]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_gives_identical_results(data_dir, ar_run, tmp_path):
+    kw = dict(FAST, steps=12, eval_every=4, patience=2, max_eval=32)
+    straight = finetune(ar_run, data_dir, out_dir=str(tmp_path / "straight"), **kw, **QUIET)
+
+    def crash_at_step_6(line):
+        if line.startswith("step 6 | loss"):
+            raise Interrupt  # after the checkpoint of step 4 and the log row of step 6
+
+    with pytest.raises(Interrupt):
+        finetune(ar_run, data_dir, out_dir=str(tmp_path / "split"), **kw, print_fn=crash_at_step_6)
+    assert not os.path.exists(tmp_path / "split" / "finetune.json")
+    resumed = finetune(ar_run, data_dir, out_dir=str(tmp_path / "split"), resume="auto", **kw, **QUIET)
+    for key in ("val_acc", "test_acc", "best_step", "steps_run", "best_val_acc_during_training"):
+        assert resumed[key] == straight[key], key
+    a = {r["step"]: r["loss"] for r in rows(tmp_path / "straight") if "loss" in r}
+    b = {r["step"]: r["loss"] for r in rows(tmp_path / "split") if "loss" in r}  # last row of a step wins
+    assert a == b and sorted(a) == list(range(1, 13))
+    sa = load_checkpoint(tmp_path / "straight" / "best.pt")["model"]
+    sb = load_checkpoint(tmp_path / "split" / "best.pt")["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    again = finetune(ar_run, data_dir, out_dir=str(tmp_path / "split"), resume="auto", **kw, **QUIET)
+    assert again == resumed  # a finished run is returned, not retrained
+
+
+def test_early_stopping_state_is_rebuilt_from_the_log(tmp_path):
+    with open(tmp_path / "log.jsonl", "w") as f:
+        for step, acc in [(2, 0.5), (4, 0.7), (6, 0.6), (8, 0.9), (6, 0.65)]:  # step 6 re-logged after a resume
+            f.write(json.dumps({"step": step, "val_acc": acc}) + "\n")
+    saved = []
+    stopper = EarlyStopping(str(tmp_path), patience=3)
+    assert not stopper(8, {"val_acc": 0.6}, lambda path, extra: saved.append(extra))  # history: 2, 4, 6 only
+    assert (stopper.best_acc, stopper.best_step, stopper.bad) == (0.7, 4, 2)
+    assert stopper(10, {"val_acc": 0.7}, lambda path, extra: saved.append(extra))
+    assert saved == []
+
+
+def test_missing_pretrained_checkpoint(data_dir, tmp_path):
+    with pytest.raises(FinetuneError, match="igpt-fast train"):
+        finetune(str(tmp_path), data_dir, **QUIET)
+    res = CliRunner().invoke(cli, ["finetune", str(tmp_path), "--data", data_dir])
+    assert res.exit_code == 1
+    assert "ckpt.pt not found" in res.output and "igpt-fast train" in res.output
+
+
+def test_cli_finetune(data_dir, ar_run, tmp_path):
+    out = tmp_path / "ft"
+    args = ["finetune", ar_run, "--data", data_dir, "--out", str(out), "--steps", "20", "--batch-size", "16",
+            "--lr", "1e-2", "--eval-every", "10", "--eval-batches", "0", "--gen-weight", "0.5"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["gen_weight"] == 0.5 and summary["test_acc"] >= 0.9
+    assert res.output.strip().splitlines()[-1].startswith("done | val acc ")
+    res = CliRunner().invoke(cli, args + ["--resume", "auto"])
+    assert res.exit_code == 0 and "already finetuned" in res.output
