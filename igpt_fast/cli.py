@@ -219,11 +219,26 @@ def convert_cmd(source, out, n_head, palette_path):
               help="Fashion-MNIST IDX files (Debian's dataset-fashion-mnist) or any source tokenize reads.")
 @click.option("--out", default="demo", show_default=True, type=click.Path(file_okay=False),
               help="Demo folder; completed stages found there are reused.")
-@click.option("--n-px", type=click.IntRange(1, 1024), default=28, show_default=True)
+@click.option("--n-px", type=click.IntRange(1, 1024), default=14, show_default=True,
+              help="Image side (14: Fashion-MNIST halved, so two CPU cores train in minutes).")
+@click.option("--k", type=click.IntRange(2, 65535), default=16, show_default=True, help="Palette colours.")
+@click.option("--steps", type=click.IntRange(1), default=200, show_default=True,
+              help="Pretraining steps (tiny preset).")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Pretraining batch.")
+@click.option("--finetune-steps", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--max-train", type=click.IntRange(1), default=5000, show_default=True,
+              help="Train images the probe fits on.")
+@click.option("--max-eval", type=click.IntRange(1), default=2000, show_default=True,
+              help="Val and test images the probe and the finetuned model are scored on.")
 @click.option("--workers", type=click.IntRange(1), default=max(1, min(8, os.cpu_count() or 1)), show_default=True)
 @click.pass_context
-def demo_cmd(ctx, src, out, n_px, workers):
-    """Images to results on real data: palette -> tokenize, ending with a summary."""
+def demo_cmd(ctx, src, out, n_px, k, steps, batch_size, finetune_steps, max_train, max_eval, workers):
+    """Images to results on real data: palette -> tokenize -> train -> probe -> finetune -> sample, ending
+    with a summary of the accuracies and the paths of the plots and grids.
+
+    Every stage reuses what an earlier run left in --out: the palette, complete shards, a trained
+    checkpoint (an interrupted training resumes), probe.json, finetune.json and the sample grids.
+    """
     import json
 
     if not os.path.exists(src):
@@ -232,19 +247,74 @@ def demo_cmd(ctx, src, out, n_px, workers):
     os.makedirs(out, exist_ok=True)
     palette_path = os.path.join(out, "palette.npy")
     data_dir = os.path.join(out, "data")
-    click.echo(f"[1/2] palette -> {palette_path}")
+    run = os.path.join(out, "run")
+    click.echo(f"[1/6] palette -> {palette_path}")
     if os.path.exists(palette_path):
         click.echo("      reusing the existing palette")
     else:
-        ctx.invoke(palette_cmd, src=(src,), out=palette_path, n_px=n_px, workers=workers)
-    click.echo(f"[2/2] tokenize -> {data_dir}")
+        ctx.invoke(palette_cmd, src=(src,), out=palette_path, k=k, n_px=n_px, workers=workers)
+    click.echo(f"[2/6] tokenize -> {data_dir}")
     ctx.invoke(tokenize_cmd, src=(src,), palette_path=palette_path, out=data_dir, n_px=n_px, val_fraction=0.1,
                workers=workers)
+
+    click.echo(f"[3/6] train (tiny preset, {steps} steps) -> {run}")
+    ckpt_path = os.path.join(run, "ckpt.pt")
+    done = 0
+    if os.path.isfile(ckpt_path):
+        from .train import load_checkpoint
+
+        done = load_checkpoint(ckpt_path)["step"]
+    if done >= steps:
+        click.echo(f"      reusing {ckpt_path} (step {done})")
+    else:
+        ctx.invoke(train_cmd, data_dir=data_dir, out=run, preset="tiny", n_px=n_px, steps=steps,
+                   batch_size=batch_size, warmup_steps=max(1, steps // 10), eval_every=0, eval_batches=10,
+                   ckpt_every=50, log_every=10, resume="auto")
+    probe_path = os.path.join(run, "probe.json")
+    click.echo(f"[4/6] probe (every layer, {max_train} train images) -> {probe_path}")
+    if os.path.isfile(probe_path):
+        click.echo("      reusing the existing probe.json")
+    else:
+        ctx.invoke(probe_cmd, run=run, data_dir=data_dir, max_train=max_train, max_eval=max_eval)
+    ft_dir = os.path.join(run, "finetune")
+    click.echo(f"[5/6] finetune ({finetune_steps} steps) -> {ft_dir}")
+    ctx.invoke(finetune_cmd, run=run, data_dir=data_dir, steps=finetune_steps, eval_every=max(1, finetune_steps // 2),
+               eval_batches=10, max_eval=max_eval, resume="auto")
+    samples_dir = os.path.join(run, "samples")
+    grids = [os.path.join(samples_dir, "completions.png"), os.path.join(samples_dir, "samples.png")]
+    click.echo(f"[6/6] sample -> {samples_dir}")
+    if os.path.isfile(grids[0]):
+        click.echo("      reusing the existing completions")
+    else:
+        ctx.invoke(sample_cmd, run=run, data_dir=data_dir, n_images=8, samples_per_image=3)
+    if os.path.isfile(grids[1]):
+        click.echo("      reusing the existing samples")
+    else:
+        ctx.invoke(sample_cmd, run=run, n_samples=16)
+
     with open(os.path.join(data_dir, "meta.json")) as f:
         meta = json.load(f)
+    with open(probe_path) as f:
+        probe = json.load(f)
+    with open(os.path.join(ft_dir, "finetune.json")) as f:
+        ft = json.load(f)
     splits = ", ".join(f"{s} {m['samples']}" for s, m in meta["splits"].items())
+    best = probe["layers"][probe["best_layer"]]
+    chance = 1.0 / probe["n_classes"]
+    pixels = f"{probe['pixels']['test_acc']:.4f}" if probe["pixels"] else "-"
+    ev = probe["eval_split"]
     click.echo(f"demo summary | palette {meta['n_vocab']} colours | n_px {meta['n_px']} (n_ctx {meta['n_ctx']}) | "
                f"{splits} | shards in {data_dir}")
+    click.echo(f"  linear probe  | best layer {best['layer']} of {probe['n_layer']} | {ev} acc {best['test_acc']:.4f} "
+               f"| last layer {probe['layers'][-1]['test_acc']:.4f} | raw pixels {pixels} | chance {chance:.4f} "
+               f"| {probe['n_train']} train, {probe['n_test'] or probe['n_val']} {ev} images")
+    test = f"test acc {ft['test_acc']:.4f} ({ft['n_test']} images)" if ft["test_acc"] is not None else "no test split"
+    click.echo(f"  finetune      | val acc {ft['val_acc']:.4f} | {test} | best step {ft['best_step']} "
+               f"of {ft['steps_run']}")
+    for name, path in [("loss curve", os.path.join(run, "loss.png")), ("probe plot", os.path.join(run, "probe.png")),
+                       ("finetune curve", os.path.join(ft_dir, "loss.png")), ("completions", grids[0]),
+                       ("samples", grids[1])]:
+        click.echo(f"  {name:<13} | {path}")
 
 
 def _torch_device(device):
