@@ -222,13 +222,13 @@ def convert_cmd(source, out, n_head, palette_path):
 @click.option("--n-px", type=click.IntRange(1, 1024), default=14, show_default=True,
               help="Image side (14: Fashion-MNIST halved, so two CPU cores train in minutes).")
 @click.option("--k", type=click.IntRange(2, 65535), default=16, show_default=True, help="Palette colours.")
-@click.option("--steps", type=click.IntRange(1), default=200, show_default=True,
+@click.option("--steps", type=click.IntRange(1), default=150, show_default=True,
               help="Pretraining steps (tiny preset).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Pretraining batch.")
-@click.option("--finetune-steps", type=click.IntRange(1), default=100, show_default=True)
-@click.option("--max-train", type=click.IntRange(1), default=5000, show_default=True,
+@click.option("--finetune-steps", type=click.IntRange(1), default=60, show_default=True)
+@click.option("--max-train", type=click.IntRange(1), default=2000, show_default=True,
               help="Train images the probe fits on.")
-@click.option("--max-eval", type=click.IntRange(1), default=2000, show_default=True,
+@click.option("--max-eval", type=click.IntRange(1), default=1000, show_default=True,
               help="Val and test images the probe and the finetuned model are scored on.")
 @click.option("--workers", type=click.IntRange(1), default=max(1, min(8, os.cpu_count() or 1)), show_default=True)
 @click.pass_context
