@@ -107,16 +107,18 @@ def _as_grid(l2, X):
     return grid, scalar
 
 
-def lbfgs(f, x, max_iter=200, tol=1e-5, history_size=20, max_backtracks=30):
+def lbfgs(f, x, max_iter=200, tol=1e-5, history_size=20, max_backtracks=20):
     """Batched L-BFGS: minimise P independent smooth functions at once, each with its own history,
     step size and stopping test, so every problem follows the path it would follow alone.
 
     f(x) -> (loss (P,), grad (P, n)) for x (P, n). Directions by the two-loop recursion (Nocedal &
     Wright, algorithm 7.4) with the initial scaling s.y / y.y; steps by Armijo backtracking from 1
-    (c1 = 1e-4, halving), all problems evaluated together. A problem stops when max |grad| <= tol or no
-    step decreases its loss (converged to working precision). Returns (x, loss, grad, iterations).
+    (c1 = 1e-4, halving), all problems evaluated together. A problem stops when max |grad| <= tol, when
+    the decrease its direction predicts is below the rounding of its loss, or when no step decreases
+    its loss (both: converged to working precision). Returns (x, loss, grad, iterations).
     """
     loss, g = f(x)
+    eps = 8 * torch.finfo(loss.dtype).eps
     S, Y, R = [], [], []
     gamma = torch.clamp(1.0 / g.abs().sum(1), max=1.0)  # (P,): first step as torch.optim.LBFGS
     active = g.abs().amax(1) > tol  # (P,)
@@ -136,6 +138,8 @@ def lbfgs(f, x, max_iter=200, tol=1e-5, history_size=20, max_backtracks=30):
         ascent = gd >= 0
         d = torch.where(ascent[:, None], -g, d)
         gd = torch.where(ascent, -(g * g).sum(1), gd)
+        # a predicted decrease below the loss's rounding cannot be verified by a line search: converged
+        active = active & (-gd > eps * loss.abs().clamp_min(1.0))
         d = d * active[:, None]
         t = torch.ones_like(loss)
         done = ~active

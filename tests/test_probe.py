@@ -17,7 +17,7 @@ from PIL import Image
 from igpt_fast.cli import cli
 from igpt_fast.model import GPTConfig, IGPT
 from igpt_fast.palette import Palette
-from igpt_fast.probe import (ProbeError, extract_features, fit_logistic, pixel_features, predict, probe,
+from igpt_fast.probe import (ProbeError, extract_features, fit_logistic, lbfgs, pixel_features, predict, probe,
                              standardize)
 from igpt_fast.tokenize import tokenize_dataset
 from igpt_fast.train import save_checkpoint
@@ -152,6 +152,31 @@ def test_joint_fit_equals_separate_fits():
     preds = predict(X, W, b)
     assert preds.shape == (L, 2, 150)
     assert torch.equal(preds[1, 0], predict(X[1], W[1, 0], b[1, 0]))
+
+
+def test_lbfgs_batch_of_quadratics():
+    """Each problem reaches its own minimum A_p^-1 c_p, on the path it follows alone, in float32 too."""
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(3, 6, 6, generator=g, dtype=torch.float64)).Q
+    A = Q @ torch.diag_embed(torch.tensor([[1.0] * 6, [1, 2, 5, 10, 50, 100.0], [1e-2, 1, 1, 1, 1, 1e2]],
+                                          dtype=torch.float64)) @ Q.transpose(1, 2)  # (3, 6, 6)
+    c = torch.randn(3, 6, generator=g, dtype=torch.float64)
+
+    def f(x):
+        Ax = (A @ x[:, :, None])[:, :, 0]
+        return 0.5 * (x * Ax).sum(1) - (c * x).sum(1), Ax - c
+
+    x, _, grad, _ = lbfgs(f, torch.zeros(3, 6, dtype=torch.float64), max_iter=200, tol=1e-10)
+    torch.testing.assert_close(x, torch.linalg.solve(A, c), atol=1e-6, rtol=0)  # condition number 1e4
+    assert grad.abs().max() <= 1e-6  # where the loss decrease reaches float64 rounding
+    alone, _, _, _ = lbfgs(lambda z: tuple(t[1:2] for t in f(z.expand(3, 6).contiguous())),
+                           torch.zeros(1, 6, dtype=torch.float64), max_iter=200, tol=1e-10)
+    torch.testing.assert_close(alone[0], x[1], atol=1e-12, rtol=0)
+    x32, loss32, _, iters = lbfgs(lambda z: tuple(t.float() for t in f(z.double())), torch.zeros(3, 6),
+                                  max_iter=200, tol=0.0)
+    assert iters < 200  # stops at float32 precision instead of backtracking forever
+    solution = torch.linalg.solve(A, c)
+    torch.testing.assert_close(x32.double(), solution, atol=1e-3 * solution.abs().max().item(), rtol=0)
 
 
 def test_stronger_l2_shrinks_weights():
