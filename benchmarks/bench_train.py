@@ -1,12 +1,11 @@
-"""Training-step and sampling benchmark of IGPT, against Hugging Face ImageGPTForCausalImageModeling.
+"""Training-step benchmark of IGPT, against Hugging Face ImageGPTForCausalImageModeling.
 
 CPU (default): one AdamW train step (forward, loss, backward, clip, step) at the same config for
   - igpt-fast eager (F.scaled_dot_product_attention, bias-free, fused q|k|v),
   - igpt-fast + torch.compile (--no-compile skips it),
   - HF ImageGPTForCausalImageModeling (its eager attention; dropouts set to 0 for parity);
-  each variant runs in its own process so peak RSS (ru_maxrss) is its own. Plus KV-cache sampling of
-  n_ctx tokens (batch 1 and 8) vs recomputing the whole prefix per pixel (the latter integrated from timed forwards at
-  evenly spaced lengths, trapezoid rule, since timing all n_ctx forwards would take an hour on CPU).
+  each variant runs in its own process so peak RSS (ru_maxrss) is its own. (KV-cache sampling has its
+  own benchmark: benchmarks/bench_sample.py.)
 GPU (--gpu, run by benchmarks/gpu_check.sh): bf16 autocast train steps with the Triton kernels for
   igpt-s at 32x32 and, with activation checkpointing, the largest n_px in (64, 48, 40, 32) whose step
   fits; tokens/s, MFU and peak memory (torch.cuda.max_memory_allocated).
@@ -24,7 +23,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 import torch
 from common import DEFAULT_OUT, env_info, time_fn, write_results
@@ -73,39 +71,6 @@ def cpu_variant(variant, args):
     return {"variant": variant, "params": sum(p.numel() for p in model.parameters()), "ms": med, "ms_p20": p20,
             "ms_p80": p80, "tok_s": args.batch_size * T / (med / 1e3), "peak_rss_mb": _peak_rss_mb(),
             "rss_before_mb": rss_before}
-
-
-def kv_cache_variant(args, batch_size):
-    """Sampling n_ctx tokens at batch_size: KV cache vs full recompute per pixel (estimated)."""
-    torch.manual_seed(0)
-    T = args.n_px * args.n_px
-    model = IGPT(GPTConfig(n_px=args.n_px, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                           impl="torch")).eval()
-    torch.nn.init.normal_(model.lm_head.weight, std=0.02)
-
-    def cached():
-        model.setup_cache(batch_size)
-        logits = model.prefill(torch.zeros(batch_size, 0, dtype=torch.long))
-        for _ in range(T - 1):
-            logits = model.decode(torch.multinomial(torch.softmax(logits, -1), 1)[:, 0])
-        model.clear_cache()
-
-    t0 = time.perf_counter()
-    cached()
-    cached_s = time.perf_counter() - t0
-    lengths = sorted({1, *range(T // 8, T + 1, T // 8)})
-    per_len = {}
-    with torch.no_grad():
-        for t in lengths:
-            x = torch.randint(0, 512, (batch_size, t))
-            model(x)  # warm
-            t0 = time.perf_counter()
-            for _ in range(2):
-                model(x)
-            per_len[t] = (time.perf_counter() - t0) / 2
-    full_s = sum((per_len[a] + per_len[b]) / 2 * (b - a) for a, b in zip(lengths, lengths[1:])) + per_len[1]
-    return {"variant": f"sample-kv-cache:{batch_size}", "cached_s": cached_s, "full_recompute_s_est": full_s,
-            "speedup": full_s / cached_s, "tok_s": batch_size * T / cached_s}
 
 
 def gpu_variant(name, cfg, batch_size, warmup_ms, rep_ms, compile_model):
@@ -171,8 +136,7 @@ def main():
     p.add_argument("--out", default=DEFAULT_OUT, help="results folder")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="CPU: skip the torch.compile variant")
     p.add_argument("--gpu-compile", action="store_true", help="GPU: torch.compile the model")
-    p.add_argument("--variants", default="igpt-fast,igpt-fast+compile,hf,sample-kv-cache:1,sample-kv-cache:8",
-                   help="comma-separated; sample-kv-cache:B samples at batch B")
+    p.add_argument("--variants", default="igpt-fast,igpt-fast+compile,hf", help="comma-separated")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one CPU variant, print JSON
     args = p.parse_args()
     if args.warmup_ms is None:
@@ -181,10 +145,7 @@ def main():
         args.rep_ms = 3000.0 if args.gpu else 1.0
 
     if args.one:
-        if args.one.startswith("sample-kv-cache:"):
-            row = kv_cache_variant(args, int(args.one.split(":")[1]))
-        else:
-            row = cpu_variant(args.one, args)
+        row = cpu_variant(args.one, args)
         print("RESULT " + json.dumps(row))
         return
     if args.gpu:
@@ -208,8 +169,7 @@ def main():
     for r in rows:
         if hf and "ms" in r:
             r["speedup_vs_hf"] = r["tok_s"] / hf["tok_s"]
-        batch = r["variant"].split(":")[1] if ":" in r["variant"] else args.batch_size
-        r["config"] = f"L{args.n_layer} C{args.n_embd} H{args.n_head} T{args.n_px ** 2} B{batch}"
+        r["config"] = f"L{args.n_layer} C{args.n_embd} H{args.n_head} T{args.n_px ** 2} B{args.batch_size}"
     rows = [{**env_info(), **r} for r in rows]
     for path in write_results(rows, "train_cpu", args.out):
         print(path)
