@@ -97,7 +97,7 @@ def test_cli_train_end_to_end(data_dir, tmp_path):
 @pytest.mark.parametrize("objective,grad_accum", [("bert", 2), ("ar", 1)])
 def test_resume_gives_identical_losses(data_dir, tmp_path, objective, grad_accum):
     cfg = model_config(objective=objective, dropout=0.1 if objective == "ar" else 0.0)
-    straight = train(cfg, tcfg(data_dir, tmp_path / "straight", grad_accum=grad_accum), print_fn=lambda *a: None)
+    train(cfg, tcfg(data_dir, tmp_path / "straight", grad_accum=grad_accum), print_fn=lambda *a: None)
     first = train(cfg, tcfg(data_dir, tmp_path / "split", steps=3, lr_decay_steps=6, grad_accum=grad_accum),
                   print_fn=lambda *a: None)
     assert first["step"] == 3
