@@ -116,15 +116,15 @@ class EarlyStopping:
     """train.train's `on_eval` hook: keeps OUT/best.pt at the best val accuracy and asks to stop after
     `patience` evaluations without improvement (0 = never stop early).
 
-    The history of evaluations before the first one this process sees is read back from log.jsonl
-    (rows with "val_acc" and an earlier step; the last row of a step wins, as a resumed run re-logs the
-    steps after its checkpoint)."""
+    resumed=True: the history of evaluations before the first one this process sees is read back from
+    log.jsonl (rows with "val_acc" and an earlier step; the last row of a step wins, as a resumed run
+    re-logs the steps after its checkpoint)."""
 
-    def __init__(self, out_dir, patience):
+    def __init__(self, out_dir, patience, resumed=True):
         self.out_dir, self.patience = out_dir, patience
         self.best_path = os.path.join(out_dir, BEST_NAME)
         self.best_acc, self.best_step, self.bad, self.stopped = -1.0, None, 0, False
-        self._restored = False
+        self._restored = not resumed
 
     def _restore(self, step):
         self._restored = True
@@ -206,7 +206,7 @@ def finetune(run, data_dir, out_dir=None, steps=500, batch_size=16, lr=None, gen
                        grad_clip=grad_clip, log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
                        ckpt_every=eval_every if ckpt_every is None else ckpt_every, seed=seed,
                        num_workers=num_workers)
-    stopper = EarlyStopping(out_dir, patience)
+    stopper = EarlyStopping(out_dir, patience, resumed=resume is not None)
     out = train(model.config, tcfg, resume=resume, model=model, loss_fn=classifier_loss(gen_weight),
                 evaluate=evaluate_clf, on_eval=stopper, print_fn=print_fn)
     if dist.is_initialized() and dist.get_rank() != 0:

@@ -141,6 +141,9 @@ def test_early_stopping_state_is_rebuilt_from_the_log(tmp_path):
     assert (stopper.best_acc, stopper.best_step, stopper.bad) == (0.7, 4, 2)
     assert stopper(10, {"val_acc": 0.7}, lambda path, extra: saved.append(extra))
     assert saved == []
+    fresh = EarlyStopping(str(tmp_path), patience=3, resumed=False)  # a fresh run ignores an old log
+    assert not fresh(8, {"val_acc": 0.6}, lambda path, extra: saved.append(extra))
+    assert (fresh.best_acc, fresh.best_step, fresh.bad, saved) == (0.6, 8, 0, [{"val_acc": 0.6, "step": 8}])
 
 
 def test_missing_pretrained_checkpoint(data_dir, tmp_path):
