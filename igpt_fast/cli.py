@@ -225,14 +225,16 @@ def convert_cmd(source, out, n_head, palette_path):
 @click.option("--steps", type=click.IntRange(1), default=150, show_default=True,
               help="Pretraining steps (tiny preset).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Pretraining batch.")
-@click.option("--finetune-steps", type=click.IntRange(1), default=60, show_default=True)
+@click.option("--finetune-steps", type=click.IntRange(1), default=150, show_default=True)
+@click.option("--finetune-lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True,
+              help="Finetuning LR (pretraining uses 3e-3).")
 @click.option("--max-train", type=click.IntRange(1), default=2000, show_default=True,
               help="Train images the probe fits on.")
 @click.option("--max-eval", type=click.IntRange(1), default=1000, show_default=True,
               help="Val and test images the probe and the finetuned model are scored on.")
 @click.option("--workers", type=click.IntRange(1), default=max(1, min(8, os.cpu_count() or 1)), show_default=True)
 @click.pass_context
-def demo_cmd(ctx, src, out, n_px, k, steps, batch_size, finetune_steps, max_train, max_eval, workers):
+def demo_cmd(ctx, src, out, n_px, k, steps, batch_size, finetune_steps, finetune_lr, max_train, max_eval, workers):
     """Images to results on real data: palette -> tokenize -> train -> probe -> finetune -> sample, ending
     with a summary of the accuracies and the paths of the plots and grids.
 
@@ -278,8 +280,8 @@ def demo_cmd(ctx, src, out, n_px, k, steps, batch_size, finetune_steps, max_trai
         ctx.invoke(probe_cmd, run=run, data_dir=data_dir, max_train=max_train, max_eval=max_eval)
     ft_dir = os.path.join(run, "finetune")
     click.echo(f"[5/6] finetune ({finetune_steps} steps) -> {ft_dir}")
-    ctx.invoke(finetune_cmd, run=run, data_dir=data_dir, steps=finetune_steps, eval_every=max(1, finetune_steps // 2),
-               eval_batches=10, max_eval=max_eval, resume="auto")
+    ctx.invoke(finetune_cmd, run=run, data_dir=data_dir, steps=finetune_steps, lr=finetune_lr,
+               eval_every=max(1, finetune_steps // 2), eval_batches=10, max_eval=max_eval, resume="auto")
     samples_dir = os.path.join(run, "samples")
     grids = [os.path.join(samples_dir, "completions.png"), os.path.join(samples_dir, "samples.png")]
     click.echo(f"[6/6] sample -> {samples_dir}")
