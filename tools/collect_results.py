@@ -64,6 +64,7 @@ def plot(dests, path):
         pixels = probe["pixels"]["test_acc"]
     if pixels is not None:
         ax.axhline(pixels, color="grey", ls="--", label="raw pixels")
+    ax.set_xticks(range(probe["n_layer"] + 1))
     ax.set_xlabel("layer (last = ln_f)")
     ax.set_ylabel("linear probe accuracy")
     ax.grid(alpha=0.3)
