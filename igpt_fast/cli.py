@@ -222,10 +222,10 @@ def convert_cmd(source, out, n_head, palette_path):
 @click.option("--n-px", type=click.IntRange(1, 1024), default=14, show_default=True,
               help="Image side (14: Fashion-MNIST halved, so two CPU cores train in minutes).")
 @click.option("--k", type=click.IntRange(2, 65535), default=16, show_default=True, help="Palette colours.")
-@click.option("--steps", type=click.IntRange(1), default=150, show_default=True,
+@click.option("--steps", type=click.IntRange(1), default=250, show_default=True,
               help="Pretraining steps (tiny preset).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Pretraining batch.")
-@click.option("--finetune-steps", type=click.IntRange(1), default=150, show_default=True)
+@click.option("--finetune-steps", type=click.IntRange(1), default=300, show_default=True)
 @click.option("--finetune-lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True,
               help="Finetuning LR (pretraining uses 3e-3).")
 @click.option("--max-train", type=click.IntRange(1), default=2000, show_default=True,
