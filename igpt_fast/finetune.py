@@ -187,6 +187,8 @@ def finetune(run, data_dir, out_dir=None, steps=500, batch_size=16, lr=None, gen
         resume = state_path if os.path.isfile(state_path) else None
 
     meta = read_meta(data_dir)
+    if "val" not in meta["splits"]:
+        raise FinetuneError(f"{data_dir} has no val split for early stopping; re-tokenize with --val-fraction")
     pretrained = load_checkpoint(ckpt_path)
     model = model_from_checkpoint(pretrained)
     check_data(meta, model.config, pretrained.get("palette_sha256"), data_dir)
@@ -198,8 +200,6 @@ def finetune(run, data_dir, out_dir=None, steps=500, batch_size=16, lr=None, gen
         model.add_classifier(n_classes or count_classes(data_dir, meta))
     elif not os.path.isfile(resume):
         raise FinetuneError(f"--resume {resume}: no such checkpoint")
-    if "val" not in meta["splits"]:
-        raise FinetuneError(f"{data_dir} has no val split for early stopping; re-tokenize with --val-fraction")
 
     tcfg = TrainConfig(data_dir=data_dir, out_dir=out_dir, steps=steps, batch_size=batch_size, lr=lr,
                        warmup_steps=steps // 10 if warmup_steps is None else warmup_steps, weight_decay=weight_decay,
