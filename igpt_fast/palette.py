@@ -23,6 +23,7 @@ import numpy as np
 
 __all__ = ["Palette", "PaletteError"]
 
+_UNSET = np.uint16(0xFFFF)  # lookup-table entry not filled yet; why k is at most 65535
 _CELL = 8  # lookup-table cells are 8x8x8 blocks of uint8 colours
 _N_CELLS = (256 // _CELL) ** 3
 _CELL_OFFSETS = np.stack(np.meshgrid(*[np.arange(_CELL)] * 3, indexing="ij"), -1).reshape(-1, 3)  # (512, 3)
@@ -205,7 +206,7 @@ class Palette:
 
     def _ensure_lut(self):
         if self._lut is None:
-            self._lut = np.zeros(1 << 24, dtype=np.uint16)
+            self._lut = np.full(1 << 24, _UNSET, dtype=np.uint16)
             self._done = np.zeros(_N_CELLS, dtype=bool)
 
     def quantize(self, images):
@@ -215,14 +216,17 @@ class Palette:
             raise PaletteError(f"quantize needs uint8 RGB of shape (..., 3), got {images.dtype} {images.shape}")
         self._ensure_lut()
         keys = _pack(images)
-        cells = ((keys >> 9) & 0x7C00) | ((keys >> 6) & 0x3E0) | ((keys >> 3) & 0x1F)  # (...) cell ids
-        todo = np.flatnonzero(~self._done[cells])
-        if len(todo):
-            new = np.unique(cells.reshape(-1)[todo])
+        ids = self._lut[keys]
+        miss = ids == _UNSET  # colours of cells not filled yet (k <= 65535, so never a real id)
+        if miss.any():
+            missing = keys[miss]
+            cells = ((missing >> 9) & 0x7C00) | ((missing >> 6) & 0x3E0) | ((missing >> 3) & 0x1F)
+            new = np.unique(cells)
             for s in range(0, len(new), 4096):
                 self._fill_cells(new[s:s + 4096])
             self._done[new] = True
-        return self._lut[keys]
+            ids[miss] = self._lut[missing]
+        return ids
 
     def colours(self):
         """uint8 (k, 3): each centre as an RGB colour, rint(127.5 * (c + 1))."""
