@@ -1,7 +1,19 @@
 """Shared test setup. Without CUDA, Triton kernels run under the interpreter: TRITON_INTERPRET must be
-set before igpt_fast.kernels' Triton modules are imported, so it is set here, first."""
+set before anything imports triton, so it is set here, first."""
 import os
 import shutil
 
 if not shutil.which("nvidia-smi"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops on a shared CPU: one intra-op thread avoids OpenMP spin contention (100x seen)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -6,11 +6,19 @@ import os
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
 from igpt_fast.data import DataError, eval_loader, read_meta, shard_urls, train_loader
+from igpt_fast.palette import Palette
+from shards import write_meta, write_split
 
 N_CTX = 16
+
+
+def _tokens(i):
+    """Sample i: tokens carrying i in their first two positions, label i % 10."""
+    tokens = np.full(N_CTX, 7, dtype=np.uint16)
+    tokens[0], tokens[1] = i % 512, i // 512
+    return tokens, i % 10
 
 
 def _sample_id(tokens):
@@ -23,15 +31,8 @@ def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     splits = {}
     for split, n, per in (("train", 103, 18), ("val", 40, 10)):
-        with wds.ShardWriter(str(root / f"{split}-%06d.tar"), maxcount=per, verbose=0) as sink:
-            for i in range(n):
-                tokens = np.full(N_CTX, 7, dtype=np.uint16)
-                tokens[0], tokens[1] = i % 512, i // 512
-                sink.write({"__key__": f"{split}_{i:06d}", "tokens.npy": tokens, "cls": i % 10})
-        splits[split] = {"samples": n, "shards": -(-n // per), "skipped": []}
-    meta = {"version": 1, "n_px": 4, "n_ctx": N_CTX, "n_vocab": 512, "palette_sha256": "0" * 64,
-            "resize": "squash", "class_names": None, "source": ["synthetic"], "splits": splits}
-    (root / "meta.json").write_text(json.dumps(meta))
+        splits[split] = write_split(str(root), split, (_tokens(i) for i in range(n)), per)
+    write_meta(str(root), Palette(np.random.default_rng(0).uniform(-1, 1, (512, 3))), 4, splits)
     return root
 
 

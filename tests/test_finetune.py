@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from click.testing import CliRunner
 
 from igpt_fast.cli import cli
@@ -15,23 +14,21 @@ from igpt_fast.finetune import EarlyStopping, FinetuneError, finetune
 from igpt_fast.model import GPTConfig
 from igpt_fast.palette import Palette
 from igpt_fast.train import TrainConfig, load_checkpoint, train
+from shards import write_meta, write_split
 
 N_PX, N_VOCAB, N_CLASSES = 4, 16, 3
 QUIET = dict(print_fn=lambda *a: None)
 
 
-def write_split(out, split, n_shards, per_shard, rng):
+def label_samples(n, rng):
     """Class k draws its pixels from colours 5k .. 5k+4 in a class-specific layout (k=0: horizontal
     stripes, 1: vertical stripes, 2: checkerboard), so the label is in the image."""
     yy, xx = np.mgrid[:N_PX, :N_PX]
     patterns = [yy % 2, xx % 2, (yy + xx) % 2]
-    with wds.ShardWriter(os.path.join(out, f"{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
-        for i in range(n_shards * per_shard):
-            label = int(rng.integers(0, N_CLASSES))
-            a, b = 5 * label + rng.choice(5, 2, replace=False)
-            tokens = np.where(patterns[label] == 1, a, b).astype(np.uint16).reshape(-1)  # (n_ctx,)
-            sink.write({"__key__": f"{split}{i:05d}", "tokens.npy": tokens, "cls": label})
-    return {"samples": n_shards * per_shard, "shards": n_shards, "skipped": []}
+    for _ in range(n):
+        label = int(rng.integers(0, N_CLASSES))
+        a, b = 5 * label + rng.choice(5, 2, replace=False)
+        yield np.where(patterns[label] == 1, a, b).reshape(-1), label  # (n_ctx,)
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +36,9 @@ def data_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("data"))
     rng = np.random.default_rng(0)
     palette = Palette(rng.uniform(-1, 1, (N_VOCAB, 3)).astype(np.float32))
-    palette.save(os.path.join(out, "palette.npy"))
-    splits = {"train": write_split(out, "train", 4, 32, rng), "val": write_split(out, "val", 2, 32, rng),
-              "test": write_split(out, "test", 2, 32, rng)}
-    meta = {"version": 1, "n_px": N_PX, "n_ctx": N_PX * N_PX, "n_vocab": N_VOCAB, "palette_sha256": palette.sha256,
-            "resize": "squash", "class_names": None, "source": ["synthetic"], "splits": splits}
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    splits = {split: write_split(out, split, label_samples(n, rng), 32)
+              for split, n in (("train", 128), ("val", 64), ("test", 64))}
+    write_meta(out, palette, N_PX, splits)
     return out
 
 

@@ -22,6 +22,8 @@ from igpt_fast.probe import (ProbeError, extract_features, fit_logistic, lbfgs, 
 from igpt_fast.tokenize import tokenize_dataset
 from igpt_fast.train import save_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N_PX = 8
 PALETTE = Palette(np.linspace(-1, 1, 16)[:, None].repeat(3, 1))  # 16 grey levels
 
@@ -60,15 +62,6 @@ def make_run(root, objective="ar", n_layer=2, seed=0):
         "version": 1, "model": model.state_dict(), "model_config": asdict(cfg), "step": 0,
         "palette": torch.from_numpy(PALETTE.centers.copy()), "palette_sha256": PALETTE.sha256})
     return run, model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared CPU: one intra-op thread avoids OpenMP spin contention (100x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,7 @@ from igpt_fast.sample import (SampleError, complete, completion_grid, generate, 
                               sample_logits, unconditional)
 from test_probe import N_PX, PALETTE, make_dataset, make_run
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared CPU: one intra-op thread avoids OpenMP spin contention (100x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(objective="ar", dtype=torch.float64, seed=0):

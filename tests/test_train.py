@@ -13,12 +13,12 @@ import time
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from click.testing import CliRunner
 
 from igpt_fast.cli import cli
 from igpt_fast.model import GPTConfig, IGPT, PRESETS
 from igpt_fast.palette import Palette
+from shards import write_meta, write_split
 from igpt_fast.train import (DataMismatchError, TrainConfig, TrainingDiverged, check_data, configure_optimizer,
                              load_checkpoint, make_scheduler, model_from_checkpoint, train)
 
@@ -30,14 +30,12 @@ def model_config(**kw):
     return GPTConfig(**{**dict(n_px=N_PX, n_vocab=N_VOCAB, n_layer=2, n_head=2, n_embd=32), **kw})
 
 
-def write_split(out, split, n_shards, per_shard, rng):
-    with wds.ShardWriter(os.path.join(out, f"{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
-        for i in range(n_shards * per_shard):
-            offset, label = rng.integers(0, 4), i % 3
-            rows = (offset + label * np.arange(N_PX))[:, None] + np.zeros(N_PX, dtype=np.int64)  # (n_px, n_px)
-            tokens = (rows % N_VOCAB).astype(np.uint16).reshape(-1)  # (n_ctx,): learnable rows
-            sink.write({"__key__": f"{split}{i:05d}", "tokens.npy": tokens, "cls": label})
-    return {"samples": n_shards * per_shard, "shards": n_shards, "skipped": []}
+def row_samples(n, rng):
+    """Learnable images: row r of a label-l image is colour (offset + l * r) mod n_vocab."""
+    for i in range(n):
+        offset, label = rng.integers(0, 4), i % 3
+        rows = (offset + label * np.arange(N_PX))[:, None] + np.zeros(N_PX, dtype=np.int64)  # (n_px, n_px)
+        yield (rows % N_VOCAB).reshape(-1), label  # (n_ctx,)
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +43,9 @@ def data_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("data"))
     rng = np.random.default_rng(0)
     palette = Palette(rng.uniform(-1, 1, (N_VOCAB, 3)).astype(np.float32))
-    palette.save(os.path.join(out, "palette.npy"))
-    splits = {"train": write_split(out, "train", 4, 16, rng), "val": write_split(out, "val", 2, 8, rng)}
-    meta = {"version": 1, "n_px": N_PX, "n_ctx": N_PX * N_PX, "n_vocab": N_VOCAB, "palette_sha256": palette.sha256,
-            "resize": "squash", "class_names": ["a", "b", "c"], "source": ["synthetic"], "splits": splits}
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    splits = {"train": write_split(out, "train", row_samples(64, rng), 16),
+              "val": write_split(out, "val", row_samples(16, rng), 8)}
+    write_meta(out, palette, N_PX, splits, class_names=["a", "b", "c"])
     return out
 
 
