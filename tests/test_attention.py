@@ -11,7 +11,6 @@ Covering set (the interpreter is slow, so not the full cross product): each of T
 the causal flags flipped for T <= 256 in fp32 (_COVER_FLIPPED). B * H > 1 everywhere. CUDA-only
 (skipped here): bf16 on the covering set, T = 4096 and 16384, torch.compile vs eager.
 """
-import importlib
 import math
 import os
 
@@ -32,14 +31,9 @@ _FLOOR = {torch.float32: 4e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
 
 
 @pytest.fixture(autouse=True)
-def nan_outputs(monkeypatch):
+def _nan_outputs(nan_outputs):
     """Kernel outputs start as NaN: an unwritten element shows up as a NaN error."""
-    module = importlib.import_module("igpt_fast.kernels.attention")
-
-    def empty_nan(like, shape, dtype=None):
-        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
-
-    monkeypatch.setattr(module, "_empty", empty_nan)
+    nan_outputs("igpt_fast.kernels.attention")
 
 
 def _naive(q, k, v, causal, scale=None):
