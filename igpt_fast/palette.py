@@ -71,8 +71,7 @@ class Palette:
         self.centers.setflags(write=False)
         self._c64 = centers.astype(np.float64)
         self._c64_sq = (self._c64 * self._c64).sum(1)
-        self._lut = None  # uint16 (2^24,) ids, filled cell by cell
-        self._done = None  # bool (_N_CELLS,) cells filled
+        self._lut = None  # uint16 (2^24,) ids, filled cell by cell; _UNSET where not filled yet
 
     @property
     def k(self):
@@ -199,15 +198,12 @@ class Palette:
     def build_lut(self):
         """Compute the whole 2^24-colour lookup table now (a few seconds) instead of lazily."""
         self._ensure_lut()
-        todo = np.flatnonzero(~self._done)
-        for s in range(0, len(todo), 4096):
-            self._fill_cells(todo[s:s + 4096])
-        self._done[:] = True
+        for s in range(0, _N_CELLS, 4096):
+            self._fill_cells(np.arange(s, min(s + 4096, _N_CELLS)))
 
     def _ensure_lut(self):
         if self._lut is None:
             self._lut = np.full(1 << 24, _UNSET, dtype=np.uint16)
-            self._done = np.zeros(_N_CELLS, dtype=bool)
 
     def quantize(self, images):
         """uint8 (..., 3) RGB -> uint16 (...) ids of the nearest centre."""
@@ -224,7 +220,6 @@ class Palette:
             new = np.unique(cells)
             for s in range(0, len(new), 4096):
                 self._fill_cells(new[s:s + 4096])
-            self._done[new] = True
             ids[miss] = self._lut[missing]
         return ids
 
