@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_SINGLE_BLOCK = 8192
 _LOOP_BLOCK = 4096
