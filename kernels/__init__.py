@@ -8,19 +8,13 @@ impl="triton" always the Triton kernels (on CPU that means the Triton interprete
 impl="torch"  the torch path (F.scaled_dot_product_attention, torch.softmax, F.cross_entropy).
 
 The choice is logged once per (op, implementation). Importing this package is cheap: the Triton
-modules (attention.py, softmax.py, cross_entropy.py) are imported on first Triton use. They register
-their kernels as torch custom ops (`torch.library.custom_op`, namespace `igpt_fast`) with fake and
-autograd implementations, so the ops work inside `torch.compile(fullgraph=True)`.
-
-The submodules share their names with the public ops (kernels/attention.py vs `attention`). Python's
-import system binds a freshly imported submodule as an attribute of its package, which would replace
-the op; the package's module class below refuses that rebinding, so `igpt_fast.kernels.attention`
-stays the function. Reach a kernel module with `from igpt_fast.kernels.attention import ...` or
-`importlib.import_module("igpt_fast.kernels.attention")`.
+modules (flash_attention.py, fused_softmax.py, fused_cross_entropy.py) are imported on first Triton
+use. They register their kernels as torch custom ops (`torch.library.custom_op`, namespace
+`igpt_fast`) with fake and autograd implementations, so the ops work inside
+`torch.compile(fullgraph=True)`. No submodule shares a name with a public op, so
+`igpt_fast.kernels.attention` is always the function.
 """
 import logging
-import sys
-import types
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +48,7 @@ def attention(q, k, v, causal=True, scale=None, impl="auto"):
     elif q.shape[-1] > 128:
         unsupported = "head dim > 128"
     if _resolve("attention", impl, q, unsupported) == "triton":
-        from .attention import flash_attention
+        from .flash_attention import flash_attention
         return flash_attention(q, k, v, causal, scale)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
@@ -62,7 +56,7 @@ def attention(q, k, v, causal=True, scale=None, impl="auto"):
 def softmax(x, impl="auto"):
     """Softmax over the last dimension of any-rank x; output in x's dtype."""
     if _resolve("softmax", impl, x) == "triton":
-        from .softmax import triton_softmax
+        from .fused_softmax import triton_softmax
         return triton_softmax(x)
     return torch.softmax(x.float(), dim=-1).to(x.dtype)
 
@@ -70,18 +64,7 @@ def softmax(x, impl="auto"):
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", impl="auto"):
     """Cross-entropy of (N, V) logits against (N,) targets in fp32 math; reduction none/mean/sum."""
     if _resolve("cross_entropy", impl, logits) == "triton":
-        from .cross_entropy import triton_cross_entropy
+        from .fused_cross_entropy import triton_cross_entropy
         return triton_cross_entropy(logits, targets, ignore_index, reduction)
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction=reduction)
 
-
-class _KernelsPackage(types.ModuleType):
-    """This package's module type: keeps the public ops bound when their same-named submodules load."""
-
-    def __setattr__(self, name, value):
-        if name in __all__ and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _KernelsPackage

@@ -1,4 +1,4 @@
-"""Tests for kernels/attention.py: Triton flash attention vs an fp64 reference.
+"""Tests for kernels/flash_attention.py: Triton flash attention vs an fp64 reference.
 
 Rule (flash-attention's): the kernel's max error against fp64 may be at most 2x the error of plain
 PyTorch attention computed in the same dtype, plus a small absolute floor; outputs and dq/dk/dv.
@@ -33,7 +33,7 @@ _FLOOR = {torch.float32: 4e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
 @pytest.fixture(autouse=True)
 def _nan_outputs(nan_outputs):
     """Kernel outputs start as NaN: an unwritten element shows up as a NaN error."""
-    nan_outputs("igpt_fast.kernels.attention")
+    nan_outputs("igpt_fast.kernels.flash_attention")
 
 
 def _naive(q, k, v, causal, scale=None):
@@ -55,7 +55,7 @@ def _run(fn, q, k, v, do):
 
 
 def _check(q, k, v, causal, scale=None):
-    from igpt_fast.kernels.attention import attention_ref, flash_attention
+    from igpt_fast.kernels.flash_attention import attention_ref, flash_attention
 
     do = torch.randn_like(q)
     ref = _run(lambda a, b, c: attention_ref(a, b, c, causal, scale), q.double(), k.double(), v.double(), do)
@@ -105,7 +105,7 @@ def test_dispatch_torch_and_triton_agree():
 
 
 def test_bad_shapes_raise_readable_errors():
-    from igpt_fast.kernels.attention import flash_attention
+    from igpt_fast.kernels.flash_attention import flash_attention
 
     q, k, v = _inputs(8, 32, torch.float32)
     with pytest.raises(ValueError, match="share one"):
@@ -116,7 +116,7 @@ def test_bad_shapes_raise_readable_errors():
 
 def test_custom_op_registration():
     """The custom op's fake, schema and autograd registrations agree with the real kernel."""
-    from igpt_fast.kernels.attention import _flash_attn_fwd_op
+    from igpt_fast.kernels.flash_attention import _flash_attn_fwd_op
 
     q, k, v = (x.requires_grad_() for x in _inputs(17, 32, torch.float32))
     torch.library.opcheck(_flash_attn_fwd_op, (q, k, v, True, 0.2),
@@ -175,8 +175,8 @@ def test_attention_compile_vs_eager_cuda():
 
 
 def test_public_op_survives_submodule_import():
-    """kernels/attention.py shares the op's name; importing it must not shadow the public function."""
+    """Importing the kernel module leaves the package's public op a function."""
     import igpt_fast.kernels as kernels
-    from igpt_fast.kernels.attention import flash_attention  # noqa: F401
+    from igpt_fast.kernels.flash_attention import flash_attention  # noqa: F401
 
     assert kernels.attention is attention and callable(kernels.attention)

@@ -1,4 +1,4 @@
-"""Tests for kernels/cross_entropy.py: fused softmax + cross-entropy vs an fp64 reference.
+"""Tests for kernels/fused_cross_entropy.py: fused softmax + cross-entropy vs an fp64 reference.
 
 Rule: loss and logits-gradient errors against fp64 at most 2x those of F.cross_entropy in the same
 dtype plus a floor (F.cross_entropy upcasts nothing, so its fp16 gradient is the baseline). Covered:
@@ -24,7 +24,7 @@ _FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 @pytest.fixture(autouse=True)
 def _nan_outputs(nan_outputs):
     """Kernel outputs start as NaN: an unwritten element shows up as a NaN error."""
-    nan_outputs("igpt_fast.kernels.cross_entropy")
+    nan_outputs("igpt_fast.kernels.fused_cross_entropy")
 
 
 def _inputs(N, V, dtype, ignore_every=3, seed=0):
@@ -36,7 +36,7 @@ def _inputs(N, V, dtype, ignore_every=3, seed=0):
 
 
 def _check(logits, targets, reduction, ignore_index=-100):
-    from igpt_fast.kernels.cross_entropy import cross_entropy_ref, triton_cross_entropy
+    from igpt_fast.kernels.fused_cross_entropy import cross_entropy_ref, triton_cross_entropy
 
     gout = torch.randn(targets.shape[0] if reduction == "none" else (), device=logits.device).abs() + 0.5
     results = []
@@ -64,7 +64,7 @@ def test_cross_entropy_custom_ignore_index_and_int32_targets():
     logits, targets = _inputs(20, 512, torch.float32)
     targets = targets.masked_fill(targets == -100, 7).to(torch.int32)
     _check(logits, targets.long(), "mean", ignore_index=7)
-    from igpt_fast.kernels.cross_entropy import triton_cross_entropy
+    from igpt_fast.kernels.fused_cross_entropy import triton_cross_entropy
 
     torch.testing.assert_close(triton_cross_entropy(logits, targets, ignore_index=7),
                                F.cross_entropy(logits, targets.long(), ignore_index=7))
@@ -81,7 +81,7 @@ def test_cross_entropy_all_ignored_matches_torch():
 
 
 def test_cross_entropy_no_grad_and_errors():
-    from igpt_fast.kernels.cross_entropy import triton_cross_entropy
+    from igpt_fast.kernels.fused_cross_entropy import triton_cross_entropy
 
     logits, targets = _inputs(6, 512, torch.float32)
     with torch.no_grad():

@@ -264,12 +264,12 @@ def test_presets_and_config_errors():
 def test_triton_kernels_train_like_torch():
     """A few optimizer steps of a tiny model with impl="triton" (interpreter on CPU) track the
     torch path step by step."""
-    kattn = pytest.importorskip("igpt_fast.kernels.attention")
+    kattn = pytest.importorskip("igpt_fast.kernels.flash_attention")
     if not hasattr(kattn, "flash_attention"):
-        pytest.skip("igpt_fast.kernels.attention has no flash_attention yet")
-    kce = pytest.importorskip("igpt_fast.kernels.cross_entropy")
+        pytest.skip("igpt_fast.kernels.flash_attention has no flash_attention yet")
+    kce = pytest.importorskip("igpt_fast.kernels.fused_cross_entropy")
     if not hasattr(kce, "triton_cross_entropy"):
-        pytest.skip("igpt_fast.kernels.cross_entropy has no triton_cross_entropy yet")
+        pytest.skip("igpt_fast.kernels.fused_cross_entropy has no triton_cross_entropy yet")
     losses = {}
     for impl in ("torch", "triton"):
         torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Tests for kernels/softmax.py: Triton row softmax (forward and backward) vs an fp64 reference.
+"""Tests for kernels/fused_softmax.py: Triton row softmax (forward and backward) vs an fp64 reference.
 
 Rule: the kernel's max error against fp64 is at most 2x that of torch.softmax in the same dtype plus
 a small floor. Widths cover the single-tile path (1, 3, 17, 512, 1000, 8192) and the looped online
@@ -22,11 +22,11 @@ _FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 @pytest.fixture(autouse=True)
 def _nan_outputs(nan_outputs):
     """Kernel outputs start as NaN: an unwritten element shows up as a NaN error."""
-    nan_outputs("igpt_fast.kernels.softmax")
+    nan_outputs("igpt_fast.kernels.fused_softmax")
 
 
 def _check(x):
-    from igpt_fast.kernels.softmax import softmax_ref, triton_softmax
+    from igpt_fast.kernels.fused_softmax import softmax_ref, triton_softmax
 
     dy = torch.randn_like(x)
     results = []
