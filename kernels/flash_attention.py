@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from . import _common
+from ._common import INTERPRET, LOG2E
 
 
 @triton.jit
@@ -313,7 +313,7 @@ _TUNED = {name: triton.autotune(
 
 def _launch(name, grid_axis, T, BH, args, meta):
     """Launch kernel `name` over (cdiv(T, tile along grid_axis), B * H) with the config policy above."""
-    if _INTERPRET:
+    if INTERPRET:
         blocks = _INTERPRET_CONFIGS[name]
         _KERNELS[name][(triton.cdiv(T, blocks[grid_axis]), BH)](*args, **meta, **blocks)
     elif _AUTOTUNE:
@@ -336,16 +336,7 @@ def _check_inputs(q, k, v):
         raise ValueError("flash_attention: q, k, v must be on one device")
     if q.shape[2] < 1 or not 1 <= q.shape[3] <= 128:
         raise ValueError(f"flash_attention: need T >= 1 and 1 <= D <= 128, got T={q.shape[2]}, D={q.shape[3]}")
-    if not q.is_cuda and not _INTERPRET:
-        raise RuntimeError("flash_attention: CPU tensors need the Triton interpreter; set TRITON_INTERPRET=1 "
-                           "before importing igpt_fast.kernels, or use impl='torch'")
-    if _INTERPRET and q.dtype == torch.bfloat16:
-        raise ValueError("flash_attention: the Triton interpreter has no bf16; use fp16/fp32 or a GPU")
-
-
-def _empty(like, shape, dtype=None):
-    """Allocate a kernel output; the tests swap this for a NaN-filled allocator to catch unwritten elements."""
-    return like.new_empty(shape, dtype=dtype)
+    _common.check_device("flash_attention", q)
 
 
 def _last_dim_contiguous(x):
@@ -368,8 +359,8 @@ def _flash_attn_forward(q, k, v, causal, scale):
     _check_inputs(q, k, v)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     B, H, T, D = q.shape
-    o = _empty(q, (B, H, T, D))
-    lse = _empty(q, (B, H, T), torch.float32)
+    o = _common.empty(q, (B, H, T, D))
+    lse = _common.empty(q, (B, H, T), torch.float32)
     if B * H == 0:
         return o, lse
     args = (q, k, v, o, lse, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, T)
@@ -382,11 +373,11 @@ def _flash_attn_backward(do, q, k, v, o, lse, causal, scale):
     """Launch the three backward kernels. Returns dq, dk, dv (B, H, T, D), contiguous, in q's dtype."""
     q, k, v, o, do = (_last_dim_contiguous(x) for x in (q, k, v, o, do))
     B, H, T, D = q.shape
-    dq, dk, dv = (_empty(q, (B, H, T, D)) for _ in range(3))
+    dq, dk, dv = (_common.empty(q, (B, H, T, D)) for _ in range(3))
     if B * H == 0:
         return dq, dk, dv
     meta = _common_meta(q)
-    delta = _empty(lse, (B, H, T))  # fp32: rowsum(dO * O)
+    delta = _common.empty(lse, (B, H, T))  # fp32: rowsum(dO * O)
     _attn_bwd_preprocess_kernel[(triton.cdiv(T, 64), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],
         EVEN_D=meta["EVEN_D"], BLOCK_M=64)
@@ -444,15 +435,3 @@ def flash_attention(q, k, v, causal=True, scale=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _flash_attn_fwd_op(q, k, v, bool(causal), scale)[0]
 
-
-def attention_ref(q, k, v, causal=True, scale=None):
-    """Pure-torch attention in fp32 (fp64 stays fp64): the test oracle. Materialises T x T."""
-    dtype = q.dtype
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    q, k, v = q.to(compute), k.to(compute), v.to(compute)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, T, T)
-    if causal:
-        T = q.shape[-2]
-        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return torch.matmul(torch.softmax(s, dim=-1), v).to(dtype)  # (B, H, T, D)

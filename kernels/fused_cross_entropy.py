@@ -22,15 +22,12 @@ V >= 1; targets (N,) integer in [0, V) or ignore_index (checked on CPU; on CUDA 
 caught with TRITON_DEBUG=1). Math in fp32; the loss is fp32; the gradient is in the logits' dtype.
 Deterministic. On CPU only under the Triton interpreter (TRITON_INTERPRET=1, fp32/fp16).
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from . import _common
+from ._common import LN2, LOG2E
 _MAX_BLOCK_V = 4096
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -81,11 +78,6 @@ def _ce_bwd_kernel(GRAD, DLOSS, DLOGITS, stride_g, stride_dl, V, BLOCK_V: tl.con
         tl.store(DLOGITS + row * stride_dl + cols, (g * scale).to(DLOGITS.dtype.element_ty), mask=cols < V)
 
 
-def _empty(like, shape, dtype=None):
-    """Allocate a kernel output; the tests swap this for a NaN-filled allocator to catch unwritten elements."""
-    return like.new_empty(shape, dtype=dtype)
-
-
 def _launch_meta(V):
     block_v = min(triton.next_power_of_2(V), _MAX_BLOCK_V)
     return dict(BLOCK_V=block_v, num_warps=4 if block_v <= 1024 else 8)
@@ -100,19 +92,15 @@ def _cross_entropy_forward(logits, targets, ignore_index, compute_grad):
         raise ValueError(f"cross_entropy: logits must be fp16/bf16/fp32, got {logits.dtype}")
     if targets.dtype not in (torch.int64, torch.int32) or targets.device != logits.device:
         raise ValueError("cross_entropy: targets must be int64/int32 on the logits' device")
-    if not logits.is_cuda and not _INTERPRET:
-        raise RuntimeError("cross_entropy: CPU tensors need the Triton interpreter; set TRITON_INTERPRET=1 "
-                           "before importing igpt_fast.kernels, or use impl='torch'")
-    if _INTERPRET and logits.dtype == torch.bfloat16:
-        raise ValueError("cross_entropy: the Triton interpreter has no bf16; use fp16/fp32 or a GPU")
+    _common.check_device("cross_entropy", logits)
     N, V = logits.shape
     if not logits.is_cuda:
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
         if bad.any():
             raise ValueError(f"cross_entropy: targets outside [0, {V}) that are not ignore_index={ignore_index}")
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    loss = _empty(logits, (N,), torch.float32)
-    grad = _empty(logits, (N, V) if compute_grad else (0, V))
+    loss = _common.empty(logits, (N,), torch.float32)
+    grad = _common.empty(logits, (N, V) if compute_grad else (0, V))
     if N > 0:
         _ce_fwd_kernel[(N,)](logits, targets.contiguous(), loss, grad, logits.stride(0),
                              grad.stride(0) if compute_grad else 0, V, ignore_index,
@@ -123,7 +111,7 @@ def _cross_entropy_forward(logits, targets, ignore_index, compute_grad):
 def _cross_entropy_backward(grad, dloss):
     """d logits = grad * dloss[:, None], in fp32 math, stored in grad's dtype."""
     N, V = grad.shape
-    dlogits = _empty(grad, (N, V))
+    dlogits = _common.empty(grad, (N, V))
     if N > 0:
         _ce_bwd_kernel[(N,)](grad, dloss.contiguous(), dlogits, grad.stride(0), dlogits.stride(0), V,
                              **_launch_meta(V))
@@ -182,15 +170,3 @@ def triton_cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
         return loss.sum()
     return loss.sum() / (targets != ignore_index).sum()
 
-
-def cross_entropy_ref(logits, targets, ignore_index=-100, reduction="mean"):
-    """Pure-torch cross-entropy in fp32 (fp64 stays fp64): the test oracle."""
-    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logp = torch.log_softmax(logits.to(compute), dim=-1)  # (N, V)
-    valid = targets != ignore_index
-    nll = -logp.gather(1, targets.masked_fill(~valid, 0)[:, None]).squeeze(1) * valid  # (N,)
-    if reduction == "none":
-        return nll
-    if reduction == "sum":
-        return nll.sum()
-    return nll.sum() / valid.sum()

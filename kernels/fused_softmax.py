@@ -14,14 +14,12 @@ not contiguous is copied first); fp16, bf16 and fp32 (fp32 math, output in the i
 that is all -inf gives nan, like torch.softmax. Deterministic. On CPU only under the Triton
 interpreter (TRITON_INTERPRET=1, fp32/fp16).
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from . import _common
+from ._common import LOG2E
 _MAX_SINGLE_BLOCK = 8192
 _LOOP_BLOCK = 4096
 
@@ -78,11 +76,6 @@ def _softmax_bwd_kernel(Y, DY, DX, stride_y, stride_dy, stride_dx, W, BLOCK: tl.
             tl.store(dx_row + cols, (y * (dy - dot)).to(DX.dtype.element_ty), mask=cols < W)
 
 
-def _empty(like, shape, dtype=None):
-    """Allocate a kernel output; the tests swap this for a NaN-filled allocator to catch unwritten elements."""
-    return like.new_empty(shape, dtype=dtype)
-
-
 def _launch_meta(W):
     block = triton.next_power_of_2(W)
     single = block <= _MAX_SINGLE_BLOCK
@@ -101,18 +94,14 @@ def _check(x):
         raise ValueError(f"softmax: x must be fp16/bf16/fp32, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("softmax: x needs at least one dimension")
-    if not x.is_cuda and not _INTERPRET:
-        raise RuntimeError("softmax: CPU tensors need the Triton interpreter; set TRITON_INTERPRET=1 "
-                           "before importing igpt_fast.kernels, or use impl='torch'")
-    if _INTERPRET and x.dtype == torch.bfloat16:
-        raise ValueError("softmax: the Triton interpreter has no bf16; use fp16/fp32 or a GPU")
+    _common.check_device("softmax", x)
 
 
 def _softmax_forward(x):
     _check(x)
     x2 = _rows(x)  # (N, W)
     N, W = x2.shape
-    y = _empty(x2, (N, W))
+    y = _common.empty(x2, (N, W))
     if N > 0 and W > 0:
         _softmax_fwd_kernel[(N,)](x2, y, x2.stride(0), y.stride(0), W, **_launch_meta(W))
     return y.view(x.shape)
@@ -121,7 +110,7 @@ def _softmax_forward(x):
 def _softmax_backward(y, dy):
     y2, dy2 = _rows(y), _rows(dy)  # (N, W) each
     N, W = y2.shape
-    dx = _empty(y2, (N, W))
+    dx = _common.empty(y2, (N, W))
     if N > 0 and W > 0:
         _softmax_bwd_kernel[(N,)](y2, dy2, dx, y2.stride(0), dy2.stride(0), dx.stride(0), W, **_launch_meta(W))
     return dx.view(y.shape)
@@ -163,8 +152,3 @@ def triton_softmax(x):
     """Triton softmax over the last dimension of x; output in x's dtype; differentiable."""
     return _softmax_fwd_op(x)
 
-
-def softmax_ref(x):
-    """Pure-torch softmax in fp32 (fp64 stays fp64), output in x's dtype: the test oracle."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.softmax(x.to(compute), dim=-1).to(x.dtype)

@@ -23,10 +23,9 @@ def one_thread():
 
 @pytest.fixture
 def nan_outputs(monkeypatch):
-    """nan_outputs("igpt_fast.kernels.softmax"): that kernel module's output allocator `_empty` fills
-    with NaN for the test, so an element a kernel fails to write shows up as a NaN error."""
-    def patch(module_name):
-        def empty_nan(like, shape, dtype=None):
-            return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
-        monkeypatch.setattr(importlib.import_module(module_name), "_empty", empty_nan)
-    return patch
+    """Every Triton kernel output is allocated NaN-filled for the test (the kernels' shared allocator
+    `igpt_fast.kernels._common.empty` is swapped), so an element a kernel fails to write shows up as
+    a NaN error."""
+    def empty_nan(like, shape, dtype=None):
+        return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
+    monkeypatch.setattr(importlib.import_module("igpt_fast.kernels._common"), "empty", empty_nan)
