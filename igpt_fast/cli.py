@@ -1,16 +1,87 @@
 """The `igpt-fast` command line: one click group, one verb per stage.
 
-Heavy imports (torch, faiss, webdataset) happen inside each command so `igpt-fast --help` is instant.
-Progress bars go to stderr; stdout carries results.
+Heavy imports (torch, faiss, webdataset) happen inside each command so `igpt-fast --help` is instant;
+this module imports neither torch nor numpy. The options several verbs share (--impl, --resize,
+--workers, --device) are defined once below. The library's expected failures (igpt_fast.errors.IGPTError:
+bad input, missing or incompatible artefacts) are caught once, by the group, and shown as one line;
+anything else keeps its traceback. Progress bars go to stderr; stdout carries results.
 """
+import math
 import os
 
 import click
 
 from . import __version__
+from .errors import IGPTError
+
+IMPLS = ("auto", "triton", "torch")
+RESIZE_MODES = ("squash", "center-crop", "pad")
+DEFAULT_WORKERS = max(1, min(8, os.cpu_count() or 1))
+
+impl_option = click.option(
+    "--impl", type=click.Choice(IMPLS), default="auto", show_default=True,
+    help="Kernels: auto (Triton on CUDA, torch elsewhere), triton, torch. Chosen per run, never saved.")
+resize_option = click.option(
+    "--resize", type=click.Choice(RESIZE_MODES), default="squash", show_default=True,
+    help="squash = HF ImageGPT's bilinear resize; center-crop; pad (e.g. 28 -> 32, black border).")
+workers_option = click.option("--workers", type=click.IntRange(1), default=DEFAULT_WORKERS, show_default=True,
+                              help="Decode/resize processes.")
+device_option = click.option("--device", help="cuda, cuda:1, cpu (default: cuda when present).")
+overwrite_option = click.option("--overwrite", is_flag=True,
+                                help="Start a new run in a folder that already holds one (its checkpoints and log go).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class FiniteFloat(click.ParamType):
+    """A finite float (no nan / inf) in [lo, hi]; lo_open excludes lo."""
+
+    name = "float"
+
+    def __init__(self, lo=None, hi=None, lo_open=False):
+        self.lo, self.hi, self.lo_open = lo, hi, lo_open
+
+    def convert(self, value, param, ctx):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            self.fail(f"{v} must be {'>' if self.lo_open else '>='} {self.lo}", param, ctx)
+        if self.hi is not None and v > self.hi:
+            self.fail(f"{v} must be <= {self.hi}", param, ctx)
+        return v
+
+
+POSITIVE = FiniteFloat(0, lo_open=True)
+NON_NEGATIVE = FiniteFloat(0)
+
+
+class _Group(click.Group):
+    """The igpt-fast group: an IGPTError from any verb becomes a one-line error (exit status 1)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except IGPTError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _explicit(ctx, names):
+    """The parameters among names that the user gave on the command line (not defaults)."""
+    from click.core import ParameterSource
+
+    return {n for n in names if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE,
+                                                                 ParameterSource.ENVIRONMENT)}
+
+
+def _main_process():
+    from .train import is_main_process
+
+    return is_main_process()
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="igpt-fast")
 def cli():
     """Image GPT: palette -> tokenize -> train -> probe / finetune / sample."""
@@ -105,113 +176,149 @@ def tokenize_cmd(src, palette_path, out, n_px, resize, val_fraction, workers, sh
 @click.option("--n-layer", type=click.IntRange(1), help="Override the preset's depth.")
 @click.option("--n-head", type=click.IntRange(1), help="Override the preset's head count.")
 @click.option("--n-embd", type=click.IntRange(1), help="Override the preset's width.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--dropout", type=FiniteFloat(0, 0.999), default=0.0, show_default=True)
 @click.option("--grad-checkpoint", is_flag=True, help="Activation checkpointing (recompute blocks in backward).")
-@click.option("--impl", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
-              help="Kernels for attention and cross-entropy.")
+@impl_option
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--steps", type=click.IntRange(1), default=1000, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Micro-batch per process.")
 @click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True, help="Micro-batches per step.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True, help="Peak LR.")
-@click.option("--min-lr", type=click.FloatRange(0), default=0.0, show_default=True, help="LR at the end of the cosine.")
+@click.option("--lr", type=POSITIVE, default=3e-3, show_default=True, help="Peak LR.")
+@click.option("--min-lr", type=NON_NEGATIVE, default=0.0, show_default=True, help="LR at the end of the cosine.")
 @click.option("--warmup-steps", type=click.IntRange(0), default=100, show_default=True)
 @click.option("--lr-decay-steps", type=click.IntRange(0), default=0, show_default=True,
               help="Cosine horizon in steps (0 = --steps).")
-@click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True)
-@click.option("--grad-clip", type=click.FloatRange(0), default=1.0, show_default=True, help="0 disables clipping.")
+@click.option("--weight-decay", type=NON_NEGATIVE, default=0.0, show_default=True)
+@click.option("--grad-clip", type=NON_NEGATIVE, default=1.0, show_default=True, help="0 disables clipping.")
+@click.option("--spike-factor", type=NON_NEGATIVE, default=4.0, show_default=True,
+              help="Stop when the loss exceeds this x its recent median (0 = only non-finite losses stop).")
 @click.option("--log-every", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--eval-every", type=click.IntRange(0), default=200, show_default=True, help="0 = only at the end.")
 @click.option("--eval-batches", type=click.IntRange(0), default=20, show_default=True, help="Per process; 0 = all.")
 @click.option("--ckpt-every", type=click.IntRange(0), default=500, show_default=True, help="0 = only at the end.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers.")
-@click.option("--peak-tflops", type=click.FloatRange(0), default=0.0, help="GPU peak for MFU (default: looked up).")
-@click.option("--resume", help="'auto' (RUN/ckpt.pt when present) or a checkpoint path.")
-def train_cmd(data_dir, out, preset, objective, n_px, n_layer, n_head, n_embd, dropout, grad_checkpoint, impl,
-              compile_, steps, batch_size, grad_accum, lr, min_lr, warmup_steps, lr_decay_steps, weight_decay,
-              grad_clip, log_every, eval_every, eval_batches, ckpt_every, seed, num_workers, peak_tflops, resume):
+@click.option("--peak-tflops", type=NON_NEGATIVE, default=0.0, help="GPU peak for MFU (default: looked up).")
+@click.option("--resume", help="'auto' (RUN/ckpt.pt when present) or a checkpoint path. Flags given with it: "
+              "training flags override the checkpoint's; architecture flags must match it.")
+@overwrite_option
+@click.pass_context
+def train_cmd(ctx, data_dir, out, preset, objective, n_px, n_layer, n_head, n_embd, dropout, grad_checkpoint, impl,
+              compile_, resume, overwrite, **train_flags):
     """Pretrain an Image GPT on the token shards in DATA_DIR (from `igpt-fast tokenize`).
 
     Under `torchrun --nproc_per_node=K` the same command runs DDP. Prints
-    `step | loss | ms/step | tok/s | mfu`; writes RUN/config.json, RUN/log.jsonl, RUN/ckpt.pt, RUN/loss.png.
+    `step | loss | ms/step | tok/s | mfu`; writes RUN/config.json, RUN/log.jsonl, RUN/ckpt.pt (and
+    ckpt.prev.pt), RUN/loss.png. A folder holding a checkpoint needs --resume auto or --overwrite.
     """
-    from .data import DataError, read_meta
+    from .data import read_meta
     from .model import PRESETS, GPTConfig
-    from .palette import PaletteError
-    from .train import DataMismatchError, TrainConfig, TrainingDiverged, cleanup_distributed, train
+    from .train import TrainConfig, cleanup_distributed, train
 
     if resume is not None and resume != "auto" and not os.path.isfile(resume):
         raise click.UsageError(f"--resume {resume}: no such checkpoint (use 'auto' or a ckpt.pt path)")
-    try:
-        meta = read_meta(data_dir)
-    except DataError as e:
-        raise click.ClickException(str(e)) from None
+    if resume is not None and overwrite:
+        raise click.UsageError("--resume and --overwrite contradict each other; pass one")
+    meta = read_meta(data_dir)
     arch = dict(PRESETS[preset])
-    arch.update({k: v for k, v in dict(n_px=n_px, n_layer=n_layer, n_head=n_head, n_embd=n_embd).items()
-                 if v is not None})
+    given = dict(n_px=n_px, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    arch.update({k: v for k, v in given.items() if v is not None})
     try:
-        model_config = GPTConfig(**arch, n_vocab=meta["n_vocab"], objective=objective, dropout=dropout, impl=impl,
-                                 grad_checkpoint=grad_checkpoint)
+        model_config = GPTConfig(**arch, n_vocab=meta["n_vocab"], objective=objective, dropout=dropout)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    tcfg = TrainConfig(data_dir=data_dir, out_dir=out, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-                       lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, lr_decay_steps=lr_decay_steps,
-                       weight_decay=weight_decay, grad_clip=grad_clip, log_every=log_every, eval_every=eval_every,
-                       eval_batches=eval_batches, ckpt_every=ckpt_every, seed=seed, compile=compile_,
-                       num_workers=num_workers, peak_tflops=peak_tflops)
+    explicit = _explicit(ctx, ["objective", "dropout", *given, *train_flags])
+    if "preset" in _explicit(ctx, ["preset"]):
+        explicit |= set(PRESETS[preset])
+    tcfg = TrainConfig(data_dir=data_dir, out_dir=out, **train_flags)
     try:
-        result = train(model_config, tcfg, resume=resume)
-    except (DataError, DataMismatchError, PaletteError, TrainingDiverged) as e:
-        raise click.ClickException(str(e)) from None
+        result = train(model_config, tcfg, resume=resume, explicit=explicit, overwrite=overwrite, impl=impl,
+                       grad_checkpoint=grad_checkpoint, compile=compile_)
     finally:
         cleanup_distributed()
-    if result["val_loss"] is not None:
-        click.echo(f"done | step {result['step']} | val_loss {result['val_loss']:.4f} | {result['ckpt']}")
-    else:
-        click.echo(f"done | step {result['step']} | loss {result['loss']:.4f} | {result['ckpt']}")
+    if _main_process():
+        last = (f"val_loss {result['val_loss']:.4f}" if result["val_loss"] is not None
+                else f"loss {result['loss']:.4f}")
+        click.echo(f"done | step {result['step']} | {last} | {result['ckpt']}")
 
 
 @cli.command("convert")
 @click.argument("source", type=click.Path(exists=True))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output checkpoint (e.g. igpt-s.pt).")
-@click.option("--n-head", type=click.IntRange(1), help="Needed when SOURCE is a bare weights file (no config.json).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Output: a checkpoint file (--to igpt, e.g. igpt-s.pt) or a folder (--to hf).")
+@click.option("--to", "to", type=click.Choice(["igpt", "hf"]), default="igpt", show_default=True,
+              help="igpt: Hugging Face ImageGPT -> igpt-fast checkpoint; hf: igpt-fast run -> Hugging Face folder.")
+@click.option("--n-head", type=click.IntRange(1), help="--to igpt: needed when SOURCE is a bare weights file.")
 @click.option("--palette", "palette_path", type=click.Path(exists=True, dir_okay=False),
-              help="palette.npy to store (default: the clusters of SOURCE/preprocessor_config.json, if any).")
-def convert_cmd(source, out, n_head, palette_path):
-    """Convert a Hugging Face ImageGPT checkpoint (directory or weights file) to an igpt-fast checkpoint.
+              help="palette.npy to store (default: SOURCE's own: HF clusters or the checkpoint's palette).")
+@click.option("--head", type=click.Choice(["lm", "classifier"]),
+              help="--to hf: ImageGPTForCausalImageModeling (lm, the default) or ImageGPTForImageClassification "
+                   "(classifier, for finetuned runs).")
+def convert_cmd(source, out, to, n_head, palette_path, head):
+    """Convert between Hugging Face ImageGPT and igpt-fast.
 
-    The output loads with igpt_fast.train.load_checkpoint + model_from_checkpoint, and its logits for x
-    equal HF's for [512] + x[:-1].
+    --to igpt (default): SOURCE is an HF ImageGPT folder or weights file; OUT is an igpt-fast checkpoint
+    (loads with model_from_checkpoint) whose logits for x equal HF's for [n_vocab] + x[:-1].
+    --to hf: SOURCE is an igpt-fast run folder or checkpoint; OUT is a folder that
+    ImageGPTForCausalImageModeling.from_pretrained and ImageGPTImageProcessor.from_pretrained load.
     """
-    from dataclasses import asdict
-
-    import torch
-
-    from .convert import ConversionError, from_hf_imagegpt, read_hf_palette
+    from .checkpoint import load_checkpoint, model_from_checkpoint, model_state, palette_from_checkpoint, save_checkpoint
+    from .convert import from_hf_imagegpt, read_hf_palette, source_format, to_hf_imagegpt
+    from .errors import IGPTError
     from .palette import Palette, PaletteError
-    from .train import CKPT_VERSION, save_checkpoint
 
     try:
-        model = from_hf_imagegpt(source, n_head=n_head)
-        if palette_path is not None:
-            palette = Palette.load(palette_path)
+        kind = source_format(source)
+    except IGPTError as e:
+        raise click.ClickException(str(e)) from None
+    if to == "igpt" and kind == "igpt":
+        raise click.UsageError(f"{source} is an igpt-fast run or checkpoint already; to export it to Hugging Face "
+                               "pass --to hf")
+    if to == "hf" and kind == "hf":
+        raise click.UsageError(f"{source} is a Hugging Face ImageGPT checkpoint; to import it leave out --to hf")
+    if to == "hf" and n_head is not None:
+        raise click.UsageError("--n-head is for --to igpt (a bare HF weights file); a checkpoint knows its heads")
+    if to == "igpt" and head is not None:
+        raise click.UsageError("--head is for --to hf")
+    if to == "igpt" and os.path.isdir(out):
+        raise click.UsageError(f"--out {out} is a folder; --to igpt writes one checkpoint file (e.g. {out}/model.pt)")
+
+    try:
+        palette = Palette.load(palette_path) if palette_path is not None else None
+        if to == "igpt":
+            model = from_hf_imagegpt(source, n_head=n_head)
+            clusters = read_hf_palette(source) if palette is None and os.path.isdir(source) else None
+            palette = Palette(clusters) if clusters is not None else palette
         else:
-            clusters = read_hf_palette(source) if os.path.isdir(source) else None
-            palette = Palette(clusters) if clusters is not None else None
-    except (ConversionError, PaletteError) as e:
+            ckpt = load_checkpoint(source)
+            model = model_from_checkpoint(ckpt)
+            own = palette_from_checkpoint(ckpt)
+            if own is not None and palette is not None and own.sha256 != palette.sha256:
+                raise click.ClickException(f"{source} was trained with palette {own.sha256[:12]}, not "
+                                           f"{palette_path} ({palette.sha256[:12]}); leave out --palette")
+            palette = own if own is not None else palette
+    except (IGPTError, PaletteError) as e:
         raise click.ClickException(str(e)) from None
     if palette is not None and palette.k != model.config.n_vocab:
         raise click.ClickException(f"the palette has {palette.k} colours but the model has n_vocab "
                                    f"{model.config.n_vocab}; pass the matching --palette")
-    state = {"version": CKPT_VERSION, "model": model.state_dict(), "model_config": asdict(model.config), "step": 0,
-             "palette": None if palette is None else torch.from_numpy(palette.centers.copy()),
-             "palette_sha256": None if palette is None else palette.sha256, "source": os.path.abspath(source)}
-    save_checkpoint(out, state)
     c = model.config
+    shape = f"{c.n_layer} layers, {c.n_embd} wide, {c.n_head} heads, {c.n_px}x{c.n_px}"
+    if to == "hf":
+        try:
+            _, hf_config = to_hf_imagegpt(model, palette, out, head=head or "lm")
+        except IGPTError as e:
+            raise click.ClickException(str(e)) from None
+        notes = [hf_config["architectures"][0], shape]
+        notes.append("no palette: preprocessor_config.json not written (pass --palette)" if palette is None
+                     else f"palette {palette.sha256[:12]} in preprocessor_config.json")
+        if head != "classifier" and c.n_classes:
+            notes.append(f"the {c.n_classes}-class head is left out (--head classifier exports it)")
+        click.echo(f"exported {source} -> {out} | " + " | ".join(notes))
+        return
+    save_checkpoint(out, model_state(model, palette, source=os.path.abspath(source)))
     where = "no palette (pass --palette)" if palette is None else f"palette {palette.sha256[:12]}"
-    click.echo(f"converted {source} -> {out} | {c.n_layer} layers, {c.n_embd} wide, {c.n_head} heads, "
-               f"{c.n_px}x{c.n_px}, {model.num_params() / 1e6:.1f}M params | {where}")
+    click.echo(f"converted {source} -> {out} | {shape}, {model.num_params() / 1e6:.1f}M params | {where}")
 
 
 @cli.command("demo")
@@ -226,97 +333,29 @@ def convert_cmd(source, out, n_head, palette_path):
               help="Pretraining steps (tiny preset).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Pretraining batch.")
 @click.option("--finetune-steps", type=click.IntRange(1), default=300, show_default=True)
-@click.option("--finetune-lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True,
+@click.option("--finetune-lr", type=POSITIVE, default=1e-3, show_default=True,
               help="Finetuning LR (pretraining uses 3e-3).")
 @click.option("--max-train", type=click.IntRange(1), default=2000, show_default=True,
               help="Train images the probe fits on.")
 @click.option("--max-eval", type=click.IntRange(1), default=1000, show_default=True,
               help="Val and test images the probe and the finetuned model are scored on.")
-@click.option("--workers", type=click.IntRange(1), default=max(1, min(8, os.cpu_count() or 1)), show_default=True)
+@workers_option
 @click.pass_context
-def demo_cmd(ctx, src, out, n_px, k, steps, batch_size, finetune_steps, finetune_lr, max_train, max_eval, workers):
+def demo_cmd(ctx, src, out, **options):
     """Images to results on real data: palette -> tokenize -> train -> probe -> finetune -> sample, ending
     with a summary of the accuracies and the paths of the plots and grids.
 
     Every stage reuses what an earlier run left in --out: the palette, complete shards, a trained
     checkpoint (an interrupted training resumes), probe.json, finetune.json and the sample grids.
     """
-    import json
+    from .demo import run_demo, summary
 
     if not os.path.exists(src):
         raise click.ClickException(f"{src} not found; install Debian's Fashion-MNIST "
                                    "(sudo apt-get install -y dataset-fashion-mnist) or pass --src DIR")
-    os.makedirs(out, exist_ok=True)
-    palette_path = os.path.join(out, "palette.npy")
-    data_dir = os.path.join(out, "data")
-    run = os.path.join(out, "run")
-    click.echo(f"[1/6] palette -> {palette_path}")
-    if os.path.exists(palette_path):
-        click.echo("      reusing the existing palette")
-    else:
-        ctx.invoke(palette_cmd, src=(src,), out=palette_path, k=k, n_px=n_px, workers=workers)
-    click.echo(f"[2/6] tokenize -> {data_dir}")
-    ctx.invoke(tokenize_cmd, src=(src,), palette_path=palette_path, out=data_dir, n_px=n_px, val_fraction=0.1,
-               workers=workers)
-
-    click.echo(f"[3/6] train (tiny preset, {steps} steps) -> {run}")
-    ckpt_path = os.path.join(run, "ckpt.pt")
-    done = 0
-    if os.path.isfile(ckpt_path):
-        from .train import load_checkpoint
-
-        done = load_checkpoint(ckpt_path)["step"]
-    if done >= steps:
-        click.echo(f"      reusing {ckpt_path} (step {done})")
-    else:
-        ctx.invoke(train_cmd, data_dir=data_dir, out=run, preset="tiny", n_px=n_px, steps=steps,
-                   batch_size=batch_size, warmup_steps=max(1, steps // 10), eval_every=0, eval_batches=10,
-                   ckpt_every=50, log_every=10, resume="auto")
-    probe_path = os.path.join(run, "probe.json")
-    click.echo(f"[4/6] probe (every layer, {max_train} train images) -> {probe_path}")
-    if os.path.isfile(probe_path):
-        click.echo("      reusing the existing probe.json")
-    else:
-        ctx.invoke(probe_cmd, run=run, data_dir=data_dir, max_train=max_train, max_eval=max_eval)
-    ft_dir = os.path.join(run, "finetune")
-    click.echo(f"[5/6] finetune ({finetune_steps} steps) -> {ft_dir}")
-    ctx.invoke(finetune_cmd, run=run, data_dir=data_dir, steps=finetune_steps, lr=finetune_lr,
-               eval_every=max(1, finetune_steps // 2), eval_batches=10, max_eval=max_eval, resume="auto")
-    samples_dir = os.path.join(run, "samples")
-    grids = [os.path.join(samples_dir, "completions.png"), os.path.join(samples_dir, "samples.png")]
-    click.echo(f"[6/6] sample -> {samples_dir}")
-    if os.path.isfile(grids[0]):
-        click.echo("      reusing the existing completions")
-    else:
-        ctx.invoke(sample_cmd, run=run, data_dir=data_dir, n_images=8, samples_per_image=3)
-    if os.path.isfile(grids[1]):
-        click.echo("      reusing the existing samples")
-    else:
-        ctx.invoke(sample_cmd, run=run, n_samples=16)
-
-    with open(os.path.join(data_dir, "meta.json")) as f:
-        meta = json.load(f)
-    with open(probe_path) as f:
-        probe = json.load(f)
-    with open(os.path.join(ft_dir, "finetune.json")) as f:
-        ft = json.load(f)
-    splits = ", ".join(f"{s} {m['samples']}" for s, m in meta["splits"].items())
-    best = probe["layers"][probe["best_layer"]]
-    chance = 1.0 / probe["n_classes"]
-    pixels = f"{probe['pixels']['test_acc']:.4f}" if probe["pixels"] else "-"
-    ev = probe["eval_split"]
-    click.echo(f"demo summary | palette {meta['n_vocab']} colours | n_px {meta['n_px']} (n_ctx {meta['n_ctx']}) | "
-               f"{splits} | shards in {data_dir}")
-    click.echo(f"  linear probe  | best layer {best['layer']} of {probe['n_layer']} | {ev} acc {best['test_acc']:.4f} "
-               f"| last layer {probe['layers'][-1]['test_acc']:.4f} | raw pixels {pixels} | chance {chance:.4f} "
-               f"| {probe['n_train']} train, {probe['n_test'] or probe['n_val']} {ev} images")
-    test = f"test acc {ft['test_acc']:.4f} ({ft['n_test']} images)" if ft["test_acc"] is not None else "no test split"
-    click.echo(f"  finetune      | val acc {ft['val_acc']:.4f} | {test} | best step {ft['best_step']} "
-               f"of {ft['steps_run']}")
-    for name, path in [("loss curve", os.path.join(run, "loss.png")), ("probe plot", os.path.join(run, "probe.png")),
-                       ("finetune curve", os.path.join(ft_dir, "loss.png")), ("completions", grids[0]),
-                       ("samples", grids[1])]:
-        click.echo(f"  {name:<13} | {path}")
+    paths = run_demo(ctx, src, out, **options)
+    for line in summary(paths):
+        click.echo(line)
 
 
 def _torch_device(device):
@@ -334,27 +373,28 @@ def _torch_device(device):
     return dev
 
 
-def _open_run(run, device):
-    """(model, palette or None, ckpt path) of RUN, or a ClickException naming the fix."""
-    from .sample import SampleError, load_run
+def _open_run(run, device, impl, data_dir=None):
+    """(model, palette or None, ckpt path, meta or None) of RUN; with data_dir, its meta.json checked
+    against the run's model and palette."""
+    from .data import check_data, read_meta
+    from .sample import load_run
 
-    try:
-        return load_run(run, device)
-    except SampleError as e:
-        raise click.ClickException(str(e)) from None
-
-
-def _check_run_data(data_dir, model, palette):
-    """meta.json of DATA_DIR, checked against the run's model and palette (ClickException on mismatch)."""
-    from .data import DataError, read_meta
-    from .train import DataMismatchError, check_data
-
-    try:
+    model, palette, ckpt_path = load_run(run, device, impl=impl)
+    meta = None
+    if data_dir is not None:
         meta = read_meta(data_dir)
         check_data(meta, model.config, palette.sha256 if palette is not None else None, data_dir)
-    except (DataError, DataMismatchError) as e:
-        raise click.ClickException(str(e)) from None
-    return meta
+    return model, palette, ckpt_path, meta
+
+
+def _l2_grid(text):
+    try:
+        grid = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.UsageError(f"--l2 {text!r}: expected comma-separated numbers such as 1e-3,1e-2") from None
+    if not grid or min(grid) < 0 or not all(math.isfinite(v) for v in grid):
+        raise click.UsageError(f"--l2 {text!r}: give one or more finite strengths >= 0")
+    return grid
 
 
 @cli.command("probe")
@@ -364,13 +404,14 @@ def _check_run_data(data_dir, model, palette):
 @click.option("--max-train", type=click.IntRange(1), help="Use at most N train samples (speed).")
 @click.option("--max-eval", type=click.IntRange(1), help="Use at most N val and N test samples.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Feature extraction batch.")
-@click.option("--device", help="cuda, cuda:1, cpu (default: cuda when present).")
+@device_option
+@impl_option
 @click.option("--l2", "l2_grid", default="1e-4,1e-3,1e-2,1e-1,1", show_default=True,
               help="L2 strengths tried per layer (comma-separated); the best on val is kept.")
 @click.option("--max-iter", type=click.IntRange(1), default=200, show_default=True, help="L-BFGS iterations.")
 @click.option("--no-pixels", is_flag=True, help="Skip the raw-pixel baseline.")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for probe.json and probe.png (default: RUN).")
-def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, l2_grid, max_iter, no_pixels, out):
+def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, impl, l2_grid, max_iter, no_pixels, out):
     """Linear probe of every layer of RUN (a run folder or ckpt.pt) on the labelled shards in --data.
 
     Features of all layers in one pass per split, logistic regression per layer (L-BFGS, L2 chosen on
@@ -379,31 +420,21 @@ def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, l2_grid, m
     """
     import json
 
-    from .palette import PaletteError
-    from .probe import ProbeError, format_table, plot_probe, probe
-    from .train import DataMismatchError
+    from .probe import format_table, plot_probe, probe
 
-    try:
-        grid = [float(v) for v in l2_grid.split(",") if v.strip()]
-    except ValueError:
-        raise click.UsageError(f"--l2 {l2_grid!r}: expected comma-separated numbers such as 1e-3,1e-2") from None
-    if not grid or min(grid) < 0:
-        raise click.UsageError(f"--l2 {l2_grid!r}: give one or more strengths >= 0")
+    grid = _l2_grid(l2_grid)
     dev = _torch_device(device)
-    model, palette, ckpt_path = _open_run(run, dev)
-    _check_run_data(data_dir, model, palette)
+    model, _, ckpt_path, meta = _open_run(run, dev, impl, data_dir)
     out = out or os.path.dirname(os.path.abspath(ckpt_path))
-    try:
-        result = probe(model, data_dir, batch_size=batch_size, device=dev, max_train=max_train, max_eval=max_eval,
-                       l2_grid=grid, max_iter=max_iter, pixels=not no_pixels,
-                       log=lambda s: click.echo(s, err=True))
-    except (ProbeError, DataMismatchError, PaletteError) as e:
-        raise click.ClickException(str(e)) from None
+    result = probe(model, data_dir, batch_size=batch_size, device=dev, max_train=max_train, max_eval=max_eval,
+                   l2_grid=grid, max_iter=max_iter, pixels=not no_pixels, log=lambda s: click.echo(s, err=True),
+                   meta=meta)
     result.update(run=os.path.abspath(ckpt_path), data=os.path.abspath(data_dir), device=str(dev))
     os.makedirs(out, exist_ok=True)
     json_path, png_path = os.path.join(out, "probe.json"), os.path.join(out, "probe.png")
-    with open(json_path, "w") as f:
+    with open(json_path + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
+    os.replace(json_path + ".tmp", json_path)
     plot_probe(result, png_path, title=f"linear probe: {os.path.basename(os.path.dirname(result['run']))}")
     click.echo(format_table(result))
     best = result["layers"][result["best_layer"]]
@@ -420,8 +451,8 @@ def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, l2_grid, m
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: RUN/finetune).")
 @click.option("--steps", type=click.IntRange(1), default=500, show_default=True, help="Optimizer steps (at most).")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Peak LR (default: the pretraining LR / 10).")
-@click.option("--gen-weight", type=click.FloatRange(0), default=1.0, show_default=True,
+@click.option("--lr", type=POSITIVE, help="Peak LR (default: the pretraining LR / 10).")
+@click.option("--gen-weight", type=NON_NEGATIVE, default=1.0, show_default=True,
               help="Weight of L_GEN in L_CLF + w L_GEN (0 = classification loss only).")
 @click.option("--warmup-steps", type=click.IntRange(0), help="Default: steps // 10.")
 @click.option("--eval-every", type=click.IntRange(0), default=100, show_default=True,
@@ -432,48 +463,75 @@ def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, l2_grid, m
               help="Stop after N evaluations without a better val accuracy (0 = never).")
 @click.option("--max-eval", type=click.IntRange(1), help="Score the best model on at most N val and N test samples.")
 @click.option("--n-classes", type=click.IntRange(2), help="Default: meta.json's class names, else the train labels.")
-@click.option("--grad-clip", type=click.FloatRange(0), default=1.0, show_default=True, help="0 disables clipping.")
+@click.option("--grad-clip", type=NON_NEGATIVE, default=1.0, show_default=True, help="0 disables clipping.")
 @click.option("--log-every", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@impl_option
 @click.option("--resume", help="'auto' (OUT/ckpt.pt when present; a finished run is reported) or a checkpoint path.")
-def finetune_cmd(run, data_dir, out, steps, batch_size, lr, gen_weight, warmup_steps, eval_every, eval_batches,
-                 patience, max_eval, n_classes, grad_clip, log_every, seed, resume):
+@overwrite_option
+@click.pass_context
+def finetune_cmd(ctx, run, data_dir, out, gen_weight, patience, max_eval, n_classes, impl, resume, overwrite,
+                 **flags):
     """Finetune the pretrained RUN (run folder or ckpt.pt) as a classifier on the shards in --data.
 
     Average-pooled ln_f output -> zero-initialised bias-free linear head; loss L_CLF + w L_GEN; early
     stopping on val accuracy. Writes OUT/best.pt (best model), OUT/ckpt.pt (latest state, for --resume),
     OUT/log.jsonl, OUT/loss.png and OUT/finetune.json (val and test accuracy of the best model).
     """
-    from .data import DataError
-    from .finetune import BEST_NAME, FINETUNE_DIR, RESULT_NAME, FinetuneError, finetune
-    from .palette import PaletteError
-    from .train import CKPT_NAME, DataMismatchError, TrainingDiverged, cleanup_distributed
+    from .checkpoint import resolve_checkpoint
+    from .finetune import BEST_NAME, FINETUNE_DIR, RESULT_NAME, finetune, finetune_config
+    from .train import cleanup_distributed
 
-    ckpt_path = os.path.join(run, CKPT_NAME) if os.path.isdir(run) else run
-    if not os.path.isfile(ckpt_path):
-        raise click.ClickException(f"{ckpt_path} not found; pretrain first with `igpt-fast train {data_dir} --out "
-                                   f"{run}` (or pass a checkpoint file)")
+    ckpt_path = resolve_checkpoint(run)
     if resume is not None and resume != "auto" and not os.path.isfile(resume):
         raise click.UsageError(f"--resume {resume}: no such checkpoint (use 'auto' or a ckpt.pt path)")
     out = out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), FINETUNE_DIR)
-    result_path = os.path.join(out, RESULT_NAME)
-    finished = resume == "auto" and os.path.isfile(result_path)
+    finished = resume == "auto" and os.path.isfile(os.path.join(out, RESULT_NAME))
+    tcfg = finetune_config(data_dir, out, **flags)
     try:
-        result = finetune(ckpt_path, data_dir, out_dir=out, steps=steps, batch_size=batch_size, lr=lr,
-                          gen_weight=gen_weight, warmup_steps=warmup_steps, eval_every=eval_every,
-                          eval_batches=eval_batches, patience=patience, max_eval=max_eval, n_classes=n_classes,
-                          seed=seed, resume=resume, grad_clip=grad_clip, log_every=log_every)
-    except (DataError, DataMismatchError, FinetuneError, PaletteError, TrainingDiverged) as e:
-        raise click.ClickException(str(e)) from None
+        result = finetune(ckpt_path, tcfg, gen_weight=gen_weight, patience=patience, max_eval=max_eval,
+                          n_classes=n_classes, resume=resume, explicit=_explicit(ctx, flags), overwrite=overwrite,
+                          impl=impl)
     finally:
         cleanup_distributed()
     if result is None:  # not the main process of a torchrun launch
         return
     if finished:
-        click.echo(f"already finetuned ({result_path}; delete {out} to redo)")
+        click.echo(f"already finetuned ({os.path.join(out, RESULT_NAME)}; delete {out} to redo)")
     test = f" | test acc {result['test_acc']:.4f} ({result['n_test']})" if result["test_acc"] is not None else ""
     click.echo(f"done | val acc {result['val_acc']:.4f} ({result['n_val']}){test} | best step {result['best_step']} "
-               f"of {result['steps_run']} | {os.path.join(out, BEST_NAME)} | {result_path}")
+               f"of {result['steps_run']} | {os.path.join(out, BEST_NAME)} | {os.path.join(out, RESULT_NAME)}")
+
+
+def _originals(model, palette, ckpt_path, data_dir, meta, split, n_images, image_files, resize):
+    """(tokens (N, n_ctx) to complete or None, palette): from --data shards or image files."""
+    import numpy as np
+    import torch
+
+    if data_dir:
+        from .data import eval_loader, load_data_palette
+
+        palette = palette if palette is not None else load_data_palette(data_dir, meta)
+        loader = eval_loader(data_dir, split, n_images, meta=meta)
+        batch = next(iter(loader), None)
+        if batch is None:
+            raise click.ClickException(f"split {split!r} of {data_dir} has no samples")
+        return batch[0], palette
+    if palette is None:
+        raise click.ClickException(f"{ckpt_path} stores no palette to draw with; convert it again with "
+                                   "`igpt-fast convert ... --palette palette.npy`")
+    if not image_files:
+        return None, palette
+    from PIL import Image, UnidentifiedImageError
+
+    from .tokenize import tokenize_images
+
+    try:
+        pictures = [Image.open(p) for p in image_files]
+    except (UnidentifiedImageError, OSError) as e:
+        raise click.ClickException(f"cannot read an image: {e}") from None
+    ids = tokenize_images(pictures, palette, n_px=model.config.n_px, resize=resize)
+    return torch.from_numpy(ids.astype(np.int64)), palette
 
 
 @cli.command("sample")
@@ -489,18 +547,18 @@ def finetune_cmd(run, data_dir, out, steps, batch_size, lr, gen_weight, warmup_s
 @click.option("--samples-per-image", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--n-samples", type=click.IntRange(1), default=16, show_default=True,
               help="Unconditional samples (when neither --data nor image files are given).")
-@click.option("--temperature", type=click.FloatRange(0), default=1.0, show_default=True, help="0 = greedy.")
+@click.option("--temperature", type=NON_NEGATIVE, default=1.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = no top-k.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Sequences per batch.")
-@click.option("--device", help="cuda, cuda:1, cpu (default: cuda when present).")
-@click.option("--resize", type=click.Choice(["squash", "center-crop", "pad"]), default="squash", show_default=True,
-              help="How image files are brought to n_px (as tokenize).")
+@device_option
+@impl_option
+@resize_option
 @click.option("--bert-steps", type=click.IntRange(1), help="BERT runs: unmasking forwards (default n_px).")
 @click.option("--scale", type=click.IntRange(1), help="Upscale factor of the grid (default: cells >= 64 px).")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: RUN/samples).")
 def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, samples_per_image, n_samples,
-               temperature, top_k, seed, batch_size, device, resize, bert_steps, scale, out):
+               temperature, top_k, seed, batch_size, device, impl, resize, bert_steps, scale, out):
     """Sample images from RUN (a run folder or ckpt.pt) with the KV cache.
 
     Unconditional by default (a grid of --n-samples); with --data DIR or `--images a.png b.png`,
@@ -512,74 +570,40 @@ def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, sa
     import numpy as np
     import torch
 
-    from .sample import SampleError, complete, completion_grid, samples_grid, save_png, unconditional
+    from .sample import complete, completion_grid, samples_grid, save_png, unconditional
 
     if from_files and not image_files:
         raise click.UsageError("--images needs image files after RUN: igpt-fast sample RUN --images a.png b.png")
     if image_files and data_dir:
         raise click.UsageError("complete either --data shards or image files, not both")
     dev = _torch_device(device)
-    model, palette, ckpt_path = _open_run(run, dev)
+    model, palette, ckpt_path, meta = _open_run(run, dev, impl, data_dir)
     c = model.config
     rows = c.n_px // 2 if rows is None else rows
     if rows >= c.n_px:
         raise click.UsageError(f"--rows {rows}: the images have {c.n_px} rows; condition on fewer")
-    originals = None
-    if data_dir:
-        from .data import DataError, eval_loader
-        from .palette import PaletteError
-        from .train import DataMismatchError, load_data_palette
-
-        meta = _check_run_data(data_dir, model, palette)
-        try:
-            if palette is None:
-                palette = load_data_palette(data_dir, meta)
-            originals, _ = next(iter(eval_loader(data_dir, split, n_images)))
-        except (DataError, DataMismatchError, PaletteError) as e:
-            raise click.ClickException(str(e)) from None
-    elif image_files:
-        from PIL import Image, UnidentifiedImageError
-
-        from .tokenize import tokenize_images
-
-        if palette is None:
-            raise click.ClickException(f"{ckpt_path} stores no palette to tokenize the images with; convert it "
-                                       "again with `igpt-fast convert ... --palette palette.npy`")
-        try:
-            pictures = [Image.open(p) for p in image_files]
-        except (UnidentifiedImageError, OSError) as e:
-            raise click.ClickException(f"cannot read an image: {e}") from None
-        originals = torch.from_numpy(tokenize_images(pictures, palette, n_px=c.n_px, resize=resize).astype(np.int64))
-    elif palette is None:
-        raise click.ClickException(f"{ckpt_path} stores no palette to draw the samples with; convert it again "
-                                   "with `igpt-fast convert ... --palette palette.npy`")
+    originals, palette = _originals(model, palette, ckpt_path, data_dir, meta, split, n_images, image_files, resize)
     out = out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "samples")
     os.makedirs(out, exist_ok=True)
     scale = scale or max(1, -(-64 // c.n_px))
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    kw = dict(batch_size=batch_size, temperature=temperature, top_k=top_k or None, generator=gen,
-              bert_steps=bert_steps, progress=True)
+    kw = dict(batch_size=batch_size, temperature=temperature, top_k=top_k or None,
+              generator=torch.Generator(device=dev).manual_seed(seed), bert_steps=bert_steps, progress=True)
     t0 = time.perf_counter()
-    try:
-        if originals is not None:
-            tokens = complete(model, originals, rows, samples_per_image, **kw)  # (N, S, n_ctx)
-            picture = completion_grid(palette, originals, tokens, c.n_px, rows, scale=scale)
-            np.save(os.path.join(out, "originals.npy"), originals.numpy().astype(np.uint16))
-            name = "completions"
-        else:
-            tokens = unconditional(model, n_samples, **kw)  # (N, n_ctx)
-            picture = samples_grid(palette, tokens, c.n_px, scale=scale)
-            name = "samples"
-    except SampleError as e:
-        raise click.ClickException(str(e)) from None
+    if originals is not None:
+        tokens = complete(model, originals, rows, samples_per_image, **kw)  # (N, S, n_ctx)
+        picture = completion_grid(palette, originals, tokens, c.n_px, rows, scale=scale)
+        np.save(os.path.join(out, "originals.npy"), originals.numpy().astype(np.uint16))
+        name, given = "completions", rows * c.n_px
+        what = f"{len(originals)} images x {samples_per_image} completions from {rows} rows"
+    else:
+        tokens = unconditional(model, n_samples, **kw)  # (N, n_ctx)
+        picture = samples_grid(palette, tokens, c.n_px, scale=scale)
+        name, given, what = "samples", 0, f"{n_samples} unconditional samples"
     seconds = time.perf_counter() - t0
     np.save(os.path.join(out, f"{name}.npy"), tokens.numpy().astype(np.uint16))
     png = os.path.join(out, f"{name}.png")
     save_png(picture, png)
     n_seq = tokens.numel() // c.n_ctx
-    given = rows * c.n_px if originals is not None else 0
-    what = (f"{len(originals)} images x {samples_per_image} completions from {rows} rows" if originals is not None
-            else f"{n_seq} unconditional samples")
     click.echo(f"{what} | {c.objective} | {n_seq * (c.n_ctx - given) / seconds:.0f} px/s | {seconds:.1f} s | "
                f"{png} | {os.path.join(out, name + '.npy')}")
 

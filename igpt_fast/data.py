@@ -13,12 +13,17 @@ RNG. Batches are consecutive runs of that sample sequence. So the batch of step 
 (seed, rank, t, world_size, num_workers) alone, and `start_step` resumes it exactly: whole rounds
 before the resume point are skipped from shard sample counts, without decoding.
 
-Evaluation stream. Shards are dealt to the world_size x num_workers readers (shard i to reader
-i mod R), each reader reads its shards in order: every sample exactly once across ranks and workers.
+Evaluation stream. Shards are dealt to the ranks (shard i to rank i mod world_size), then each rank's
+shards to its DataLoader workers the same way; each reader reads its shards in order: every sample
+exactly once across ranks and workers.
 
 Sources: a tokenized directory (`DIR`, shards found as DIR/{split}-*.tar) or any shard spec
 webdataset understands -- a local path, a glob, a brace pattern `train-{000000..000009}.tar`, or URLs
 (`http://`, `pipe:`) -- with meta.json beside the first shard or given with `meta=`.
+
+Checks: `check_data` compares meta.json with a model's config (n_px, n_vocab) and a checkpoint's
+palette; `load_data_palette` reads DIR/palette.npy and checks it against meta.json. A command reads
+meta.json once (`read_meta`) and passes it down (`meta=` everywhere).
 """
 import glob
 import io
@@ -33,11 +38,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 from webdataset.gopen import gopen
 
-__all__ = ["DataError", "read_meta", "shard_urls", "train_loader", "eval_loader", "decode_tokens"]
+from igpt_fast.errors import IGPTError
+
+__all__ = ["DataError", "DataMismatchError", "META_VERSION", "read_meta", "check_data", "load_data_palette",
+           "shard_urls", "train_loader", "eval_loader", "decode_tokens"]
+
+META_VERSION = 1
 
 
-class DataError(ValueError):
-    """A dataset that cannot be read as asked: missing meta.json, no shards, too few shards."""
+class DataError(IGPTError, ValueError):
+    """A dataset that cannot be read as asked: missing meta.json, no shards, a corrupt shard."""
+
+
+class DataMismatchError(DataError):
+    """Data (meta.json / palette) that does not fit the model or checkpoint."""
 
 
 def _is_url(s):
@@ -67,6 +81,40 @@ def read_meta(data, meta=None):
             return json.load(f)
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read {where}: {e}") from None
+
+
+def check_data(meta, model_config, palette_sha256=None, data_dir="DATA_DIR"):
+    """Raise DataMismatchError, naming the fix, when the data's meta.json does not fit the model
+    (n_px, n_ctx, n_vocab) or a checkpoint's palette (palette_sha256)."""
+    c = model_config
+    if meta.get("version") != META_VERSION:
+        raise DataMismatchError(f"{data_dir}/meta.json has version {meta.get('version')!r}; this igpt-fast reads "
+                                f"version {META_VERSION}: re-run `igpt-fast tokenize`")
+    if meta["n_px"] != c.n_px or meta["n_ctx"] != c.n_ctx:
+        raise DataMismatchError(f"the data in {data_dir} is {meta['n_px']}x{meta['n_px']} but the model is "
+                                f"{c.n_px}x{c.n_px}: pass --n-px {meta['n_px']} (fresh runs) or re-tokenize with "
+                                f"`igpt-fast tokenize --n-px {c.n_px}`")
+    if meta["n_vocab"] != c.n_vocab:
+        raise DataMismatchError(f"the data in {data_dir} has {meta['n_vocab']} colours but the model has n_vocab "
+                                f"{c.n_vocab}: tokenize with the model's palette (or train a fresh model)")
+    if palette_sha256 is not None and meta["palette_sha256"] != palette_sha256:
+        raise DataMismatchError(f"the data in {data_dir} was tokenized with palette {meta['palette_sha256'][:12]} "
+                                f"but the checkpoint uses {palette_sha256[:12]}: re-tokenize with the checkpoint's "
+                                "palette (`igpt-fast tokenize --palette ...`)")
+
+
+def load_data_palette(data_dir, meta):
+    """The Palette in data_dir/palette.npy, checked against meta.json's sha256."""
+    from igpt_fast.palette import Palette
+
+    path = os.path.join(os.fspath(data_dir), "palette.npy")
+    if not os.path.isfile(path):
+        raise DataMismatchError(f"{path} not found; re-run `igpt-fast tokenize` into {data_dir}")
+    palette = Palette.load(path)
+    if palette.sha256 != meta["palette_sha256"]:
+        raise DataMismatchError(f"{path} (sha256 {palette.sha256[:12]}) is not the palette meta.json names "
+                                f"({meta['palette_sha256'][:12]}); re-run `igpt-fast tokenize` into {data_dir}")
+    return palette
 
 
 def shard_urls(data, split="train"):
@@ -182,9 +230,8 @@ class EvalStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        readers = self.world_size * n_workers
         batch = []
-        for url in self.urls[self.rank * n_workers + worker::readers]:
+        for url in self.urls[self.rank::self.world_size][worker::n_workers]:
             for sample in _samples(url):
                 batch.append(_decode(sample, self.n_ctx))
                 if len(batch) == self.batch_size:
@@ -207,20 +254,23 @@ def train_loader(data, batch_size, split="train", seed=0, rank=0, world_size=1, 
     the batches of steps s, s+1, ... exactly as an uninterrupted stream would.
     """
     _check_rank(rank, world_size)
-    n_ctx = read_meta(data, meta)["n_ctx"]
-    ds = TrainStream(shard_urls(data, split), batch_size, n_ctx, seed, rank, world_size, start_step, mix)
+    meta = meta if isinstance(meta, dict) else read_meta(data, meta)
+    ds = TrainStream(shard_urls(data, split), batch_size, meta["n_ctx"], seed, rank, world_size, start_step, mix)
     return DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
 
 
 def eval_loader(data, split, batch_size, rank=0, world_size=1, num_workers=0, meta=None):
-    """Finite DataLoader over a split: every sample exactly once across ranks and workers."""
+    """Finite DataLoader over a split: every sample exactly once across ranks and workers.
+
+    Shard i goes to rank i mod world_size, then to that rank's workers in turn. With fewer shards than
+    ranks, the ranks beyond the shard count get an empty loader, and each rank runs at most as many
+    workers as it has shards: still exactly once. `meta`: the dict of read_meta (read when None)."""
     _check_rank(rank, world_size)
-    n_ctx = read_meta(data, meta)["n_ctx"]
+    meta = meta if isinstance(meta, dict) else read_meta(data, meta)
     urls = shard_urls(data, split)
-    readers = world_size * max(1, num_workers)
-    if len(urls) < readers:
-        raise DataError(f"split {split!r} has {len(urls)} shard(s) but {world_size} rank(s) x "
-                        f"{max(1, num_workers)} worker(s) = {readers} readers; use fewer workers or "
-                        "re-tokenize with a smaller --shard-size")
-    return DataLoader(EvalStream(urls, batch_size, n_ctx, rank, world_size),
+    world_size = min(world_size, len(urls))
+    if rank >= world_size:
+        return []
+    num_workers = min(num_workers, len(urls[rank::world_size]))
+    return DataLoader(EvalStream(urls, batch_size, meta["n_ctx"], rank, world_size),
                       batch_size=None, num_workers=num_workers)

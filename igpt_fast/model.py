@@ -1,7 +1,7 @@
 """The Image GPT transformer: GPTConfig, PRESETS and IGPT (AR and BERT objectives, features, KV cache).
 
 Semantics follow the official release (openai/image-gpt src/model.py) and the paper ("Generative
-Pretraining from Pixels", Chen et al., ICML 2020, sections 2-3); see docs/IGPT_REFERENCE.md:
+Pretraining from Pixels", Chen et al., ICML 2020, sections 2-3):
 - norm `x / sqrt(mean(x^2) + 1e-5) * g` (no mean subtraction, no bias), bias-free linears,
   quick GELU `x * sigmoid(1.702 x)`, pre-norm blocks, final ln_f;
 - learned token table (n_vocab rows), learned positions (n_ctx rows), learned sos vector: the AR
@@ -16,9 +16,11 @@ Attention goes through igpt_fast.kernels.attention and the loss through kernels.
 the Triton kernels are used on CUDA. q, k, v are one fused Linear(n_embd, 3 n_embd) (rows q | k | v,
 head h at rows h*hd:(h+1)*hd of each), which is the HF layout transposed.
 
-Generation uses a KV cache (pattern of pytorch-labs/gpt-fast): setup_cache(B), prefill(prefix),
-decode(tok): O(n_ctx) work per image instead of O(n_ctx^2). A classification head (average-pooled
-ln_f output -> zero-init bias-free Linear(n_embd, n_classes)) exists when config.n_classes > 0.
+Generation uses a KV cache (pattern of pytorch-labs/gpt-fast): setup_cache(B) gives each attention
+layer a KVCache module, prefill(prefix), then decode(tok, t) with the position explicit: O(n_ctx)
+work per image instead of O(n_ctx^2). A classification head (average-pooled ln_f output -> zero-init
+bias-free Linear(n_embd, n_classes)) exists when config.n_classes > 0; `Classifier` wraps the model
+for finetuning, so forward keeps nanoGPT's (logits, loss) contract.
 """
 import math
 from dataclasses import dataclass
@@ -30,9 +32,13 @@ from torch.utils.checkpoint import checkpoint
 
 from igpt_fast.kernels import attention, cross_entropy
 
+IMPLS = ("auto", "triton", "torch")
+
 
 @dataclass
 class GPTConfig:
+    """The architecture, and nothing about how to run it (that is IGPT's impl / grad_checkpoint)."""
+
     n_px: int = 32  # image side; the sequence is n_px * n_px pixels in raster order
     n_vocab: int = 512  # palette size
     n_layer: int = 24
@@ -41,9 +47,7 @@ class GPTConfig:
     objective: str = "ar"  # "ar" (next pixel) or "bert" (masked pixels)
     bert_mask_prob: float = 0.15
     dropout: float = 0.0  # on embeddings and residual branches (the paper used none)
-    impl: str = "auto"  # kernels for attention and cross-entropy: "auto" | "triton" | "torch"
-    grad_checkpoint: bool = False  # activation checkpointing, one block at a time
-    n_classes: int = 0  # > 0 adds the finetuning classification head
+    n_classes: int = 0  # > 0: the model has the finetuning classification head
 
     def __post_init__(self):
         if self.objective not in ("ar", "bert"):
@@ -81,38 +85,53 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype) * self.weight
 
 
+class KVCache(nn.Module):
+    """Keys and values of one attention layer for generation: (B, n_head, n_ctx, head_dim) buffers.
+
+    `update(input_pos, k, v)` writes k, v (B, nh, T, hd) at the positions input_pos (T,) and returns
+    the cache's keys and values up to the last written position (gpt-fast's KVCache.update, which
+    returns the whole static buffer and masks instead)."""
+
+    def __init__(self, batch_size, n_head, n_ctx, head_dim, device=None, dtype=None):
+        super().__init__()
+        shape = (batch_size, n_head, n_ctx, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos, k, v):
+        B = k.size(0)
+        self.k_cache[:B, :, input_pos] = k
+        self.v_cache[:B, :, input_pos] = v
+        end = int(input_pos[-1]) + 1
+        return self.k_cache[:B, :, :end], self.v_cache[:B, :, :end]  # (B, nh, end, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.impl = config.impl
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.k_cache = None  # (B, nh, n_ctx, hd) while a cache is set up
-        self.v_cache = None
+        self.impl = "auto"  # set by IGPT
+        self.kv_cache = None  # a KVCache while IGPT.setup_cache is in effect
 
-    def forward(self, x, causal=True, pos=None):
-        """x (B, T, C). pos None: plain forward. pos p: the cache holds positions < p and x holds
-        positions p .. p+T-1 (p == 0 for a prefill, T == 1 for a decode step)."""
+    def forward(self, x, causal=True, input_pos=None):
+        """x (B, T, C). input_pos None: a plain forward. input_pos (T,): positions of x in the
+        sequence, keys and values go through the KV cache (a prefill at 0, then one token at a time)."""
         B, T, C = x.shape
         hd = C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
         v = v.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
-        if pos is None:
+        if input_pos is None:
             y = attention(q, k, v, causal=causal, impl=self.impl)
         else:
-            self.k_cache[:B, :, pos:pos + T] = k
-            self.v_cache[:B, :, pos:pos + T] = v
-            if pos == 0:
+            k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, nh, pos + T, hd)
+            if k_all.size(2) == T:  # prefill from position 0
                 y = attention(q, k, v, causal=True, impl=self.impl)
-            elif T == 1:
-                # one query against the cached prefix: nothing to mask; Tq != Tk, so the torch path
-                k = self.k_cache[:B, :, :pos + 1]  # (B, nh, pos+1, hd)
-                v = self.v_cache[:B, :, :pos + 1]  # (B, nh, pos+1, hd)
-                y = attention(q, k, v, causal=False, impl="torch")
+            elif T == 1:  # one query against the cached prefix: nothing to mask; Tq != Tk
+                y = attention(q, k_all, v_all, causal=False, impl="torch")
             else:
                 raise ValueError("the KV cache takes a prefill at position 0 or one token at a time")
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
@@ -139,13 +158,17 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, causal=True, pos=None):
-        x = x + self.drop(self.attn(self.ln_1(x), causal, pos))
+    def forward(self, x, causal=True, input_pos=None):
+        x = x + self.drop(self.attn(self.ln_1(x), causal, input_pos))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
 class IGPT(nn.Module):
-    def __init__(self, config):
+    """The model. impl ("auto" | "triton" | "torch": kernels for attention and the loss) and
+    grad_checkpoint (recompute each block in backward) say how to run it; they are not part of the
+    config and never saved, so a model trained on a GPU with the Triton kernels runs on a CPU."""
+
+    def __init__(self, config, impl="auto", grad_checkpoint=False):
         super().__init__()
         self.config = config
         C = config.n_embd
@@ -157,8 +180,21 @@ class IGPT(nn.Module):
         self.ln_f = RMSNorm(C)
         self.lm_head = nn.Linear(C, config.n_vocab, bias=False)
         self.clf_head = nn.Linear(C, config.n_classes, bias=False) if config.n_classes > 0 else None
-        self._cache_pos = None
+        self.impl = impl
+        self.grad_checkpoint = grad_checkpoint
         self.reset_parameters()
+
+    @property
+    def impl(self):
+        return self._impl
+
+    @impl.setter
+    def impl(self, impl):
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self._impl = impl
+        for block in self.h:
+            block.attn.impl = impl
 
     def reset_parameters(self):
         """The paper's init (official src/model.py): see the module docstring."""
@@ -183,8 +219,6 @@ class IGPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
-    # ---- embedding and trunk
-
     def _embed(self, idx, bert_mask=None):
         """idx (B, T) raw tokens -> block input (B, T, C). AR: [sos, x_0 .. x_{T-2}] + positions.
         BERT: token embeddings zeroed where bert_mask is True, + positions."""
@@ -199,11 +233,12 @@ class IGPT(nn.Module):
             tok = tok * (~bert_mask).unsqueeze(-1).to(tok.dtype)
         return self.drop(tok + self.wpe.weight[:T])
 
-    def _trunk(self, x):
-        """Blocks then ln_f: (B, T, C) -> (B, T, C)."""
+    def trunk(self, idx, bert_mask=None):
+        """Embedding, blocks, ln_f: idx (B, T) -> (B, T, C)."""
+        x = self._embed(idx, bert_mask)
         causal = self.config.objective == "ar"
         for block in self.h:
-            if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, causal, use_reentrant=False)
             else:
                 x = block(x, causal)
@@ -213,45 +248,27 @@ class IGPT(nn.Module):
         """A fresh (B, T) bool mask, True where a pixel is masked (p = bert_mask_prob each)."""
         return torch.rand(idx.shape, device=idx.device) < self.config.bert_mask_prob
 
-    def _gen_loss(self, logits, targets, bert_mask):
+    def gen_loss(self, logits, targets, bert_mask=None):
+        """L_GEN: mean next-pixel cross-entropy (AR), or for BERT the mean over each image's masked
+        pixels, then over the batch (official src/model.py)."""
         V = logits.size(-1)
         if bert_mask is None:
-            return cross_entropy(logits.reshape(-1, V), targets.reshape(-1), impl=self.config.impl)
-        # mean over each image's masked pixels, then over the batch (official src/model.py)
+            return cross_entropy(logits.reshape(-1, V), targets.reshape(-1), impl=self.impl)
         per_tok = cross_entropy(logits.reshape(-1, V), targets.reshape(-1), reduction="none",
-                                impl=self.config.impl).view_as(targets)  # (B, T)
+                                impl=self.impl).view_as(targets)  # (B, T)
         m = bert_mask.to(per_tok.dtype)
         return ((per_tok * m).sum(1) / m.sum(1).clamp(min=1.0)).mean()
 
-    def forward(self, idx, targets=None, bert_mask=None, labels=None, classify=False):
+    def forward(self, idx, targets=None, bert_mask=None):
         """idx (B, T <= n_ctx) raw tokens; targets (B, T) (usually idx itself) or None.
         Returns (logits (B, T, n_vocab), loss or None). BERT: when targets are given and bert_mask
         is None a fresh mask is drawn (from torch's global RNG); without targets nothing is masked
-        unless bert_mask is passed. classify=True returns classify(idx, targets, labels, bert_mask)
-        instead, so a DDP- or compile-wrapped model can finetune through its forward."""
-        if classify:
-            return self.classify(idx, targets, labels, bert_mask)
+        unless bert_mask is passed."""
         if self.config.objective == "bert" and bert_mask is None and targets is not None:
             bert_mask = self.sample_bert_mask(idx)
-        h = self._trunk(self._embed(idx, bert_mask))
-        logits = self.lm_head(h)
-        loss = None if targets is None else self._gen_loss(logits, targets, bert_mask)
+        logits = self.lm_head(self.trunk(idx, bert_mask))
+        loss = None if targets is None else self.gen_loss(logits, targets, bert_mask)
         return logits, loss
-
-    def classify(self, idx, targets=None, labels=None, bert_mask=None):
-        """Finetuning forward (paper section 3.4): one pass gives the classifier logits of the
-        average-pooled ln_f output and both losses. Returns (clf_logits (B, n_classes),
-        gen_loss or None, clf_loss or None); the finetune objective is gen_loss + clf_loss."""
-        if self.clf_head is None:
-            raise ValueError("this model has no classification head: build it with GPTConfig(n_classes=K) "
-                             "or call model.add_classifier(K)")
-        if self.config.objective == "bert" and bert_mask is None and targets is not None:
-            bert_mask = self.sample_bert_mask(idx)
-        h = self._trunk(self._embed(idx, bert_mask))
-        gen_loss = None if targets is None else self._gen_loss(self.lm_head(h), targets, bert_mask)
-        clf_logits = self.clf_head(h.mean(dim=1))  # (B, n_classes)
-        clf_loss = None if labels is None else cross_entropy(clf_logits, labels, impl="torch")
-        return clf_logits, gen_loss, clf_loss
 
     def add_classifier(self, n_classes):
         """Add (or replace) the zero-initialised classification head; updates config.n_classes."""
@@ -275,58 +292,71 @@ class IGPT(nn.Module):
         feats.append(self.ln_f(x).mean(dim=1))
         return torch.stack(feats, dim=1)  # (B, n_layer + 1, C)
 
-    # ---- KV cache for autoregressive generation
-
     def setup_cache(self, batch_size, device=None, dtype=None):
-        """Allocate per-layer k/v buffers of shape (batch_size, n_head, n_ctx, head_dim)."""
+        """Give every attention layer a KVCache for batch_size sequences of n_ctx tokens."""
         if self.config.objective != "ar":
             raise ValueError("the KV cache is for AR models; a BERT model cannot generate left to right")
         p = self.lm_head.weight
-        device = device or p.device
-        dtype = dtype or p.dtype
         c = self.config
-        shape = (batch_size, c.n_head, c.n_ctx, c.n_embd // c.n_head)
         for block in self.h:
-            block.attn.k_cache = torch.zeros(shape, device=device, dtype=dtype)
-            block.attn.v_cache = torch.zeros(shape, device=device, dtype=dtype)
-        self._cache_pos = 0
+            block.attn.kv_cache = KVCache(batch_size, c.n_head, c.n_ctx, c.n_embd // c.n_head,
+                                          device=device or p.device, dtype=dtype or p.dtype)
 
     def clear_cache(self):
         for block in self.h:
-            block.attn.k_cache = block.attn.v_cache = None
-        self._cache_pos = None
+            block.attn.kv_cache = None
 
-    def _cached_step(self, x, pos):
+    def _cached_step(self, x, input_pos):
+        if self.h[0].attn.kv_cache is None:
+            raise RuntimeError("call model.setup_cache(batch_size) before prefill() / decode()")
         for block in self.h:
-            x = block(x, True, pos)
+            x = block(x, True, input_pos)
         return self.lm_head(self.ln_f(x[:, -1]))  # (B, n_vocab)
 
     @torch.inference_mode()
     def prefill(self, prefix):
         """Start generation. prefix (B, t) raw tokens x_0 .. x_{t-1}, 0 <= t < n_ctx (t = 0 for
-        unconditional samples). Caches the inputs [sos, x_0 .. x_{t-1}] and returns the logits
-        (B, n_vocab) for x_t."""
-        if self._cache_pos is None:
-            raise RuntimeError("call model.setup_cache(batch_size) before prefill()")
+        unconditional samples). Caches the inputs [sos, x_0 .. x_{t-1}] (positions 0 .. t) and
+        returns the logits (B, n_vocab) for x_t."""
         B, t = prefix.shape
         if t >= self.config.n_ctx:
             raise ValueError(f"prefix length {t} leaves nothing to generate (n_ctx {self.config.n_ctx})")
         pad = torch.zeros(B, 1, dtype=prefix.dtype, device=prefix.device)
         x = self._embed(torch.cat([prefix, pad], dim=1))  # (B, t+1, C): [sos, x_0 .. x_{t-1}]
-        logits = self._cached_step(x, 0)
-        self._cache_pos = t + 1
-        return logits
+        return self._cached_step(x, torch.arange(t + 1, device=prefix.device))
 
     @torch.inference_mode()
-    def decode(self, tok):
-        """Feed x_t (tok, shape (B,)), the token just chosen for position t; returns the logits
-        (B, n_vocab) for x_{t+1}. Valid while t + 1 < n_ctx."""
-        pos = self._cache_pos
-        if pos is None:
-            raise RuntimeError("call model.setup_cache(batch_size) and prefill() before decode()")
-        if pos >= self.config.n_ctx:
-            raise ValueError(f"the sequence is complete ({self.config.n_ctx} tokens); nothing to decode")
-        x = self.wte(tok).unsqueeze(1) + self.wpe.weight[pos]  # (B, 1, C)
-        logits = self._cached_step(x, pos)
-        self._cache_pos = pos + 1
-        return logits
+    def decode(self, tok, t):
+        """Feed x_t (tok, shape (B,)), the token just chosen for pixel t, which is the input at
+        position t + 1; returns the logits (B, n_vocab) for x_{t+1}. Valid for t + 1 < n_ctx, after
+        prefill and the decode steps of the pixels before t."""
+        if not 0 <= t < self.config.n_ctx - 1:
+            raise ValueError(f"decode(tok, t) needs 0 <= t < n_ctx - 1 = {self.config.n_ctx - 1}, got t = {t}")
+        x = self.wte(tok).unsqueeze(1) + self.wpe.weight[t + 1]  # (B, 1, C)
+        return self._cached_step(x, torch.tensor([t + 1], device=tok.device))
+
+
+class Classifier(nn.Module):
+    """Finetuning forward (paper section 3.4) around an IGPT with a classification head: one pass
+    gives the classifier logits of the average-pooled ln_f output and both losses.
+
+    forward(idx, targets=None, labels=None, bert_mask=None) -> (clf_logits (B, n_classes), gen_loss
+    or None, clf_loss or None); the finetune objective is clf_loss + w gen_loss. DDP and
+    torch.compile wrap this module, so gradients sync through its forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        if model.clf_head is None:
+            raise ValueError("this model has no classification head: build it with GPTConfig(n_classes=K) "
+                             "or call model.add_classifier(K)")
+        self.model = model
+
+    def forward(self, idx, targets=None, labels=None, bert_mask=None):
+        m = self.model
+        if m.config.objective == "bert" and bert_mask is None and targets is not None:
+            bert_mask = m.sample_bert_mask(idx)
+        h = m.trunk(idx, bert_mask)  # (B, T, C)
+        gen_loss = None if targets is None else m.gen_loss(m.lm_head(h), targets, bert_mask)
+        clf_logits = m.clf_head(h.mean(dim=1))  # (B, n_classes)
+        clf_loss = None if labels is None else cross_entropy(clf_logits, labels, impl="torch")
+        return clf_logits, gen_loss, clf_loss

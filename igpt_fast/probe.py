@@ -30,19 +30,21 @@ import time
 import numpy as np
 import torch
 
+from igpt_fast.errors import IGPTError
+
 __all__ = ["L2_GRID", "ProbeError", "extract_features", "standardize", "lbfgs", "fit_logistic", "predict",
            "sweep", "pixel_features", "probe", "format_table", "plot_probe"]
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
-class ProbeError(ValueError):
+class ProbeError(IGPTError, ValueError):
     """Data that cannot be probed: no labels, a missing split, too few classes."""
 
 
 @torch.no_grad()
 def extract_features(model, data, split, batch_size=64, device=None, max_samples=None, return_tokens=False,
-                     progress=True):
+                     progress=True, meta=None):
     """Features of every layer for the samples of one split, in one pass over its shards.
 
     Returns (feats float32 (N, n_layer + 1, n_embd) on the CPU, labels int64 (N,)) and, with
@@ -55,7 +57,7 @@ def extract_features(model, data, split, batch_size=64, device=None, max_samples
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
-    meta = read_meta(data)
+    meta = meta if meta is not None else read_meta(data)
     total = meta.get("splits", {}).get(split, {}).get("samples")
     if max_samples is not None:
         total = max_samples if total is None else min(total, max_samples)
@@ -66,7 +68,7 @@ def extract_features(model, data, split, batch_size=64, device=None, max_samples
     bar = tqdm(total=total, unit="img", desc=f"features {split}", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
     try:
-        for idx, y in eval_loader(data, split, batch_size):
+        for idx, y in eval_loader(data, split, batch_size, meta=meta):
             if max_samples is not None and n + len(idx) > max_samples:
                 idx, y = idx[:max_samples - n], y[:max_samples - n]
             with autocast:
@@ -298,12 +300,13 @@ def _labelled(y, split):
 
 
 def probe(model, data, palette=None, batch_size=64, device=None, max_train=None, max_eval=None, l2_grid=L2_GRID,
-          max_iter=200, pixels=True, val_fraction=0.1, seed=0, progress=True, log=None):
+          max_iter=200, pixels=True, val_fraction=0.1, seed=0, progress=True, log=None, meta=None):
     """Linear probe of every layer of `model` on the tokenized dataset `data` (see the module docstring).
 
     palette: the Palette of the tokens (default: data/palette.npy), used by the raw-pixel baseline;
     pixels=False skips the baseline. device: where features and fits run (default: the model's).
-    max_train / max_eval: use at most that many train / val and test samples.
+    max_train / max_eval: use at most that many train / val and test samples. meta: data's meta.json
+    dict (read when None).
     Returns a dict: {"layers": [{"layer", "l2", "train_acc", "val_acc", "test_acc", "val_acc_by_l2"}],
     "pixels": the same for the baseline (or None), "best_layer", "eval_split", "n_train", "n_val",
     "n_test", "n_classes", "l2_grid", "n_layer", "n_embd", "seconds"}.
@@ -314,11 +317,11 @@ def probe(model, data, palette=None, batch_size=64, device=None, max_train=None,
     log = log or (lambda s: print(s, file=sys.stderr))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device)
-    meta = read_meta(data)
+    meta = meta if meta is not None else read_meta(data)
     splits = {s for s, m in meta.get("splits", {}).items() if m.get("samples", 0) > 0}
     if "train" not in splits:
         raise ProbeError(f"{data} has no train split; the probe fits its classifiers on train")
-    kw = dict(batch_size=batch_size, device=device, return_tokens=pixels, progress=progress)
+    kw = dict(batch_size=batch_size, device=device, return_tokens=pixels, progress=progress, meta=meta)
     tr = extract_features(model, data, "train", max_samples=max_train, **kw)
     _labelled(tr[1], "train")
     if "val" in splits:
@@ -347,7 +350,7 @@ def probe(model, data, palette=None, batch_size=64, device=None, max_train=None,
     pixel_rows = None
     if pixels:
         if palette is None:
-            from igpt_fast.train import load_data_palette
+            from igpt_fast.data import load_data_palette
             palette = load_data_palette(data, meta)
         n_px = model.config.n_px
         pix = [(pixel_features(s[2], palette, n_px), s[1]) for s in (tr, va) + ((te,) if te is not None else ())]

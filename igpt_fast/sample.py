@@ -26,31 +26,26 @@ import sys
 import numpy as np
 import torch
 
+from igpt_fast.errors import IGPTError
+
 __all__ = ["SampleError", "load_run", "sample_logits", "generate", "complete", "unconditional", "image_grid",
            "completion_grid", "samples_grid", "save_png"]
 
 GREY = 128  # colour of the pixels a completion did not condition on, in the masked-input column
 
 
-class SampleError(ValueError):
+class SampleError(IGPTError, ValueError):
     """A sampling request that cannot be served (bad rows, missing palette, missing checkpoint)."""
 
 
-def load_run(run, device="cpu"):
+def load_run(run, device="cpu", impl="auto"):
     """A run folder (RUN/ckpt.pt) or a checkpoint file -> (IGPT in eval mode on device, Palette or None,
-    checkpoint path). Built on train.load_checkpoint / model_from_checkpoint (the model comes from the
-    checkpoint's own config)."""
-    from igpt_fast.palette import Palette
-    from igpt_fast.train import CKPT_NAME, load_checkpoint, model_from_checkpoint
+    checkpoint path). The model comes from the checkpoint's own config; impl is how to run it."""
+    from igpt_fast.checkpoint import load_checkpoint, model_from_checkpoint, palette_from_checkpoint
 
-    run = os.fspath(run)
-    path = os.path.join(run, CKPT_NAME) if os.path.isdir(run) else run
-    if not os.path.isfile(path):
-        raise SampleError(f"{path} not found; run `igpt-fast train` first (or pass a checkpoint file)")
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt).to(device).eval()
-    palette = Palette(ckpt["palette"].numpy()) if ckpt.get("palette") is not None else None
-    return model, palette, path
+    ckpt = load_checkpoint(run)
+    model = model_from_checkpoint(ckpt, impl=impl).to(device).eval()
+    return model, palette_from_checkpoint(ckpt), ckpt["path"]
 
 
 def sample_logits(logits, temperature=1.0, top_k=None, generator=None):
@@ -121,7 +116,7 @@ def generate(model, prefix=None, n=None, temperature=1.0, top_k=None, generator=
                     out[:, t] = sample_logits(logits, temperature, top_k, generator)
                     bar.update(1)
                     if t + 1 < c.n_ctx:
-                        logits = model.decode(out[:, t])
+                        logits = model.decode(out[:, t], t)
             finally:
                 model.clear_cache()
         else:

@@ -1,21 +1,30 @@
-"""Pretraining loop for IGPT (and the reusable pieces finetuning builds on): AdamW, warmup + cosine
-schedule, gradient accumulation and clipping, bf16 autocast on GPU, activation checkpointing,
-optional torch.compile, DDP under torchrun (gloo on CPU, nccl on GPU), atomic resumable checkpoints,
-log.jsonl + console lines, validation loss, and a loss-curve PNG.
+"""Pretraining loop for IGPT, written flat like nanoGPT's train.py: `start` (setup and resume),
+`train_step`, `log_step`, `save`, `evaluate_lm`, all plain functions over one `Run` state object,
+and `train`, the loop that calls them. Finetuning reuses the loop with its own loss and evaluation.
 
-References: karpathy/nanoGPT train.py (loop shape, MFU estimate); the paper's recipe (Chen et al.
-2020, section 3.5: Adam betas (0.9, 0.95), linear warmup then cosine decay to 0, no weight decay,
-no dropout); docs/DESIGN.md (checkpoint and run-folder formats).
+Recipe (Chen et al. 2020, section 3.5): AdamW betas (0.9, 0.95), linear warmup then cosine decay,
+no weight decay, no dropout; gradient accumulation and clipping, bf16 autocast on GPU, activation
+checkpointing, optional torch.compile, DDP under torchrun (gloo on CPU, nccl on GPU). The learning
+rate is a function of the step and the TrainConfig (`lr_at`), so a resumed run continues its
+schedule from the saved step, with whatever schedule flags the resume changed.
 
 MFU = tokens/s * flops_per_token / peak_flops, flops_per_token = 6 N + 12 n_layer n_embd n_ctx
 (N = parameters without the position table; PaLM appendix B / nanoGPT, attention counted as
 non-causal), peak = the GPU's dense bf16 peak (table below or --peak-tflops). Not reported on CPU.
 
-Reuse (finetuning): `train(model_config, tcfg, model=..., loss_fn=..., evaluate=..., on_eval=...)`
-runs the same loop with another objective; `save_checkpoint`, `load_checkpoint`,
-`model_from_checkpoint`, `configure_optimizer`, `make_scheduler`, `setup_distributed` stand alone.
-A loss_fn gets the wrapped (DDP / compiled) model and must call it, not its methods, so DDP syncs
-gradients: `model(idx, targets, labels=labels, classify=True)` reaches IGPT.classify.
+Run folder: config.json (the resolved configuration), log.jsonl (one JSON row per log or eval
+step), ckpt.pt (latest) and ckpt.prev.pt (the one before), loss.png. Rules:
+- a folder that holds a checkpoint is continued only with resume="auto" (or a path) and restarted
+  only with overwrite=True; anything else is refused.
+- Resume: the checkpoint's architecture wins; an architecture field the caller set explicitly and
+  that differs is an error naming each field. Training fields set explicitly (lr, steps, batch
+  size, ...; TRAIN_OVERRIDES) override the checkpoint's and are printed as "changed on resume".
+  Rows of log.jsonl past the checkpoint's step are dropped (atomic rewrite).
+- Divergence: a non-finite loss or gradient norm, or a loss above spike_factor x the median of the
+  recent losses, stops the run before the weights are updated. If the latest checkpoint holds the
+  weights that produced the blow-up (saved on the step before), ckpt.prev.pt takes its place, so
+  ckpt.pt is always the last good state.
+- The checkpoint of a step is written before that step's evaluation, so a failing eval loses nothing.
 
 Determinism: the data position is the number of micro-batches each rank consumed (data.train_loader
 is deterministic in seed, rank and step); every rank's RNG state is saved, so N steps straight and
@@ -25,26 +34,34 @@ import json
 import math
 import os
 import random
+import statistics
 import time
+from collections import deque
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
 
+from igpt_fast.checkpoint import (CKPT_NAME, PREV_NAME, load_checkpoint, model_from_checkpoint, model_state,
+                                  save_checkpoint)
+from igpt_fast.errors import IGPTError
 from igpt_fast.model import GPTConfig, IGPT
 
-CKPT_NAME = "ckpt.pt"
-CKPT_VERSION = 1
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+# Training fields a resume may change (given explicitly); the rest (seed, paths) stay the checkpoint's.
+TRAIN_OVERRIDES = ("steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "lr_decay_steps",
+                   "weight_decay", "grad_clip", "log_every", "eval_every", "eval_batches", "ckpt_every",
+                   "num_workers", "peak_tflops", "spike_factor")
+ARCH_FIELDS = tuple(f.name for f in fields(GPTConfig))
 
 
-class DataMismatchError(ValueError):
-    """Data (meta.json / palette) that does not fit the model or checkpoint."""
+class TrainError(IGPTError, ValueError):
+    """A training request that cannot run as given (run folder in use, conflicting resume flags)."""
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss (or gradient norm) became NaN or infinite."""
+class TrainingDiverged(IGPTError, RuntimeError):
+    """The loss (or gradient norm) became non-finite or blew up."""
 
 
 @dataclass
@@ -65,12 +82,53 @@ class TrainConfig:
     eval_batches: int = 20  # per process; 0 means the whole split
     ckpt_every: int = 500  # 0 means only at the end
     seed: int = 0
-    compile: bool = False
     num_workers: int = 0
     peak_tflops: float = 0.0  # 0: look the GPU up in PEAK_BF16_TFLOPS
+    spike_factor: float = 4.0  # a loss above this x the recent median is a blow-up; 0 disables
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise TrainError(f"{f.name} must be a finite number, got {v}")
 
 
-# ---- distributed setup
+@dataclass
+class Run:
+    """The state of one training run: what the loop reads and updates."""
+
+    tcfg: TrainConfig
+    model: IGPT  # unwrapped: saved, evaluated
+    module: torch.nn.Module  # what the loss calls: DDP / compiled wrapper of the model (or a Classifier)
+    optimizer: torch.optim.Optimizer
+    palette: object
+    meta: dict
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast: object
+    step: int = 0
+    data_step: int = 0
+    saved_step: int = -1  # step of RUN/ckpt.pt, -1 when none
+    losses: deque = field(default_factory=lambda: deque(maxlen=50))  # recent step losses (blow-up test)
+    rng_state: object = None  # this rank's RNG state from the checkpoint, set once the data loader exists
+    print_fn: object = print
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.tcfg.out_dir, CKPT_NAME)
+
+    @property
+    def log_path(self):
+        return os.path.join(self.tcfg.out_dir, "log.jsonl")
+
+    def say(self, msg):
+        if self.master:
+            self.print_fn(msg)
 
 
 def setup_distributed():
@@ -93,50 +151,15 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-def _all_reduce_sum(t):
+def is_main_process():
+    """True outside torchrun and on its rank 0: the process that prints per-run lines."""
+    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
+
+
+def all_reduce_sum(t):
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-# ---- data / model compatibility
-
-
-def check_data(meta, model_config, palette_sha256=None, data_dir="DATA_DIR"):
-    """Raise DataMismatchError, naming the fix, when the data's meta.json does not fit the model
-    (n_px, n_ctx, n_vocab) or a checkpoint's palette (palette_sha256)."""
-    c = model_config
-    if meta.get("version") != 1:
-        raise DataMismatchError(f"{data_dir}/meta.json has version {meta.get('version')!r}; this igpt-fast reads "
-                                "version 1: re-run `igpt-fast tokenize`")
-    if meta["n_px"] != c.n_px or meta["n_ctx"] != c.n_ctx:
-        raise DataMismatchError(f"the data in {data_dir} is {meta['n_px']}x{meta['n_px']} but the model is "
-                                f"{c.n_px}x{c.n_px}: pass --n-px {meta['n_px']} (fresh runs) or re-tokenize with "
-                                f"`igpt-fast tokenize --n-px {c.n_px}`")
-    if meta["n_vocab"] != c.n_vocab:
-        raise DataMismatchError(f"the data in {data_dir} has {meta['n_vocab']} colours but the model has n_vocab "
-                                f"{c.n_vocab}: tokenize with the model's palette (or train a fresh model)")
-    if palette_sha256 is not None and meta["palette_sha256"] != palette_sha256:
-        raise DataMismatchError(f"the data in {data_dir} was tokenized with palette {meta['palette_sha256'][:12]} "
-                                f"but the checkpoint uses {palette_sha256[:12]}: re-tokenize with the checkpoint's "
-                                "palette (`igpt-fast tokenize --palette ...`)")
-
-
-def load_data_palette(data_dir, meta):
-    """The Palette in data_dir/palette.npy, checked against meta.json's sha256."""
-    from igpt_fast.palette import Palette
-
-    path = os.path.join(data_dir, "palette.npy")
-    if not os.path.isfile(path):
-        raise DataMismatchError(f"{path} not found; re-run `igpt-fast tokenize` into {data_dir}")
-    palette = Palette.load(path)
-    if palette.sha256 != meta["palette_sha256"]:
-        raise DataMismatchError(f"{path} (sha256 {palette.sha256[:12]}) is not the palette meta.json names "
-                                f"({meta['palette_sha256'][:12]}); re-run `igpt-fast tokenize` into {data_dir}")
-    return palette
-
-
-# ---- optimizer, schedule, checkpoints
 
 
 def configure_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
@@ -159,34 +182,10 @@ def lr_factor(step, warmup_steps, decay_steps, min_ratio=0.0):
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_scheduler(optimizer, warmup_steps, decay_steps, min_ratio=0.0):
-    def factor(step):
-        return lr_factor(step, warmup_steps, decay_steps, min_ratio)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def save_checkpoint(path, state):
-    """torch.save to path.tmp, fsync, then rename: a crash never leaves a half-written path."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint dict (weights_only=True: tensors, numbers, strings and containers only)."""
-    return torch.load(os.fspath(path), map_location=map_location, weights_only=True)
-
-
-def model_from_checkpoint(ckpt):
-    """Rebuild the IGPT a checkpoint (or converted HF file) describes, from its own config."""
-    model = IGPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model
+def lr_at(tcfg, step):
+    """The learning rate of optimizer step `step` under tcfg's warmup + cosine schedule."""
+    min_ratio = tcfg.min_lr / tcfg.lr if tcfg.lr else 0.0
+    return tcfg.lr * lr_factor(step, tcfg.warmup_steps, tcfg.lr_decay_steps or tcfg.steps, min_ratio)
 
 
 def _rng_state():
@@ -221,49 +220,281 @@ def flops_per_token(model):
     return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.n_ctx
 
 
-# ---- the default (pretraining) objective and evaluation
+def read_log(path):
+    """The rows of a log.jsonl; a half-written last line (a run killed mid-write) is skipped."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise TrainError(f"{path}: line {i + 1} is not JSON; the log is damaged") from None
+    return rows
 
 
-def lm_loss(model, tokens, labels):
+def _write_text_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _truncate_log(path, step):
+    """Keep the rows of log.jsonl up to `step` (a resumed run re-logs the steps after it)."""
+    rows = read_log(path)
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    if len(kept) != len(rows) or os.path.isfile(path):
+        _write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _merge_on_resume(ckpt, model_config, tcfg, explicit):
+    """(model_config, tcfg, changed) for a resume: the checkpoint's architecture (an explicit field that
+    differs is an error), the checkpoint's training config with the explicit TRAIN_OVERRIDES applied."""
+    saved_arch = ckpt["model_config"]
+    clash = [f"{name} {getattr(model_config, name)!r} (checkpoint {saved_arch[name]!r})" for name in ARCH_FIELDS
+             if name in explicit and name in saved_arch and getattr(model_config, name) != saved_arch[name]]
+    if clash:
+        raise TrainError("the architecture differs from the checkpoint's: " + ", ".join(clash) +
+                         "; drop those flags to resume, or train a new run in another folder")
+    names = {f.name for f in fields(TrainConfig)}
+    saved = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in names} |
+                        {"data_dir": tcfg.data_dir, "out_dir": tcfg.out_dir})
+    if "seed" in explicit and tcfg.seed != saved.seed:
+        raise TrainError(f"seed {tcfg.seed} differs from the checkpoint's {saved.seed}; a resumed run keeps its "
+                         "seed (its data order depends on it)")
+    changed = []
+    for name in TRAIN_OVERRIDES:
+        new, old = getattr(tcfg, name), getattr(saved, name)
+        if name in explicit and new != old:
+            changed.append(f"{name} {old} -> {new}")
+            setattr(saved, name, new)
+    return GPTConfig(**saved_arch), saved, changed
+
+
+def start(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=False, impl="auto",
+          grad_checkpoint=False, compile=False, classifier=False, print_fn=print):
+    """Set up a run (see the module docstring for the folder rules) and return its Run.
+
+    resume: None (fresh), "auto" (RUN/ckpt.pt when present) or a checkpoint path. model: an initial
+    IGPT for fresh runs (default IGPT(model_config)). explicit: the names of the GPTConfig and
+    TrainConfig fields the caller set on purpose (None: all of them). impl, grad_checkpoint, compile:
+    how to run the model, never saved. classifier: the loss calls a model.Classifier around the model.
+    """
+    from igpt_fast.data import check_data, load_data_palette, read_meta
+    from igpt_fast.model import Classifier
+
+    explicit = set(ARCH_FIELDS + tuple(f.name for f in fields(TrainConfig))) if explicit is None else set(explicit)
+    rank, world_size, _, device = setup_distributed()
+    say = print_fn if rank == 0 else (lambda *a, **k: None)
+    meta = read_meta(tcfg.data_dir)
+    palette = load_data_palette(tcfg.data_dir, meta)
+    ckpt_path = os.path.join(tcfg.out_dir, CKPT_NAME)
+    if resume == "auto":
+        resume = ckpt_path if os.path.isfile(ckpt_path) else None
+    elif resume is None and os.path.isfile(ckpt_path):
+        if not overwrite:
+            raise TrainError(f"{tcfg.out_dir} already holds a checkpoint ({ckpt_path}): pass --resume auto to "
+                             "continue it, or --overwrite to start a new run there (its checkpoints and log go)")
+        if rank == 0:
+            for name in (CKPT_NAME, PREV_NAME, "log.jsonl"):
+                if os.path.isfile(os.path.join(tcfg.out_dir, name)):
+                    os.remove(os.path.join(tcfg.out_dir, name))
+    ckpt = load_checkpoint(resume) if resume is not None else None
+    changed = []
+    if ckpt is not None:
+        model_config, tcfg, changed = _merge_on_resume(ckpt, model_config, tcfg, explicit)
+    check_data(meta, model_config, ckpt["palette_sha256"] if ckpt else None, tcfg.data_dir)
+
+    torch.manual_seed(tcfg.seed + rank)
+    random.seed(tcfg.seed + rank)
+    if ckpt is not None:
+        model = model_from_checkpoint(ckpt, impl=impl, grad_checkpoint=grad_checkpoint)
+    elif model is None:
+        model = IGPT(model_config, impl=impl, grad_checkpoint=grad_checkpoint)
+    model_config = model.config
+    model.to(device)
+    optimizer = configure_optimizer(model, tcfg.lr, tcfg.weight_decay)
+    module = Classifier(model) if classifier else model
+    if compile:
+        module = torch.compile(module)
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    run = Run(tcfg, model, module, optimizer, palette, meta, rank, world_size, device, autocast, print_fn=print_fn)
+
+    rng_state = None
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        run.step, run.data_step, run.saved_step = ckpt["step"], ckpt["data_step"], ckpt["step"]
+        run.losses.extend(ckpt.get("recent_losses", []))
+        if ckpt["world_size"] != world_size:
+            say(f"warning: the checkpoint ran with world_size {ckpt['world_size']}; the data order now differs "
+                "from an uninterrupted run")
+        rng_state = ckpt["rng"][rank] if len(ckpt["rng"]) == world_size else None
+        if changed:
+            say("changed on resume: " + ", ".join(changed))
+        del ckpt
+    if run.master:
+        os.makedirs(tcfg.out_dir, exist_ok=True)
+        if resume is not None:
+            _truncate_log(run.log_path, run.step)
+        resolved = {"model": asdict(model_config), "train": asdict(tcfg), "world_size": world_size,
+                    "device": str(device), "impl": impl, "grad_checkpoint": grad_checkpoint, "compile": compile,
+                    "params": model.num_params(), "flops_per_token": flops_per_token(model),
+                    "resumed_from": resume, "start_step": run.step, "changed_on_resume": changed,
+                    "palette_sha256": palette.sha256}
+        _write_text_atomic(os.path.join(tcfg.out_dir, "config.json"), json.dumps(resolved, indent=2))
+        say(json.dumps(resolved, indent=2))
+    run.rng_state = rng_state
+    return run
+
+
+def lm_loss(module, tokens, labels):
     """Pretraining objective (AR or BERT, as the model's config says): (loss, {})."""
-    _, loss = model(tokens, tokens)
+    _, loss = module(tokens, tokens)
     return loss, {}
 
 
-@torch.no_grad()
-def evaluate_lm(model, data_dir, batch_size, max_batches, rank, world_size, device, autocast, seed):
-    """Mean validation loss over the 'val' split (max_batches per process, 0 = all), averaged over
-    processes; {} when there is no val split. BERT masks come from a fixed seed so every eval sees
-    the same masks."""
-    from igpt_fast.data import eval_loader, read_meta
+def _check_divergence(run, loss, grad_norm):
+    """Raise TrainingDiverged (after restoring the last good checkpoint) on a blow-up."""
+    tcfg = run.tcfg
+    reason = None
+    if not math.isfinite(loss):
+        reason = f"loss is {loss}"
+    elif grad_norm is not None and not math.isfinite(grad_norm):
+        reason = f"gradient norm is {grad_norm}"
+    elif tcfg.spike_factor and run.losses and loss > tcfg.spike_factor * statistics.median(run.losses):
+        reason = (f"loss {loss:.4g} is above {tcfg.spike_factor:g} x the median of the last {len(run.losses)} "
+                  f"steps ({statistics.median(run.losses):.4g})")
+    if reason is None:
+        run.losses.append(loss)
+        return
+    last = "no checkpoint was written yet"
+    if run.master and run.saved_step >= 0:
+        prev = os.path.join(run.tcfg.out_dir, PREV_NAME)
+        if run.saved_step == run.step and os.path.isfile(prev):
+            # ckpt.pt holds the weights that produced this loss: the one before is the last good state
+            os.replace(prev, run.ckpt_path)
+            last = f"{run.ckpt_path} (step {load_checkpoint(run.ckpt_path)['step']}, restored from {PREV_NAME})"
+        elif run.saved_step == run.step:
+            os.remove(run.ckpt_path)
+            last = "no good checkpoint (the only one held these weights and was removed)"
+        else:
+            last = f"{run.ckpt_path} (step {run.saved_step})"
+    raise TrainingDiverged(f"{reason} at step {run.step + 1}; stopped before updating the weights. The last good "
+                           f"checkpoint is {last}. Lower --lr or raise --warmup-steps, then resume with "
+                           "--resume auto")
 
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    shards = read_meta(data_dir)["splits"].get("val", {}).get("shards", 0)
-    readers = min(shards, world_size)  # ranks beyond the shard count read nothing: still exactly once
-    loader = eval_loader(data_dir, "val", batch_size, rank=rank, world_size=readers) if rank < readers else []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed + 1_000_003 * (rank + 1))
+
+def train_step(run, batches, loss_fn=lm_loss):
+    """One optimizer step over grad_accum micro-batches: (loss, grad norm or None, extra metrics)."""
+    tcfg = run.tcfg
+    loss_sum = torch.zeros((), device=run.device)
+    extra = {}
+    for micro in range(tcfg.grad_accum):
+        tokens, labels = next(batches)
+        run.data_step += 1
+        tokens = tokens.to(run.device, non_blocking=True)
+        labels = labels.to(run.device, non_blocking=True)
+        last = micro == tcfg.grad_accum - 1
+        with nullcontext() if run.world_size == 1 or last else run.module.no_sync():
+            with run.autocast:
+                loss, extra = loss_fn(run.module, tokens, labels)
+            (loss / tcfg.grad_accum).backward()
+        loss_sum += loss.detach().float()
+    loss_value = all_reduce_sum(loss_sum / (tcfg.grad_accum * run.world_size)).item()
+    grad_norm = None
+    if tcfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.grad_clip).item()
+    _check_divergence(run, loss_value, grad_norm)
+    lr = lr_at(tcfg, run.step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return loss_value, grad_norm, {k: float(v) for k, v in extra.items()}
+
+
+def log_row(run, row):
+    """Append one row to RUN/log.jsonl (main process)."""
+    if run.master:
+        with open(run.log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def log_step(run, loss, grad_norm, extra, seconds_per_step):
+    tokens_per_step = run.tcfg.batch_size * run.tcfg.grad_accum * run.world_size * run.model.config.n_ctx
+    tok_s = tokens_per_step / seconds_per_step
+    peak = peak_flops(run.device, run.tcfg.peak_tflops)
+    row = {"step": run.step, "loss": loss, "lr": lr_at(run.tcfg, run.step - 1), "ms_per_step": 1e3 * seconds_per_step,
+           "tok_per_s": tok_s, **extra}
+    if grad_norm is not None:
+        row["grad_norm"] = grad_norm
+    if peak:
+        row["mfu"] = tok_s * flops_per_token(run.model) / peak
+    log_row(run, row)
+    mfu = f"mfu {100 * row['mfu']:.1f}%" if peak else "mfu -"
+    run.say(f"step {run.step} | loss {loss:.4f} | {1e3 * seconds_per_step:.1f} ms/step | {tok_s:.3g} tok/s | {mfu}")
+
+
+def save(run, path=None, extra=None):
+    """Write the training state (every rank's RNG state; the main process writes). path None: RUN/ckpt.pt,
+    the previous one kept as ckpt.prev.pt."""
+    rngs = [None] * run.world_size
+    if run.world_size > 1:
+        dist.all_gather_object(rngs, _rng_state())
+    else:
+        rngs = [_rng_state()]
+    if run.master:
+        state = model_state(run.model, run.palette, step=run.step, optimizer=run.optimizer.state_dict(),
+                            data_step=run.data_step, samples_seen=run.data_step * run.tcfg.batch_size * run.world_size,
+                            world_size=run.world_size, rng=rngs, train_config=asdict(run.tcfg),
+                            recent_losses=list(run.losses), extra=extra or {})
+        save_checkpoint(path or run.ckpt_path, state, keep_previous=path is None)
+    if path is None:
+        run.saved_step = run.step
+    if run.world_size > 1:
+        dist.barrier()
+
+
+@torch.no_grad()
+def evaluate_lm(run):
+    """Mean validation loss over the 'val' split (eval_batches per process, 0 = all), averaged over
+    processes; {} when there is no val split. BERT masks come from a fixed seed so every eval sees
+    the same masks. Runs on the unwrapped model (ranks may see different numbers of batches)."""
+    from igpt_fast.data import eval_loader
+
+    if "val" not in run.meta["splits"]:
+        return {}
+    total = torch.zeros(2, dtype=torch.float64, device=run.device)
+    loader = eval_loader(run.tcfg.data_dir, "val", run.tcfg.batch_size, rank=run.rank, world_size=run.world_size,
+                         meta=run.meta)
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        torch.manual_seed(run.tcfg.seed + 1_000_003 * (run.rank + 1))
         for i, (tokens, _) in enumerate(loader):
-            if max_batches and i >= max_batches:
+            if run.tcfg.eval_batches and i >= run.tcfg.eval_batches:
                 break
-            tokens = tokens.to(device)
-            with autocast:
-                _, loss = model(tokens, tokens)
-            total += torch.tensor([loss.item() * len(tokens), len(tokens)], dtype=torch.float64, device=device)
-    _all_reduce_sum(total)
+            tokens = tokens.to(run.device)
+            with run.autocast:
+                _, loss = run.model(tokens, tokens)
+            total += torch.tensor([loss.item() * len(tokens), len(tokens)], dtype=torch.float64, device=run.device)
+    all_reduce_sum(total)
     return {"val_loss": (total[0] / total[1]).item()} if total[1] > 0 else {}
 
 
-# ---- the loop
-
-
-def _plot_losses(log_path, png_path):
+def plot_losses(log_path, png_path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(log_path)]
+    rows = read_log(log_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -280,175 +511,60 @@ def _plot_losses(log_path, png_path):
     plt.close(fig)
 
 
-def train(model_config, tcfg, resume=None, model=None, loss_fn=lm_loss, evaluate=evaluate_lm, on_eval=None,
-          print_fn=print):
-    """Train; returns {"step", "loss", "val_loss", "ckpt"}. See the module docstring.
+def _evaluate_and_log(run, evaluate):
+    run.model.eval()
+    metrics = evaluate(run)
+    run.model.train()
+    if metrics:
+        log_row(run, {"step": run.step, **metrics})
+        run.say(f"step {run.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
 
-    resume: None (fresh), "auto" (out_dir/ckpt.pt when present) or a checkpoint path; a resumed run
-    rebuilds its model from the checkpoint's config. model: an initial IGPT for fresh runs
-    (e.g. pretrained + classifier for finetuning); default IGPT(model_config).
-    on_eval(step, metrics, save) -> True stops training early (save(path) writes a checkpoint).
-    """
-    from igpt_fast.data import read_meta, train_loader
 
-    rank, world_size, _, device = setup_distributed()
-    master = rank == 0
-    say = print_fn if master else (lambda *a, **k: None)
+def train(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=False, impl="auto",
+          grad_checkpoint=False, compile=False, loss_fn=lm_loss, evaluate=evaluate_lm, on_eval=None,
+          classifier=False, print_fn=print):
+    """Train; returns {"step", "loss", "val_loss", "ckpt"}. Setup arguments as `start`.
 
-    meta = read_meta(tcfg.data_dir)
-    palette = load_data_palette(tcfg.data_dir, meta)
-    ckpt_path = os.path.join(tcfg.out_dir, CKPT_NAME)
-    if resume == "auto":
-        resume = ckpt_path if os.path.isfile(ckpt_path) else None
-    ckpt = None
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
-        model_config = GPTConfig(**ckpt["model_config"])
-    check_data(meta, model_config, ckpt["palette_sha256"] if ckpt else None, tcfg.data_dir)
+    loss_fn(module, tokens, labels) -> (loss, metrics) gets the wrapped module (so DDP syncs);
+    evaluate(run) -> metrics; on_eval(run, metrics) -> True stops the run early."""
+    from igpt_fast.data import train_loader
 
-    torch.manual_seed(tcfg.seed + rank)
-    random.seed(tcfg.seed + rank)
-    if ckpt is not None:
-        model = IGPT(model_config)
-        model.load_state_dict(ckpt["model"])
-    elif model is None:
-        model = IGPT(model_config)
-    else:
-        model_config = model.config
-    raw_model = model.to(device)
-    decay_steps = tcfg.lr_decay_steps or tcfg.steps
-    optimizer = configure_optimizer(raw_model, tcfg.lr, tcfg.weight_decay)
-    scheduler = make_scheduler(optimizer, tcfg.warmup_steps, decay_steps, tcfg.min_lr / tcfg.lr if tcfg.lr else 0.0)
-    step, data_step, rng_state = 0, 0, None
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step, data_step = ckpt["step"], ckpt["data_step"]
-        if ckpt["world_size"] != world_size or ckpt["train_config"]["seed"] != tcfg.seed:
-            say(f"warning: the checkpoint ran with world_size {ckpt['world_size']} and seed "
-                f"{ckpt['train_config']['seed']}; the data order now differs from an uninterrupted run")
-        rng_state = ckpt["rng"][rank] if len(ckpt["rng"]) == world_size else None
-        del ckpt
-
-    model = raw_model
-    if tcfg.compile:
-        model = torch.compile(model)
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-    n_ctx = model_config.n_ctx
-    tokens_per_step = tcfg.batch_size * tcfg.grad_accum * world_size * n_ctx
-    fpt = flops_per_token(raw_model)
-    peak = peak_flops(device, tcfg.peak_tflops)
-    if master:
-        os.makedirs(tcfg.out_dir, exist_ok=True)
-        resolved = {"model": asdict(model_config), "train": asdict(tcfg), "world_size": world_size,
-                    "device": str(device), "params": raw_model.num_params(), "flops_per_token": fpt,
-                    "resumed_from": resume, "start_step": step, "palette_sha256": palette.sha256}
-        with open(os.path.join(tcfg.out_dir, "config.json"), "w") as f:
-            json.dump(resolved, f, indent=2)
-        say(json.dumps(resolved, indent=2))
-    log_path = os.path.join(tcfg.out_dir, "log.jsonl")
-
-    def log(row):
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def save(path=ckpt_path, extra=None):
-        rngs = [None] * world_size
-        if world_size > 1:
-            dist.all_gather_object(rngs, _rng_state())
-        else:
-            rngs = [_rng_state()]
-        if master:
-            state = {"version": CKPT_VERSION, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "step": step, "data_step": data_step,
-                     "samples_seen": data_step * tcfg.batch_size * world_size, "world_size": world_size,
-                     "rng": rngs, "model_config": asdict(model_config), "train_config": asdict(tcfg),
-                     "palette": torch.from_numpy(palette.centers.copy()), "palette_sha256": palette.sha256,
-                     "extra": extra or {}}
-            save_checkpoint(path, state)
-        if world_size > 1:
-            dist.barrier()
-
-    def run_eval():
-        """(metrics, stop): evaluate, log, and ask on_eval whether to stop."""
-        raw_model.eval()  # not through DDP: ranks may see different numbers of eval batches
-        metrics = evaluate(raw_model, tcfg.data_dir, tcfg.batch_size, tcfg.eval_batches, rank, world_size, device,
-                           autocast, tcfg.seed)
-        raw_model.train()
-        if metrics:
-            log({"step": step, **metrics})
-            say(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        return metrics, bool(on_eval(step, metrics, save)) if on_eval is not None else False
-
-    batches = iter(train_loader(tcfg.data_dir, tcfg.batch_size, split="train", seed=tcfg.seed, rank=rank,
-                                world_size=world_size, num_workers=tcfg.num_workers, start_step=data_step))
-    if rng_state is not None:  # after iter(): creating a DataLoader iterator draws from torch's RNG
-        _set_rng_state(rng_state)
-    model.train()
-    loss_value, val_metrics, stopped = float("nan"), {}, False
-    t0, steps_timed = time.perf_counter(), 0
-    while step < tcfg.steps:
-        loss_sum = torch.zeros((), device=device)
-        extra_metrics = {}
-        for micro in range(tcfg.grad_accum):
-            tokens, labels = next(batches)
-            data_step += 1
-            tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            sync = nullcontext() if world_size == 1 or micro == tcfg.grad_accum - 1 else model.no_sync()
-            with sync:
-                with autocast:
-                    loss, extra_metrics = loss_fn(model, tokens, labels)
-                (loss / tcfg.grad_accum).backward()
-            loss_sum += loss.detach().float()
-        loss_avg = _all_reduce_sum(loss_sum / (tcfg.grad_accum * world_size))
-        loss_value = loss_avg.item()
-        grad_norm = None
-        if tcfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip).item()
-        if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(grad_norm)):
-            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-            last = (f"the last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path)
-                    else "no checkpoint was written yet")
-            raise TrainingDiverged(f"{what} is {loss_value if what == 'loss' else grad_norm} at step {step + 1}; "
-                                   f"stopped before updating the weights ({last}). Lower --lr or raise "
-                                   "--warmup-steps, then resume with --resume auto")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_timed += 1
-
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
-            dt = (time.perf_counter() - t0) / steps_timed
-            tok_s = tokens_per_step / dt
-            row = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "ms_per_step": 1e3 * dt,
-                   "tok_per_s": tok_s, **{k: float(v) for k, v in extra_metrics.items()}}
-            if grad_norm is not None:
-                row["grad_norm"] = grad_norm
-            mfu = f"mfu {100 * tok_s * fpt / peak:.1f}%" if peak else "mfu -"
-            if peak:
-                row["mfu"] = tok_s * fpt / peak
-            log(row)
-            say(f"step {step} | loss {loss_value:.4f} | {1e3 * dt:.1f} ms/step | {tok_s:.3g} tok/s | {mfu}")
-            t0, steps_timed = time.perf_counter(), 0
-        if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
-            val_metrics, stopped = run_eval()
-            t0, steps_timed = time.perf_counter(), 0
-        if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.steps:
-            save()
-            t0, steps_timed = time.perf_counter(), 0
-        if stopped:
-            say(f"stopped early at step {step}")
+    run = start(model_config, tcfg, resume=resume, model=model, explicit=explicit, overwrite=overwrite, impl=impl,
+                grad_checkpoint=grad_checkpoint, compile=compile, classifier=classifier, print_fn=print_fn)
+    tcfg = run.tcfg
+    batches = iter(train_loader(tcfg.data_dir, tcfg.batch_size, split="train", seed=tcfg.seed, rank=run.rank,
+                                world_size=run.world_size, num_workers=tcfg.num_workers, start_step=run.data_step,
+                                meta=run.meta))
+    if run.rng_state is not None:  # after iter(): creating a DataLoader iterator draws from torch's RNG
+        _set_rng_state(run.rng_state)
+    run.module.train()
+    loss, metrics, stopped = float("nan"), {}, False
+    t0, timed = time.perf_counter(), 0
+    while run.step < tcfg.steps and not stopped:
+        loss, grad_norm, extra = train_step(run, batches, loss_fn)
+        timed += 1
+        if run.step % tcfg.log_every == 0 or run.step == tcfg.steps:
+            log_step(run, loss, grad_norm, extra, (time.perf_counter() - t0) / timed)
+            t0, timed = time.perf_counter(), 0
+        if run.step == tcfg.steps:
             break
+        if tcfg.ckpt_every and run.step % tcfg.ckpt_every == 0:
+            save(run)
+            t0, timed = time.perf_counter(), 0
+        if tcfg.eval_every and run.step % tcfg.eval_every == 0:
+            metrics = _evaluate_and_log(run, evaluate)
+            stopped = bool(on_eval(run, metrics)) if on_eval is not None else False
+            if stopped:
+                run.say(f"stopped early at step {run.step}")
+            t0, timed = time.perf_counter(), 0
 
+    if run.saved_step != run.step:
+        save(run)
     if not stopped:
-        val_metrics, _ = run_eval()
-    save()
-    if master and os.path.isfile(log_path):
-        _plot_losses(log_path, os.path.join(tcfg.out_dir, "loss.png"))
-    return {"step": step, "loss": loss_value, "val_loss": val_metrics.get("val_loss"), "ckpt": ckpt_path}
+        metrics = _evaluate_and_log(run, evaluate)
+        if on_eval is not None:
+            on_eval(run, metrics)
+    if run.master and os.path.isfile(run.log_path):
+        plot_losses(run.log_path, os.path.join(tcfg.out_dir, "loss.png"))
+    return {"step": run.step, "loss": loss, "val_loss": metrics.get("val_loss"), "ckpt": run.ckpt_path}

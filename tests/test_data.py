@@ -52,9 +52,17 @@ def test_eval_each_sample_exactly_once(shards, world_size, num_workers):
     assert sorted(seen) == list(range(40))
 
 
-def test_eval_too_few_shards(shards):
-    with pytest.raises(DataError, match="4 shard.*2 rank.*3 worker"):
-        eval_loader(shards, "val", 4, rank=0, world_size=2, num_workers=3)
+@pytest.mark.parametrize("world_size,num_workers", [(2, 3), (3, 2), (5, 1), (6, 0)])
+def test_eval_more_readers_than_shards(shards, world_size, num_workers):
+    """4 val shards: ranks beyond the shard count read nothing, a rank runs at most as many workers as
+    it has shards, and every sample is still read exactly once."""
+    seen = []
+    for rank in range(world_size):
+        loader = eval_loader(shards, "val", 4, rank=rank, world_size=world_size, num_workers=num_workers)
+        if rank >= 4:
+            assert list(loader) == []
+        seen += _ids(loader)
+    assert sorted(seen) == list(range(40))
 
 
 def _take(loader, n):

@@ -10,10 +10,11 @@ import torch
 from click.testing import CliRunner
 
 from igpt_fast.cli import cli
-from igpt_fast.finetune import EarlyStopping, FinetuneError, finetune
+from igpt_fast.checkpoint import CheckpointError, load_checkpoint
+from igpt_fast.finetune import EarlyStopping, finetune as finetune_run, finetune_config
 from igpt_fast.model import GPTConfig
 from igpt_fast.palette import Palette
-from igpt_fast.train import TrainConfig, load_checkpoint, train
+from igpt_fast.train import TrainConfig, train
 from shards import write_meta, write_split
 
 N_PX, N_VOCAB, N_CLASSES = 4, 16, 3
@@ -40,6 +41,14 @@ def data_dir(tmp_path_factory):
               for split, n in (("train", 128), ("val", 64), ("test", 64))}
     write_meta(out, palette, N_PX, splits)
     return out
+
+
+def finetune(run, data_dir, out_dir=None, gen_weight=1.0, patience=3, max_eval=None, resume=None, print_fn=print,
+             **train_kw):
+    """finetune with finetune_config's defaults for the training fields given as keywords."""
+    tcfg = finetune_config(data_dir, out_dir, **train_kw)
+    return finetune_run(run, tcfg, gen_weight=gen_weight, patience=patience, max_eval=max_eval, resume=resume,
+                        print_fn=print_fn)
 
 
 def pretrain(data_dir, run, objective="ar"):
@@ -129,18 +138,26 @@ def test_early_stopping_state_is_rebuilt_from_the_log(tmp_path):
         for step, acc in [(2, 0.5), (4, 0.7), (6, 0.6), (8, 0.9), (6, 0.65)]:  # step 6 re-logged after a resume
             f.write(json.dumps({"step": step, "val_acc": acc}) + "\n")
     saved = []
-    stopper = EarlyStopping(str(tmp_path), patience=3)
-    assert not stopper(8, {"val_acc": 0.6}, lambda path, extra: saved.append(extra))  # history: 2, 4, 6 only
+
+    def save(run, path, extra):
+        saved.append(extra)
+
+    class At:  # the one field of train.Run the stopper reads
+        def __init__(self, step):
+            self.step = step
+
+    stopper = EarlyStopping(str(tmp_path), patience=3, save_fn=save)
+    assert not stopper(At(8), {"val_acc": 0.6})  # history: 2, 4, 6 only
     assert (stopper.best_acc, stopper.best_step, stopper.bad) == (0.7, 4, 2)
-    assert stopper(10, {"val_acc": 0.7}, lambda path, extra: saved.append(extra))
+    assert stopper(At(10), {"val_acc": 0.7})
     assert saved == []
-    fresh = EarlyStopping(str(tmp_path), patience=3, resumed=False)  # a fresh run ignores an old log
-    assert not fresh(8, {"val_acc": 0.6}, lambda path, extra: saved.append(extra))
+    fresh = EarlyStopping(str(tmp_path), patience=3, resumed=False, save_fn=save)  # a fresh run ignores an old log
+    assert not fresh(At(8), {"val_acc": 0.6})
     assert (fresh.best_acc, fresh.best_step, fresh.bad, saved) == (0.6, 8, 0, [{"val_acc": 0.6, "step": 8}])
 
 
 def test_missing_pretrained_checkpoint(data_dir, tmp_path):
-    with pytest.raises(FinetuneError, match="igpt-fast train"):
+    with pytest.raises(CheckpointError, match="igpt-fast train"):
         finetune(str(tmp_path), data_dir, **QUIET)
     res = CliRunner().invoke(cli, ["finetune", str(tmp_path), "--data", data_dir])
     assert res.exit_code == 1

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from igpt_fast.model import GPTConfig, IGPT, PRESETS
+from igpt_fast.model import Classifier, GPTConfig, IGPT, PRESETS
 
 
 def tiny_config(**kw):
@@ -183,13 +183,13 @@ def test_kv_cache_matches_full_forward(t):
     model.setup_cache(3)
     step_logits = [model.prefill(idx[:, :t])]
     for i in range(t, 15):
-        step_logits.append(model.decode(idx[:, i]))
+        step_logits.append(model.decode(idx[:, i], i))
     torch.testing.assert_close(torch.stack(step_logits, 1), logits[:, t:], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="complete"):
-        model.decode(idx[:, 15])
+    with pytest.raises(ValueError, match="n_ctx - 1"):
+        model.decode(idx[:, 15], 15)
     model.clear_cache()
     with pytest.raises(RuntimeError, match="setup_cache"):
-        model.decode(idx[:, 0])
+        model.decode(idx[:, 0], 0)
 
 
 def test_classifier_head():
@@ -197,23 +197,23 @@ def test_classifier_head():
     model = randomized(IGPT(tiny_config()))
     _, gen_ref = model(torch.zeros(1, 16, dtype=torch.long), torch.zeros(1, 16, dtype=torch.long))
     with pytest.raises(ValueError, match="classification head"):
-        model.classify(torch.zeros(1, 16, dtype=torch.long))
+        Classifier(model)
     model.add_classifier(10)
     assert model.config.n_classes == 10
+    classify = Classifier(model)
+    assert list(classify.state_dict()) == ["model." + k for k in model.state_dict()]
     idx = torch.randint(0, 16, (4, 16))
     labels = torch.randint(0, 10, (4,))
-    clf_logits, gen_loss, clf_loss = model.classify(idx, idx, labels)
+    clf_logits, gen_loss, clf_loss = classify(idx, idx, labels)
     assert torch.count_nonzero(clf_logits) == 0
     assert clf_loss.item() == pytest.approx(math.log(10), abs=1e-6)
     torch.testing.assert_close(gen_loss, model(idx, idx)[1])
-    via_forward = model(idx, idx, labels=labels, classify=True)  # the path a DDP-wrapped model takes
-    torch.testing.assert_close(via_forward[2], clf_loss)
     with torch.no_grad():
         model.clf_head.weight.normal_()
     ref = []
     naive_forward(model, idx, collect=ref)
     expected = ref[-1] @ model.clf_head.weight.double().T
-    torch.testing.assert_close(model.classify(idx)[0].double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(classify(idx)[0].double(), expected, atol=1e-5, rtol=1e-5)
     rebuilt = IGPT(model.config)
     rebuilt.load_state_dict(model.state_dict())
 
@@ -221,7 +221,7 @@ def test_classifier_head():
 def test_grad_checkpoint_same_gradients():
     torch.manual_seed(0)
     base = randomized(IGPT(tiny_config(objective="bert"))).train()
-    ckpt = IGPT(tiny_config(objective="bert", grad_checkpoint=True)).train()
+    ckpt = IGPT(tiny_config(objective="bert"), grad_checkpoint=True).train()
     ckpt.load_state_dict(base.state_dict())
     idx = torch.randint(0, 16, (2, 16))
     grads = []
@@ -259,6 +259,10 @@ def test_presets_and_config_errors():
         GPTConfig(objective="mlm")
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(TypeError):
+        GPTConfig(impl="torch")  # how to run a model is not part of its architecture
+    with pytest.raises(ValueError, match="impl"):
+        IGPT(GPTConfig(n_layer=1), impl="cuda")
 
 
 def test_triton_kernels_train_like_torch():
@@ -273,7 +277,7 @@ def test_triton_kernels_train_like_torch():
     losses = {}
     for impl in ("torch", "triton"):
         torch.manual_seed(0)
-        model = IGPT(tiny_config(n_px=4, n_layer=2, n_head=2, n_embd=64, impl=impl))
+        model = IGPT(tiny_config(n_px=4, n_layer=2, n_head=2, n_embd=64), impl=impl)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
         g = torch.Generator().manual_seed(0)
         losses[impl] = []

@@ -5,7 +5,6 @@ tiny model and tiny shards written by the real tokenizer (`tokenize_dataset` on 
 `make_dataset` and `make_run` are shared with tests/test_sample.py."""
 import json
 import os
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from igpt_fast.palette import Palette
 from igpt_fast.probe import (ProbeError, extract_features, fit_logistic, lbfgs, pixel_features, predict, probe,
                              standardize)
 from igpt_fast.tokenize import tokenize_dataset
-from igpt_fast.train import save_checkpoint
+from igpt_fast.checkpoint import model_state, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,9 +57,7 @@ def make_run(root, objective="ar", n_layer=2, seed=0):
     torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # a zero head would make every pixel uniform
     run = os.path.join(root, "run")
     os.makedirs(run, exist_ok=True)
-    save_checkpoint(os.path.join(run, "ckpt.pt"), {
-        "version": 1, "model": model.state_dict(), "model_config": asdict(cfg), "step": 0,
-        "palette": torch.from_numpy(PALETTE.centers.copy()), "palette_sha256": PALETTE.sha256})
+    save_checkpoint(os.path.join(run, "ckpt.pt"), model_state(model, PALETTE))
     return run, model
 
 
@@ -259,8 +256,6 @@ def test_cli_probe_errors_name_the_fix(data_dir, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     cfg = GPTConfig(n_px=4, n_vocab=PALETTE.k, n_layer=1, n_head=2, n_embd=16)
-    save_checkpoint(str(other / "ckpt.pt"), {"version": 1, "model": IGPT(cfg).state_dict(),
-                                             "model_config": asdict(cfg), "step": 0, "palette": None,
-                                             "palette_sha256": None})
+    save_checkpoint(str(other / "ckpt.pt"), model_state(IGPT(cfg), None))
     res = CliRunner().invoke(cli, ["probe", str(other), "--data", data_dir])
     assert res.exit_code != 0 and "8x8" in res.output and "4x4" in res.output

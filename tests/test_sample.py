@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from igpt_fast.checkpoint import CheckpointError
 from igpt_fast.cli import cli
 from igpt_fast.model import GPTConfig, IGPT
 from igpt_fast.sample import (SampleError, complete, completion_grid, generate, image_grid, load_run,
@@ -162,7 +163,7 @@ def test_cli_sample_errors(tmp_path):
     runner = CliRunner()
     res = runner.invoke(cli, ["sample", str(tmp_path)])
     assert res.exit_code != 0 and "ckpt.pt not found" in res.output and "igpt-fast train" in res.output
-    with pytest.raises(SampleError, match="igpt-fast train"):
+    with pytest.raises(CheckpointError, match="igpt-fast train"):
         load_run(tmp_path)
     run, _ = make_run(str(tmp_path))
     res = runner.invoke(cli, ["sample", run, "--images"])

@@ -19,8 +19,9 @@ from igpt_fast.cli import cli
 from igpt_fast.model import GPTConfig, IGPT, PRESETS
 from igpt_fast.palette import Palette
 from shards import write_meta, write_split
-from igpt_fast.train import (DataMismatchError, TrainConfig, TrainingDiverged, check_data, configure_optimizer,
-                             load_checkpoint, make_scheduler, model_from_checkpoint, train)
+from igpt_fast.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from igpt_fast.data import DataMismatchError, check_data
+from igpt_fast.train import TrainConfig, TrainingDiverged, configure_optimizer, lr_at, read_log, train
 
 N_PX, N_VOCAB = 4, 16
 ARCH = ["--preset", "tiny", "--n-px", str(N_PX), "--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
@@ -56,7 +57,7 @@ def tcfg(data_dir, out, **kw):
 
 
 def losses(run):
-    rows = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    rows = read_log(os.path.join(run, "log.jsonl"))
     return [(r["step"], r["loss"]) for r in rows if "loss" in r], [(r["step"], r["val_loss"]) for r in rows
                                                                    if "val_loss" in r]
 
@@ -152,7 +153,7 @@ def test_kill9_during_checkpoint_write_then_resume(data_dir, tmp_path):
         proc.kill()
         proc.wait()
     assert (run / "ckpt.pt.tmp").exists()
-    with pytest.raises(RuntimeError):  # the half-written file is unreadable
+    with pytest.raises(CheckpointError, match="not a readable igpt-fast checkpoint"):  # half-written
         load_checkpoint(run / "ckpt.pt.tmp")
     assert load_checkpoint(run / "ckpt.pt")["step"] == 2  # the previous checkpoint is intact
 
@@ -164,19 +165,22 @@ def test_kill9_during_checkpoint_write_then_resume(data_dir, tmp_path):
     assert list(resumed.values()) == [loss for _, loss in losses(tmp_path / "straight")[0]]
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path):
+@pytest.mark.parametrize("bad_step,good_step", [(6, 4), (5, 2)])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, bad_step, good_step):
+    """A blow-up at step s: if ckpt.pt holds the weights that produced it (saved at s - 1), ckpt.prev.pt
+    takes its place, so ckpt.pt is the last good state either way."""
     calls = [0]
 
     def exploding_loss(model, tokens, labels):
         calls[0] += 1
         _, loss = model(tokens, tokens)
-        return (loss * float("nan") if calls[0] == 5 else loss), {}
+        return (loss * float("nan") if calls[0] == bad_step else loss), {}
 
-    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5.*ckpt\.pt"):
+    with pytest.raises(TrainingDiverged, match=rf"loss is nan at step {bad_step}.*ckpt\.pt \(step {good_step}"):
         train(model_config(), tcfg(data_dir, tmp_path, ckpt_every=2, eval_every=0), loss_fn=exploding_loss,
               print_fn=lambda *a: None)
     ckpt = load_checkpoint(tmp_path / "ckpt.pt")
-    assert ckpt["step"] == 4
+    assert ckpt["step"] == good_step
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
@@ -240,10 +244,10 @@ def test_torchrun_two_processes_gloo(data_dir, tmp_path):
     torch.manual_seed(0)
     model = IGPT(model_config())
     opt = configure_optimizer(model, 1e-2)
-    sched = make_scheduler(opt, 2, 3)
+    schedule = TrainConfig(data_dir="", out_dir="", steps=3, lr=1e-2, warmup_steps=2)
     streams = [iter(train_loader(data_dir, 4, seed=0, rank=r, world_size=2)) for r in range(2)]
     expected = []
-    for _ in range(3):
+    for step in range(3):
         batch_losses = []
         for it in streams:
             tokens, _ = next(it)
@@ -251,8 +255,9 @@ def test_torchrun_two_processes_gloo(data_dir, tmp_path):
             (loss / 2).backward()
             batch_losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(schedule, step)
         opt.step()
-        sched.step()
         opt.zero_grad()
         expected.append(sum(batch_losses) / 2)
     assert [loss for _, loss in ddp_losses] == pytest.approx(expected, abs=1e-5)
