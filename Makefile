@@ -12,7 +12,7 @@ CPU_TORCH ?= torch==2.13.0
 FMNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_DIR ?= demo
 
-.PHONY: install test demo bench gpu-check clean
+.PHONY: install data test demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -29,15 +29,23 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q tests
-
-demo: $(STAMP)
+# Fashion-MNIST (Debian's dataset-fashion-mnist) for the demo and the tests that read real data: installed
+# with apt-get as root, or through sudo when it needs no password; otherwise the command to run is printed.
+data:
 	@if [ ! -d $(FMNIST) ]; then \
 	  echo "Fashion-MNIST not found at $(FMNIST); installing Debian's dataset-fashion-mnist"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get install -y dataset-fashion-mnist >/dev/null; \
-	  else sudo apt-get install -y dataset-fashion-mnist >/dev/null || { \
-	    echo "run: sudo apt-get install -y dataset-fashion-mnist  (or set FMNIST=DIR with the IDX files)"; exit 1; }; fi; fi
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ] || ! { $$SUDO apt-get install -y dataset-fashion-mnist >/dev/null 2>&1 || \
+	      { $$SUDO apt-get update >/dev/null 2>&1 && $$SUDO apt-get install -y dataset-fashion-mnist >/dev/null 2>&1; }; }; then \
+	    echo "could not install it; run: sudo apt-get install -y dataset-fashion-mnist  (or set FMNIST=DIR with the IDX files)"; \
+	    exit 1; fi; fi
+
+# The tests that need Fashion-MNIST skip, naming `make data`, when it could not be installed.
+test: $(STAMP)
+	@$(MAKE) --no-print-directory data FMNIST=$(FMNIST) || echo "note: the Fashion-MNIST tests will be skipped"
+	IGPT_FAST_FMNIST=$(FMNIST) $(PY) -m pytest -q tests
+
+demo: $(STAMP) data
 	$(VENV)/bin/igpt-fast demo --src $(FMNIST) --out $(DEMO_DIR)
 
 bench: $(STAMP)

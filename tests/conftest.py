@@ -29,3 +29,14 @@ def nan_outputs(monkeypatch):
     def empty_nan(like, shape, dtype=None):
         return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
     monkeypatch.setattr(importlib.import_module("igpt_fast.kernels._common"), "empty", empty_nan)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist():
+    """The Fashion-MNIST IDX folder (`make test` passes it as IGPT_FAST_FMNIST; `make data` installs
+    Debian's dataset-fashion-mnist); the test is skipped, naming the command, when it is missing."""
+    path = os.environ.get("IGPT_FAST_FMNIST", "/usr/share/datasets/fashion-mnist")
+    if not os.path.isfile(os.path.join(path, "t10k-images-idx3-ubyte.gz")):
+        pytest.skip(f"Fashion-MNIST not found at {path}: run `make data` (sudo apt-get install -y "
+                    "dataset-fashion-mnist) or set IGPT_FAST_FMNIST=DIR")
+    return path

@@ -29,7 +29,6 @@ from igpt_fast.tokenize import (
     tokenize_dataset, tokenize_images,
 )
 
-FMNIST = "/usr/share/datasets/fashion-mnist"
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "colorwheel"]
 
 
@@ -167,13 +166,13 @@ def test_resize_modes():
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def test_idx_reader_on_real_fashion_mnist(tmp_path, palette):
-    images = read_idx(f"{FMNIST}/t10k-images-idx3-ubyte.gz")
-    labels = read_idx(f"{FMNIST}/t10k-labels-idx1-ubyte.gz")
+def test_idx_reader_on_real_fashion_mnist(tmp_path, palette, fashion_mnist):
+    images = read_idx(f"{fashion_mnist}/t10k-images-idx3-ubyte.gz")
+    labels = read_idx(f"{fashion_mnist}/t10k-labels-idx1-ubyte.gz")
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert labels.shape == (10000,) and sorted(set(labels.tolist())) == list(range(10))
     raw = tmp_path / "t10k-images-idx3-ubyte"
-    raw.write_bytes(gzip.decompress(open(f"{FMNIST}/t10k-images-idx3-ubyte.gz", "rb").read()))
+    raw.write_bytes(gzip.decompress(open(f"{fashion_mnist}/t10k-images-idx3-ubyte.gz", "rb").read()))
     np.testing.assert_array_equal(read_idx(str(raw)), images)
 
     (tmp_path / "bad-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + struct.pack(">3I", 5, 28, 28) + b"x")
@@ -249,7 +248,7 @@ def test_cifar10_reader_and_splits(tmp_path, palette):
     assert {s: m["samples"] for s, m in meta["splits"].items()} == {"train": 56, "val": 14, "test": 25}
     assert meta["splits"]["train"]["shards"] == 4 and meta["source"][0]["format"] == "cifar"
     listings, _ = list_sources([str(tmp_path / "cifar-10-batches-py")])
-    by_key = {k: ref for split in listings[0].items.values() for k, _, ref in split}
+    by_key = {it.key: it.ref for split in listings[0].items.values() for it in split}
     flat = {("data_batch_1", i): v for i, v in enumerate(zip(*images["data_batch_1"]))}
     flat.update({("data_batch_2", i): v for i, v in enumerate(zip(*images["data_batch_2"]))})
     flat.update({("test_batch", i): v for i, v in enumerate(zip(*images["test_batch"]))})
@@ -258,8 +257,8 @@ def test_cifar10_reader_and_splits(tmp_path, palette):
     for split in ("train", "val", "test"):
         for key, (tokens, cls) in _read_shards(out, split).items():
             ref = by_key[key]
-            hwc, label = flat[(files[ref[2]], ref[3])]
-            assert (split == "test") == (files[ref[2]] == "test_batch")
+            hwc, label = flat[(files[ref[1]], ref[2])]
+            assert (split == "test") == (files[ref[1]] == "test_batch")
             np.testing.assert_array_equal(tokens, palette.quantize(hwc).reshape(-1))
             assert cls == label
             seen.add(key)
@@ -309,10 +308,17 @@ def test_restricted_unpickler_rejects_malicious_globals(tmp_path):
     root.joinpath("data_batch_1").write_bytes(data)
     hwc = np.full((2, 32, 32, 3), 7, np.uint8)
     root.joinpath("test_batch").write_bytes(_py2_pickle({b"data": hwc.reshape(2, 3072), b"labels": [0, 0]}))
-    meta = tokenize_dataset([str(root)], Palette(np.zeros((1, 3), np.float32)), str(tmp_path / "out"), n_px=32,
-                            workers=1, progress=False)
-    assert not marker.exists() and meta["splits"]["test"]["samples"] == 2
-    assert "forbidden" in meta["splits"]["train"]["skipped"][0]["reason"]
+    # the only train batch is refused: an error naming it, not a dataset without a train split
+    with pytest.raises(TokenizeError, match=r"no image could be tokenized in the train split .*data_batch_1.*forbidden"):
+        tokenize_dataset([str(root)], Palette(np.zeros((1, 3), np.float32)), str(tmp_path / "out"), n_px=32,
+                         workers=1, progress=False)
+    assert not marker.exists() and not (tmp_path / "out" / "meta.json").exists()
+    runner = CliRunner()
+    pal = str(tmp_path / "pal.npy")
+    Palette(np.zeros((1, 3), np.float32)).save(pal)
+    line = _one_line_error(runner.invoke(cli, ["tokenize", str(root), "--palette", pal, "--out", str(tmp_path / "o"),
+                                               "--workers", "1"]))
+    assert "train split" in line and "forbidden" in line and not marker.exists()
 
 
 def _tar_add(tf, name, data):
@@ -366,7 +372,7 @@ def test_image_folder_reader(tmp_path, palette):
     assert meta["splits"]["train"]["samples"] == 8 and meta["splits"]["test"]["samples"] == 4
     assert [s["reason"] for s in meta["splits"]["train"]["skipped"]] == ["not inside a class folder"]
     listings, _ = list_sources([str(root)])
-    by_key = {k: ref[1] for items in listings[0].items.values() for k, _, ref in items}
+    by_key = {it.key: it.ref[1] for items in listings[0].items.values() for it in items}
     for split in ("train", "test"):
         for key, (tokens, cls) in _read_shards(str(tmp_path / "out"), split).items():
             file = by_key[key]
@@ -435,9 +441,9 @@ def _tree(path):
             for d, _, files in os.walk(path) for f in files}
 
 
-def test_kill_9_then_rerun_is_byte_identical(tmp_path, palette_path):
-    images = read_idx(f"{FMNIST}/train-images-idx3-ubyte.gz")[:12000]
-    labels = read_idx(f"{FMNIST}/train-labels-idx1-ubyte.gz")[:12000]
+def test_kill_9_then_rerun_is_byte_identical(tmp_path, palette_path, fashion_mnist):
+    images = read_idx(f"{fashion_mnist}/train-images-idx3-ubyte.gz")[:12000]
+    labels = read_idx(f"{fashion_mnist}/train-labels-idx1-ubyte.gz")[:12000]
     src = tmp_path / "fm"
     src.mkdir()
     with gzip.open(src / "train-images-idx3-ubyte.gz", "wb") as f:
