@@ -1,40 +1,54 @@
-"""Hugging Face ImageGPT checkpoints -> IGPT (from_hf_imagegpt) and the converted-checkpoint file.
+"""Hugging Face ImageGPT <-> IGPT: import (from_hf_imagegpt) and export (to_hf_imagegpt).
 
-Reference: transformers src/transformers/models/imagegpt/modeling_imagegpt.py and
-configuration_imagegpt.py; docs/IGPT_REFERENCE.md ("HF ImageGPT compatibility").
+Reference: transformers src/transformers/models/imagegpt/modeling_imagegpt.py,
+configuration_imagegpt.py and image_processing_imagegpt.py; docs/IGPT_REFERENCE.md ("HF ImageGPT
+compatibility").
 - HF vocab is n_vocab + 1: row n_vocab (512) of `wte.weight` is the sos vector; HF never adds it, so
   HF logits for input [512] + x[:-1] equal IGPT logits for x.
 - HF Conv1D weights are [in, out] (transposed for nn.Linear); c_attn fuses q | k | v in that column
   order, which is IGPT's fused c_attn row order once transposed.
-- HF linears carry biases that iGPT does not have; they must be zero (checked, never dropped silently).
+- HF linears carry biases that iGPT does not have; they must be zero (checked, never dropped silently)
+  on import, and are written as zeros on export.
+- HF's ImageGPTLayerNorm is iGPT's norm (x / sqrt(mean(x^2) + eps) * g, no mean, no bias): the
+  weights map one to one.
 - Old checkpoints carry causal-mask buffers (`attn.bias` of shape (1, 1, n, n), `attn.masked_bias`);
   they are ignored.
-- Accepted sources: a save_pretrained / hub-snapshot directory (config.json + model.safetensors,
+- Accepted import sources: a save_pretrained / hub-snapshot directory (config.json + model.safetensors,
   a sharded *.index.json, or pytorch_model.bin), a weights file or a state dict (n_head then
   required: it is not in the weights), or an HF model object. Heads: ImageGPTModel (no head: the
   lm_head stays zero), ImageGPTForCausalImageModeling (lm_head), ImageGPTForImageClassification
   (score -> IGPT's classification head, which pools ln_f like HF).
+- Export writes a folder that `ImageGPTForCausalImageModeling.from_pretrained` (head="lm", the
+  default: a finetuned model's classification head is left out) or
+  `ImageGPTForImageClassification.from_pretrained` (head="classifier": the lm_head is left out, as HF's
+  class has none) loads: config.json, model.safetensors (fp32 as stored), and, given the palette,
+  preprocessor_config.json for `ImageGPTImageProcessor` (palette as `clusters`, bilinear squash resize
+  to n_px, as `igpt-fast tokenize --resize squash`). HF -> IGPT -> HF gives back the same tensors bit
+  for bit. BERT-objective models have no HF class (HF's ImageGPT is causal only): export refuses them.
 - The palette: HF stores it as `clusters` in preprocessor_config.json (read_hf_palette).
 """
 import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Mapping
 
 import torch
 
+from igpt_fast.errors import IGPTError
 from igpt_fast.model import GPTConfig, IGPT
 
-__all__ = ["from_hf_imagegpt", "read_hf_palette", "load_hf_state_dict", "ConversionError"]
+__all__ = ["from_hf_imagegpt", "to_hf_imagegpt", "read_hf_palette", "load_hf_state_dict", "source_format",
+           "ConversionError"]
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 _LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
-class ConversionError(ValueError):
-    """An HF checkpoint that cannot be mapped onto IGPT exactly."""
+class ConversionError(IGPTError, ValueError):
+    """A checkpoint that cannot be mapped exactly between HF ImageGPT and IGPT."""
 
 
 def _load_weights_file(path):
@@ -162,3 +176,150 @@ def from_hf_imagegpt(source, n_head=None):
             raise ConversionError(f"{key}: HF tensor has shape {tuple(value.shape)}, IGPT expects {tuple(target[key].shape)}")
     model.load_state_dict({k: v.float().contiguous() for k, v in ours.items()}, strict=True)
     return model.eval()
+
+
+def source_format(path):
+    """"hf" for an HF ImageGPT folder or weights file, "igpt" for an igpt-fast run folder or checkpoint;
+    ConversionError for anything else. Lets the CLI tell a user which direction they meant."""
+    from igpt_fast.checkpoint import CKPT_NAME
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, CKPT_NAME)):
+            return "igpt"
+        if os.path.isfile(os.path.join(path, "config.json")) and any(
+                os.path.isfile(os.path.join(path, name)) for name in _WEIGHT_FILES):
+            return "hf"
+        raise ConversionError(f"{path} is neither an igpt-fast run (no {CKPT_NAME}) nor a Hugging Face ImageGPT "
+                              f"folder (config.json + one of {', '.join(_WEIGHT_FILES)})")
+    if not os.path.isfile(path):
+        raise ConversionError(f"no such file or directory: {path}")
+    if path.endswith((".safetensors", ".index.json")):
+        return "hf"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise ConversionError(f"{path} is not a readable checkpoint: {e}") from None
+    if isinstance(obj, Mapping) and "model_config" in obj:
+        return "igpt"
+    if isinstance(obj, Mapping) and any(k in obj for k in ("wte.weight", "transformer.wte.weight")):
+        return "hf"
+    raise ConversionError(f"{path} holds neither an igpt-fast checkpoint nor ImageGPT weights")
+
+
+def _hf_config(config, head, dropout):
+    """The config.json of transformers' ImageGPTConfig for an IGPT config."""
+    hf = dict(model_type="imagegpt", vocab_size=config.n_vocab + 1, n_positions=config.n_ctx, n_embd=config.n_embd,
+              n_layer=config.n_layer, n_head=config.n_head, n_inner=None, activation_function="quick_gelu",
+              resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+              initializer_range=0.02, scale_attn_weights=True, use_cache=True, tie_word_embeddings=False,
+              scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, add_cross_attention=False)
+    if head == "classifier":
+        hf["architectures"] = ["ImageGPTForImageClassification"]
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.n_classes)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(config.n_classes)}
+    else:
+        hf["architectures"] = ["ImageGPTForCausalImageModeling"]
+    return hf
+
+
+def _preprocessor_config(clusters, n_px):
+    """preprocessor_config.json of ImageGPTImageProcessor: bilinear squash to n_px, x / 127.5 - 1, nearest cluster."""
+    return {"image_processor_type": "ImageGPTImageProcessor", "clusters": clusters.tolist(),
+            "do_color_quantize": True, "do_normalize": True, "do_resize": True,
+            "size": {"height": n_px, "width": n_px}, "resample": 2}
+
+
+def to_hf_imagegpt(model, palette=None, out_dir=None, head="lm"):
+    """IGPT -> (HF state dict, HF config dict); with out_dir, also write the HF folder (see the
+    module docstring) atomically: a temp folder beside out_dir, renamed into place.
+
+    head "lm": ImageGPTForCausalImageModeling (a classification head, if any, is left out);
+    "classifier": ImageGPTForImageClassification (needs config.n_classes > 0; the lm_head is left out).
+    palette: a Palette, a (n_vocab, 3) array or tensor in [-1, 1], or None (no preprocessor_config.json).
+    Raises ConversionError for BERT-objective models and impossible requests."""
+    import numpy as np
+
+    config = model.config
+    if config.objective != "ar":
+        raise ConversionError(f"this model was trained with the {config.objective!r} objective; Hugging Face's "
+                              "ImageGPT is autoregressive only, so there is no HF model to export it to")
+    if head not in ("lm", "classifier"):
+        raise ConversionError(f"head must be 'lm' or 'classifier', got {head!r}")
+    if head == "classifier" and model.clf_head is None:
+        raise ConversionError("this model has no classification head to export (finetune it first, or export "
+                              "head='lm')")
+    clusters = None
+    if palette is not None:
+        clusters = np.asarray(getattr(palette, "centers", palette), dtype=np.float32)
+        if clusters.shape != (config.n_vocab, 3):
+            raise ConversionError(f"the palette has shape {clusters.shape} but the model has n_vocab "
+                                  f"{config.n_vocab}: pass the palette the model was trained with")
+
+    ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    C = config.n_embd
+    zeros = {"attn.c_attn": 3 * C, "attn.c_proj": C, "mlp.c_fc": 4 * C, "mlp.c_proj": C}
+    sd = {"transformer.wte.weight": torch.cat([ours["wte.weight"], ours["sos"][None]], dim=0),  # (n_vocab + 1, C)
+          "transformer.wpe.weight": ours["wpe.weight"]}
+    for i in range(config.n_layer):
+        p = f"h.{i}."
+        sd["transformer." + p + "ln_1.weight"] = ours[p + "ln_1.weight"]
+        sd["transformer." + p + "ln_2.weight"] = ours[p + "ln_2.weight"]
+        for name in _LINEARS:
+            w = ours[p + name + ".weight"]
+            sd["transformer." + p + name + ".weight"] = w.t()  # Linear [out, in] -> Conv1D [in, out]
+            sd["transformer." + p + name + ".bias"] = torch.zeros(zeros[name], dtype=w.dtype)
+    sd["transformer.ln_f.weight"] = ours["ln_f.weight"]
+    if head == "lm":
+        sd["lm_head.weight"] = ours["lm_head.weight"]
+    else:
+        sd["score.weight"] = ours["clf_head.weight"]
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    hf_config = _hf_config(config, head, config.dropout)
+    if out_dir is not None:
+        _write_hf_folder(os.fspath(out_dir), sd, hf_config,
+                         None if clusters is None else _preprocessor_config(clusters, config.n_px))
+    return sd, hf_config
+
+
+def _is_hf_export(path):
+    """True when path holds the config.json of an ImageGPT model."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("model_type") == "imagegpt"
+    except (OSError, ValueError):
+        return False
+
+
+def _write_hf_folder(out_dir, state_dict, hf_config, preprocessor):
+    """Write the files into a temp folder beside out_dir, then rename it into place. An existing
+    out_dir is replaced only when it is empty or an earlier ImageGPT export."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ConversionError("writing model.safetensors needs the safetensors package: pip install safetensors") \
+            from None
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise ConversionError(f"{out_dir} is a file; the Hugging Face export is a folder: choose another --out")
+        if os.listdir(out_dir) and not _is_hf_export(out_dir):
+            raise ConversionError(f"{out_dir} exists and is not an ImageGPT folder; choose a new or empty --out")
+    out_dir = os.path.abspath(out_dir)
+    tmp, old = f"{out_dir}.tmp{os.getpid()}", f"{out_dir}.old{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed export of this pid
+    os.makedirs(tmp)
+    try:
+        save_file(state_dict, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        files = {"config.json": hf_config}
+        if preprocessor is not None:
+            files["preprocessor_config.json"] = preprocessor
+        for name, obj in files.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=2)
+                f.write("\n")
+        if os.path.isdir(out_dir):
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
