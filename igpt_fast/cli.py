@@ -2,9 +2,10 @@
 
 Heavy imports (torch, faiss, webdataset) happen inside each command so `igpt-fast --help` is instant;
 this module imports neither torch nor numpy. The options several verbs share (--impl, --resize,
---workers, --device) are defined once below. The library's expected failures (igpt_fast.errors.IGPTError:
-bad input, missing or incompatible artefacts) are caught once, by the group, and shown as one line;
-anything else keeps its traceback. Progress bars go to stderr; stdout carries results.
+--workers, --device, finite floats) are defined once, in options.py. The library's expected failures
+(igpt_fast.errors.IGPTError: bad input, missing or incompatible artefacts) are caught once, by the
+group, and shown as one line; anything else keeps its traceback. Progress bars go to stderr; stdout
+carries results.
 """
 import math
 import os
@@ -13,48 +14,8 @@ import click
 
 from . import __version__
 from .errors import IGPTError
-
-IMPLS = ("auto", "triton", "torch")
-RESIZE_MODES = ("squash", "center-crop", "pad")
-DEFAULT_WORKERS = max(1, min(8, os.cpu_count() or 1))
-
-impl_option = click.option(
-    "--impl", type=click.Choice(IMPLS), default="auto", show_default=True,
-    help="Kernels: auto (Triton on CUDA, torch elsewhere), triton, torch. Chosen per run, never saved.")
-resize_option = click.option(
-    "--resize", type=click.Choice(RESIZE_MODES), default="squash", show_default=True,
-    help="squash = HF ImageGPT's bilinear resize; center-crop; pad (e.g. 28 -> 32, black border).")
-workers_option = click.option("--workers", type=click.IntRange(1), default=DEFAULT_WORKERS, show_default=True,
-                              help="Decode/resize processes.")
-device_option = click.option("--device", help="cuda, cuda:1, cpu (default: cuda when present).")
-overwrite_option = click.option("--overwrite", is_flag=True,
-                                help="Start a new run in a folder that already holds one (its checkpoints and log go).")
-
-
-class FiniteFloat(click.ParamType):
-    """A finite float (no nan / inf) in [lo, hi]; lo_open excludes lo."""
-
-    name = "float"
-
-    def __init__(self, lo=None, hi=None, lo_open=False):
-        self.lo, self.hi, self.lo_open = lo, hi, lo_open
-
-    def convert(self, value, param, ctx):
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not math.isfinite(v):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
-            self.fail(f"{v} must be {'>' if self.lo_open else '>='} {self.lo}", param, ctx)
-        if self.hi is not None and v > self.hi:
-            self.fail(f"{v} must be <= {self.hi}", param, ctx)
-        return v
-
-
-POSITIVE = FiniteFloat(0, lo_open=True)
-NON_NEGATIVE = FiniteFloat(0)
+from .options import (NON_NEGATIVE, POSITIVE, FiniteFloat, device_option, impl_option, overwrite_option,
+                      resize_option, workers_option)
 
 
 class _Group(click.Group):
@@ -117,15 +78,19 @@ def palette_cmd(src, out, k, n_px, resize, max_pixels, seed, workers):
             palette = Palette.fit(pixels, k=k, seed=seed)
     except (TokenizeError, PaletteError) as e:
         raise click.ClickException(str(e)) from None
-    for w in caught:
-        click.echo(f"note: {w.message}", err=True)
     t2 = time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     palette.save(out)
     swatch = os.path.splitext(out)[0] + ".png"
     palette.save_swatch(swatch)
+    with warnings.catch_warnings(record=True) as caught_lut:
+        warnings.simplefilter("always")
+        palette.build_lut()  # persisted: the first tokenize of any later process skips filling it
+    for w in caught + caught_lut:
+        click.echo(f"note: {w.message}", err=True)
     click.echo(f"palette {out} | k {palette.k} | {len(pixels)} pixels | sample {t1 - t0:.1f} s | "
-               f"k-means {t2 - t1:.1f} s | sha256 {palette.sha256[:12]} | swatch {swatch}")
+               f"k-means {t2 - t1:.1f} s | lookup table {time.perf_counter() - t2:.1f} s | "
+               f"sha256 {palette.sha256[:12]} | swatch {swatch}")
 
 
 @cli.command("tokenize")
@@ -142,25 +107,34 @@ def palette_cmd(src, out, k, n_px, resize, max_pixels, seed, workers):
               help="Decode/resize processes.")
 @click.option("--shard-size", type=click.IntRange(1), default=5000, show_default=True, help="Samples per shard.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Shuffle and val split seed.")
-def tokenize_cmd(src, palette_path, out, n_px, resize, val_fraction, workers, shard_size, seed):
+@click.option("--restart", is_flag=True,
+              help="Discard what an earlier tokenize left in DIR (other settings, a changed source) and start over.")
+def tokenize_cmd(src, palette_path, out, n_px, resize, val_fraction, workers, shard_size, seed, restart=False):
     """Images in SRC... (image folders, CIFAR python folders, IDX files, .tar WebDatasets) -> token shards.
 
     Writes DIR/{split}-%06d.tar, DIR/palette.npy and DIR/meta.json. Interrupted runs resume: rerun the
-    same command.
+    same command (refused if the sources changed meanwhile: --restart starts over).
     """
+    import warnings
+
     from .palette import Palette, PaletteError
     from .tokenize import TokenizeError, tokenize_dataset
 
     try:
         palette = Palette.load(palette_path)
-        meta = tokenize_dataset(list(src), palette, out, n_px=n_px, resize=resize, val_fraction=val_fraction,
-                                workers=workers, shard_size=shard_size, seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"note: {message}", err=True)
+            meta = tokenize_dataset(list(src), palette, out, n_px=n_px, resize=resize, val_fraction=val_fraction,
+                                    workers=workers, shard_size=shard_size, seed=seed, restart=restart)
     except (TokenizeError, PaletteError) as e:
         raise click.ClickException(str(e)) from None
     splits = " | ".join(f"{s} {m['samples']} in {m['shards']} shards, {len(m['skipped'])} skipped"
                         for s, m in meta["splits"].items())
-    if "_elapsed_s" in meta:
-        rate = meta["_tokenized"] / max(meta["_elapsed_s"], 1e-9)
+    if meta.get("converted"):
+        splits += " | converted " + ", ".join(f"{n} {kind}" for kind, n in meta["converted"].items())
+    if not meta.already_complete:
+        rate = meta.tokenized / max(meta.elapsed_s, 1e-9)
         click.echo(f"tokenized {out} | {splits} | n_px {n_px} | {rate:.0f} img/s")
     else:
         click.echo(f"already complete {out} | {splits} | n_px {n_px}")
@@ -503,37 +477,6 @@ def finetune_cmd(ctx, run, data_dir, out, gen_weight, patience, max_eval, n_clas
                f"of {result['steps_run']} | {os.path.join(out, BEST_NAME)} | {os.path.join(out, RESULT_NAME)}")
 
 
-def _originals(model, palette, ckpt_path, data_dir, meta, split, n_images, image_files, resize):
-    """(tokens (N, n_ctx) to complete or None, palette): from --data shards or image files."""
-    import numpy as np
-    import torch
-
-    if data_dir:
-        from .data import eval_loader, load_data_palette
-
-        palette = palette if palette is not None else load_data_palette(data_dir, meta)
-        loader = eval_loader(data_dir, split, n_images, meta=meta)
-        batch = next(iter(loader), None)
-        if batch is None:
-            raise click.ClickException(f"split {split!r} of {data_dir} has no samples")
-        return batch[0], palette
-    if palette is None:
-        raise click.ClickException(f"{ckpt_path} stores no palette to draw with; convert it again with "
-                                   "`igpt-fast convert ... --palette palette.npy`")
-    if not image_files:
-        return None, palette
-    from PIL import Image, UnidentifiedImageError
-
-    from .tokenize import tokenize_images
-
-    try:
-        pictures = [Image.open(p) for p in image_files]
-    except (UnidentifiedImageError, OSError) as e:
-        raise click.ClickException(f"cannot read an image: {e}") from None
-    ids = tokenize_images(pictures, palette, n_px=model.config.n_px, resize=resize)
-    return torch.from_numpy(ids.astype(np.int64)), palette
-
-
 @cli.command("sample")
 @click.argument("run", type=click.Path(exists=True))
 @click.argument("image_files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
@@ -570,7 +513,7 @@ def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, sa
     import numpy as np
     import torch
 
-    from .sample import complete, completion_grid, samples_grid, save_png, unconditional
+    from .sample import complete, completion_grid, load_originals, samples_grid, save_png, unconditional
 
     if from_files and not image_files:
         raise click.UsageError("--images needs image files after RUN: igpt-fast sample RUN --images a.png b.png")
@@ -582,7 +525,8 @@ def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, sa
     rows = c.n_px // 2 if rows is None else rows
     if rows >= c.n_px:
         raise click.UsageError(f"--rows {rows}: the images have {c.n_px} rows; condition on fewer")
-    originals, palette = _originals(model, palette, ckpt_path, data_dir, meta, split, n_images, image_files, resize)
+    originals, palette = load_originals(model, palette, ckpt_path, data_dir, meta, split, n_images, image_files,
+                                        resize)
     out = out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "samples")
     os.makedirs(out, exist_ok=True)
     scale = scale or max(1, -(-64 // c.n_px))

@@ -28,8 +28,8 @@ import torch
 
 from igpt_fast.errors import IGPTError
 
-__all__ = ["SampleError", "load_run", "sample_logits", "generate", "complete", "unconditional", "image_grid",
-           "completion_grid", "samples_grid", "save_png"]
+__all__ = ["SampleError", "load_run", "load_originals", "sample_logits", "generate", "complete", "unconditional",
+           "image_grid", "completion_grid", "samples_grid", "save_png"]
 
 GREY = 128  # colour of the pixels a completion did not condition on, in the masked-input column
 
@@ -46,6 +46,36 @@ def load_run(run, device="cpu", impl="auto"):
     ckpt = load_checkpoint(run)
     model = model_from_checkpoint(ckpt, impl=impl).to(device).eval()
     return model, palette_from_checkpoint(ckpt), ckpt["path"]
+
+
+def load_originals(model, palette, ckpt_path, data_dir=None, meta=None, split="test", n_images=8, image_files=(),
+                   resize="squash"):
+    """(tokens (N, n_ctx) to complete or None, palette to draw with): the first n_images of a split of
+    the shards in data_dir (meta: its meta.json), or image files tokenized with the run's palette, or
+    None for unconditional samples. SampleError when there is nothing to draw with."""
+    if data_dir:
+        from igpt_fast.data import eval_loader, load_data_palette
+
+        palette = palette if palette is not None else load_data_palette(data_dir, meta)
+        batch = next(iter(eval_loader(data_dir, split, n_images, meta=meta)), None)
+        if batch is None:
+            raise SampleError(f"split {split!r} of {data_dir} has no samples")
+        return batch[0], palette
+    if palette is None:
+        raise SampleError(f"{ckpt_path} stores no palette to draw with; convert it again with "
+                          "`igpt-fast convert ... --palette palette.npy`")
+    if not image_files:
+        return None, palette
+    from PIL import Image, UnidentifiedImageError
+
+    from igpt_fast.tokenize import tokenize_images
+
+    try:
+        pictures = [Image.open(p) for p in image_files]
+    except (UnidentifiedImageError, OSError) as e:
+        raise SampleError(f"cannot read an image: {e}") from None
+    ids = tokenize_images(pictures, palette, n_px=model.config.n_px, resize=resize)
+    return torch.from_numpy(ids.astype(np.int64)), palette
 
 
 def sample_logits(logits, temperature=1.0, top_k=None, generator=None):
