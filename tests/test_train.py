@@ -230,6 +230,7 @@ def test_torchrun_two_processes_gloo(data_dir, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("step 1 | loss") == 1  # rank 0 logs alone
+    assert proc.stdout.count("done | step 3") == 1 and proc.stdout.count('"world_size": 2') == 1
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["world_size"] == 2
     ckpt = load_checkpoint(run / "ckpt.pt")
