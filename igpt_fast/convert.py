@@ -1,8 +1,7 @@
 """Hugging Face ImageGPT <-> IGPT: import (from_hf_imagegpt) and export (to_hf_imagegpt).
 
 Reference: transformers src/transformers/models/imagegpt/modeling_imagegpt.py,
-configuration_imagegpt.py and image_processing_imagegpt.py; docs/IGPT_REFERENCE.md ("HF ImageGPT
-compatibility").
+configuration_imagegpt.py and image_processing_imagegpt.py.
 - HF vocab is n_vocab + 1: row n_vocab (512) of `wte.weight` is the sos vector; HF never adds it, so
   HF logits for input [512] + x[:-1] equal IGPT logits for x.
 - HF Conv1D weights are [in, out] (transposed for nn.Linear); c_attn fuses q | k | v in that column
