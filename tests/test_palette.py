@@ -1,5 +1,7 @@
 """Palette: exact quantisation against a float64 brute force, fit determinism and degenerate data,
 save/load round trip, the OpenAI/HF layout, malformed files."""
+import os
+import shutil
 import warnings
 
 import numpy as np
@@ -20,6 +22,14 @@ def brute_force(colours, centers):
 def photo_pixels():
     return np.concatenate([im.reshape(-1, 3) for im in
                            (skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea())])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lut_cache(tmp_path_factory):
+    """Persisted lookup tables go to a temporary folder, not the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IGPT_FAST_CACHE_DIR", str(tmp_path_factory.mktemp("lut-cache")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +68,87 @@ def test_quantize_equals_brute_force(name, fitted):
     np.testing.assert_array_equal(pal.quantize(images).reshape(-1), ids[:4096])
 
 
-def test_full_lookup_table_matches_brute_force_on_a_stride(fitted):
+def stride_colours(step=97, start=0):
+    """Colours start, start + step, ... over the whole cube (173k for step 97)."""
+    keys = np.arange(start, 1 << 24, step, dtype=np.uint32)
+    return np.stack([keys >> 16, (keys >> 8) & 255, keys & 255], -1).astype(np.uint8)
+
+
+def test_full_and_persisted_lookup_tables_match_brute_force_on_a_stride(fitted):
     pal = Palette(fitted.centers)
     pal.build_lut()
-    keys = np.arange(0, 1 << 24, 97, dtype=np.uint32)  # 173k colours spread over the whole cube
-    colours = np.stack([keys >> 16, (keys >> 8) & 255, keys & 255], -1).astype(np.uint8)
+    colours = stride_colours()
+    expected = brute_force(colours, pal.centers)
+    np.testing.assert_array_equal(pal.quantize(colours), expected)
+    path = pal.lut_path()
+    assert os.path.isfile(path) and os.path.getsize(path) == 64 + 2 * (1 << 24)
+    assert not [f for f in os.listdir(os.path.dirname(path)) if ".tmp" in f]  # written atomically
+
+    again = Palette(fitted.centers)  # what a fresh process sees: the persisted table, memory-mapped
+    ids = again.quantize(colours)
+    assert again._lut_complete and not again._lut.flags.writeable
+    np.testing.assert_array_equal(ids, expected)
+    other = stride_colours(1013, 50)
+    np.testing.assert_array_equal(again.quantize(other), brute_force(other, pal.centers))
+
+
+def test_a_persisted_table_is_used_only_for_its_own_palette(fitted, tmp_path):
+    mine, theirs = Palette(fitted.centers), Palette(PALETTES["uniform-random"])
+    mine.build_lut()
+    colours = stride_colours(40009)
+    expected = brute_force(colours, theirs.centers)
+
+    shutil.copy(mine.lut_path(), theirs.lut_path())  # another palette's table under this palette's name
+    fresh = Palette(theirs.centers)
+    np.testing.assert_array_equal(fresh.quantize(colours), expected)
+    assert not fresh._lut_complete  # the header names the other palette: ignored, filled lazily instead
+
+    with open(mine.lut_path(), "rb") as f:
+        body = f.read()[64:]
+    with open(theirs.lut_path(), "wb") as f:  # right header, wrong ids: the spot check catches it
+        f.write(theirs._lut_header() + body)
+    fresh = Palette(theirs.centers)
+    with pytest.warns(UserWarning, match="does not match its palette"):
+        ids = fresh.quantize(colours)
+    np.testing.assert_array_equal(ids, expected)
+
+    with open(theirs.lut_path(), "wb") as f:  # truncated
+        f.write(theirs._lut_header() + body[:1000])
+    fresh = Palette(theirs.centers)
+    np.testing.assert_array_equal(fresh.quantize(colours), expected)
+    assert not fresh._lut_complete
+    fresh.build_lut()  # rebuilt and persisted over the bad file
+    assert Palette(theirs.centers).quantize(colours[:1]) == expected[:1] and os.path.getsize(theirs.lut_path()) > 1000
+
+
+def test_unwritable_cache_folder_warns_and_still_quantizes(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("IGPT_FAST_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    pal = Palette(PALETTES["ties"])
+    with pytest.warns(UserWarning, match="could not persist"):
+        pal.build_lut()
+    colours = stride_colours(1009)
     np.testing.assert_array_equal(pal.quantize(colours), brute_force(colours, pal.centers))
+
+
+def test_many_unfilled_cells_in_one_call_fill_the_whole_table(monkeypatch):
+    pal = Palette(PALETTES["ties"])
+    colours = stride_colours(257)  # touches every 8x8x8 cell
+    np.testing.assert_array_equal(pal.quantize(colours), brute_force(colours, pal.centers))
+    assert pal._lut_complete and os.path.isfile(pal.lut_path())
+    few = Palette(np.array([[0.3, 0.1, -0.5], [0.2, 0.2, 0.2]], dtype=np.float32))  # no table persisted yet
+    few.quantize(colours[:100])
+    assert not few._lut_complete  # a handful of cells: filled lazily
+
+
+def test_palette_pickles_without_its_table(fitted):
+    import pickle
+
+    pal = Palette(fitted.centers)
+    pal.quantize(stride_colours(5003))
+    data = pickle.dumps(pal)
+    assert len(data) < 100_000
+    np.testing.assert_array_equal(pickle.loads(data).quantize(stride_colours(5003)), pal.quantize(stride_colours(5003)))
 
 
 def test_fit_is_deterministic_sorted_and_distinct(fitted):

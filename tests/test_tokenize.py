@@ -7,6 +7,7 @@ the IDX format (big-endian header, magic 0x00000803 for uint8 (N, H, W)).
 """
 import gzip
 import io
+import json
 import os
 import pickle
 import shutil
@@ -30,6 +31,14 @@ from igpt_fast.tokenize import (
 )
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "colorwheel"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lut_cache(tmp_path_factory):
+    """Persisted lookup tables go to a temporary folder, not the user's cache (subprocesses inherit it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IGPT_FAST_CACHE_DIR", str(tmp_path_factory.mktemp("lut-cache")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +83,6 @@ def _read_shards(out, split):
     return samples
 
 
-# ---------------------------------------------------------------------------------------------- HF parity
-
-
 @pytest.mark.parametrize("n_px", [32, 48])
 def test_squash_matches_hf_imagegpt_on_real_photos(palette, n_px):
     import warnings
@@ -102,9 +108,6 @@ def test_arrays_of_n_px_skip_resize_with_identical_ids(palette):
     via_pil = tokenize_images([Image.fromarray(a) for a in batch], palette, n_px=32)
     np.testing.assert_array_equal(fast, via_pil)
     np.testing.assert_array_equal(fast, palette.quantize(batch).reshape(len(batch), -1))
-
-
-# ---------------------------------------------------------------------------------------------- colour rule
 
 
 def test_colour_conversions():
@@ -163,9 +166,6 @@ def test_resize_modes():
     np.testing.assert_array_equal(resize_image(square, 16, "center-crop"), resize_image(square, 16, "squash"))
 
 
-# ---------------------------------------------------------------------------------------------- readers
-
-
 def test_idx_reader_on_real_fashion_mnist(tmp_path, palette, fashion_mnist):
     images = read_idx(f"{fashion_mnist}/t10k-images-idx3-ubyte.gz")
     labels = read_idx(f"{fashion_mnist}/t10k-labels-idx1-ubyte.gz")
@@ -190,6 +190,7 @@ def test_idx_reader_on_real_fashion_mnist(tmp_path, palette, fashion_mnist):
     meta = tokenize_dataset([str(src)], palette, out, n_px=28, workers=1, shard_size=256, progress=False)
     assert meta["splits"]["test"]["samples"] == n and meta["splits"]["test"]["shards"] == 3
     assert list(meta["splits"]) == ["test"] and meta["n_ctx"] == 784
+    assert meta["converted"] == {"grey": n} and meta["empty_classes"] == []
     samples = _read_shards(out, "test")
     expected = tokenize_images(images[:n], palette, n_px=28)  # grey batch (n, 28, 28)
     for key, (tokens, cls) in samples.items():
@@ -277,8 +278,10 @@ def test_cifar100_reader(tmp_path, palette):
         root.joinpath(name).write_bytes(_py2_pickle({
             b"data": hwc.transpose(0, 3, 1, 2).reshape(n, 3072), b"fine_labels": list(range(n)),
             b"coarse_labels": [0] * n, b"filenames": [b"x"] * n, b"batch_label": name.encode()}))
-    meta = tokenize_dataset([str(root)], palette, str(tmp_path / "out"), n_px=16, workers=1, progress=False)
+    with pytest.warns(UserWarning, match="70 class"):
+        meta = tokenize_dataset([str(root)], palette, str(tmp_path / "out"), n_px=16, workers=1, progress=False)
     assert len(meta["class_names"]) == 100 and meta["class_names"][7] == "c7"
+    assert meta["empty_classes"] == [f"c{i}" for i in range(30, 100)]  # ids 30..99 have no image but keep their id
     assert meta["splits"]["train"]["samples"] == 30 and meta["splits"]["test"]["samples"] == 10
     assert sorted(c for _, c in _read_shards(str(tmp_path / "out"), "test").values()) == list(range(10))
 
@@ -384,9 +387,6 @@ def test_image_folder_reader(tmp_path, palette):
     assert meta2["splits"]["test"]["samples"] == 4 and meta2["class_names"] == ["ant", "zebra"]
 
 
-# ---------------------------------------------------------------------------------------------- bad files
-
-
 def _bad_zoo(root):
     rng = np.random.default_rng(7)
     root.mkdir()
@@ -431,9 +431,6 @@ def test_sample_pixels(tmp_path):
     assert set(np.unique(px)) <= {10, 11, 12, 13, 14}  # test split excluded
     np.testing.assert_array_equal(px, sample_pixels([str(root)], n_px=4, max_pixels=50, seed=1))
     assert sample_pixels([str(root)], n_px=4, max_pixels=10_000).shape == (80, 3)
-
-
-# ---------------------------------------------------------------------------------------------- resume
 
 
 def _tree(path):
@@ -486,9 +483,6 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path, palette_path, fashion_mni
     assert _tree(out) == ref_files
 
 
-# ---------------------------------------------------------------------------------------------- CLI errors
-
-
 def _one_line_error(result):
     assert result.exit_code != 0
     assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
@@ -531,3 +525,142 @@ def test_cli_errors(tmp_path, palette_path):
     line = _one_line_error(runner.invoke(cli, ["tokenize", str(empty), "--palette", palette_path,
                                                "--out", str(tmp_path / "o3"), "--workers", "1"]))
     assert "no image could be tokenized" in line
+
+
+def _folder(root, n, rng, size=(10, 10)):
+    """n random RGB PNGs in root/c0 and root/c1 (alternating)."""
+    for i in range(n):
+        d = root / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
+
+
+def _interrupt_after(monkeypatch, chunks):
+    """tokenize_dataset stops (KeyboardInterrupt) while decoding chunk `chunks` + 1 (workers=1, 4 items a chunk)."""
+    import igpt_fast.tokenize as tk
+
+    calls = []
+    real = tk._load_chunk
+
+    def load_chunk(task):
+        calls.append(1)
+        if len(calls) > chunks:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(tk, "CHUNK", 4)
+    monkeypatch.setattr(tk, "_load_chunk", load_chunk)
+    return lambda: monkeypatch.setattr(tk, "_load_chunk", real)
+
+
+def test_resume_over_a_changed_source_is_refused_and_restart_starts_over(tmp_path, palette, monkeypatch):
+    src, out, fresh = tmp_path / "src", str(tmp_path / "out"), str(tmp_path / "fresh")
+    _folder(src, 20, np.random.default_rng(8))
+    kw = dict(n_px=8, workers=1, shard_size=4, progress=False)
+    resume = _interrupt_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_dataset([str(src)], palette, out, **kw)
+    resume()
+    assert os.path.exists(os.path.join(out, "train-000000.tar")) and not os.path.exists(os.path.join(out, "meta.json"))
+
+    os.remove(src / "c1" / "003.png")
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(src / "c0" / "new.png")
+    with pytest.raises(TokenizeError, match=r"changed .*1 file\(s\) added \(e\.g\. c0/new\.png\), 1 file\(s\) deleted "
+                                            r"\(e\.g\. c1/003\.png\).*--restart"):
+        tokenize_dataset([str(src)], palette, out, **kw)
+    with open(src / "c0" / "000.png", "ab") as f:
+        f.write(b"\0")  # a modified file is a change too
+    with pytest.raises(TokenizeError, match=r"1 file\(s\) modified \(e\.g\. c0/000\.png\)"):
+        tokenize_dataset([str(src)], palette, out, **kw)
+    line = _one_line_error(CliRunner().invoke(cli, ["tokenize", str(src), "--palette", _save(palette, tmp_path),
+                                                    "--out", out, "--n-px", "8", "--shard-size", "4",
+                                                    "--workers", "1"]))
+    assert "changed" in line and "--restart" in line
+
+    meta = tokenize_dataset([str(src)], palette, out, restart=True, **kw)
+    keys = [k for split in meta["splits"] for k in _read_shards(out, split)]
+    assert meta["splits"]["train"]["samples"] == 20 == len(set(keys)) == len(keys)
+    tokenize_dataset([str(src)], palette, fresh, **kw)
+    assert _tree(out) == _tree(fresh)  # the restarted output is the one a first run writes
+
+    again = tokenize_dataset([str(src)], palette, out, **kw)
+    assert again.already_complete and again.tokenized == 0 and again == meta
+    (src / "c0" / "new.png").unlink()  # a complete output over a changed source is refused as well
+    with pytest.raises(TokenizeError, match="1 file.s. deleted"):
+        tokenize_dataset([str(src)], palette, out, **kw)
+    with pytest.raises(TokenizeError, match="other settings .*--restart"):
+        tokenize_dataset([str(src)], palette, out, **{**kw, "seed": 1})
+    assert tokenize_dataset([str(src)], palette, out, restart=True, **{**kw, "seed": 1})["splits"]["train"]["samples"] == 19
+
+
+def _save(palette, tmp_path):
+    path = str(tmp_path / "palette.npy")
+    palette.save(path)
+    return path
+
+
+def test_interrupted_run_resumes_with_the_same_meta(tmp_path, palette, monkeypatch):
+    src = tmp_path / "src"
+    _folder(src, 14, np.random.default_rng(9))
+    Image.fromarray(np.zeros((10, 10, 4), np.uint8), "RGBA").save(src / "c0" / "alpha.png")
+    kw = dict(n_px=8, workers=1, shard_size=3, val_fraction=0.2, progress=False)
+    resume = _interrupt_after(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_dataset([str(src)], palette, str(tmp_path / "out"), **kw)
+    resume()
+    resumed = tokenize_dataset([str(src)], palette, str(tmp_path / "out"), **kw)
+    assert 0 < resumed.tokenized < 15 and resumed.elapsed_s > 0 and not resumed.already_complete
+    assert "_elapsed_s" not in resumed and "_tokenized" not in resumed
+    whole = tokenize_dataset([str(src)], palette, str(tmp_path / "whole"), **kw)
+    assert whole.tokenized == 15 and resumed == whole and resumed["converted"] == {"alpha": 1}
+    assert _tree(str(tmp_path / "out")) == _tree(str(tmp_path / "whole"))
+
+
+def test_converted_inputs_are_counted_by_kind(tmp_path, palette):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(10)
+    rgb = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(src / "rgb.png")
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 4), dtype=np.uint8), "RGBA").save(src / f"rgba{i}.png")
+    Image.fromarray(rng.integers(0, 65536, (12, 12), dtype=np.uint16)).save(src / "deep.png")  # 16-bit grey
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=8).save(src / "pal.png")
+    Image.fromarray(rgb[..., 0]).save(src / "grey.png")
+    Image.fromarray(rgb).convert("CMYK").save(src / "print.jpg")
+    Image.fromarray(rgb[..., 0] > 127).save(src / "bits.png")
+    meta = tokenize_dataset([str(src)], palette, str(tmp_path / "out"), n_px=8, workers=1, progress=False)
+    assert meta["splits"]["train"]["samples"] == 9
+    assert meta["converted"] == {"16-bit": 1, "alpha": 3, "bilevel": 1, "cmyk": 1, "grey": 1, "palette": 1}
+    with open(tmp_path / "out" / "meta.json") as f:
+        assert json.load(f)["converted"] == meta["converted"]
+
+
+def test_progress_is_plain_lines_without_a_terminal_and_one_bar_on_one(tmp_path, palette, monkeypatch, capsys):
+    import igpt_fast.tokenize as tk
+
+    src = tmp_path / "src"
+    _folder(src, 12, np.random.default_rng(11))
+    monkeypatch.setattr(tk, "CHUNK", 4)
+    tokenize_dataset([str(src)], palette, str(tmp_path / "quiet"), n_px=8, workers=1, val_fraction=0.25)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines() == [err.splitlines()[0]]  # one summary line at the end
+    assert err.startswith("tokenize val: 12/12 images (100%) |")
+
+    monkeypatch.setattr(tk, "PROGRESS_EVERY_S", 0.0)
+    tokenize_dataset([str(src)], palette, str(tmp_path / "lines"), n_px=8, workers=1, val_fraction=0.25)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" |")[0] for line in lines] == [
+        "tokenize train: 4/12 images (33%)", "tokenize train: 8/12 images (67%)", "tokenize train: 9/12 images (75%)",
+        "tokenize val: 12/12 images (100%)", "tokenize val: 12/12 images (100%)"]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    tokenize_dataset([str(src)], palette, str(tmp_path / "bar"), n_px=8, workers=1, val_fraction=0.25)
+    renders = [r for r in term.getvalue().split("\r") if r.strip()]
+    assert renders and all(r.startswith("tokenize ") for r in renders)  # one bar, described from its first render
+    assert term.getvalue().count("\n") == 1 and "12/12" in renders[-1]
