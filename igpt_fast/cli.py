@@ -238,13 +238,9 @@ def convert_cmd(source, out, to, n_head, palette_path, head):
     """
     from .checkpoint import load_checkpoint, model_from_checkpoint, model_state, palette_from_checkpoint, save_checkpoint
     from .convert import from_hf_imagegpt, read_hf_palette, source_format, to_hf_imagegpt
-    from .errors import IGPTError
-    from .palette import Palette, PaletteError
+    from .palette import Palette
 
-    try:
-        kind = source_format(source)
-    except IGPTError as e:
-        raise click.ClickException(str(e)) from None
+    kind = source_format(source)
     if to == "igpt" and kind == "igpt":
         raise click.UsageError(f"{source} is an igpt-fast run or checkpoint already; to export it to Hugging Face "
                                "pass --to hf")
@@ -257,32 +253,26 @@ def convert_cmd(source, out, to, n_head, palette_path, head):
     if to == "igpt" and os.path.isdir(out):
         raise click.UsageError(f"--out {out} is a folder; --to igpt writes one checkpoint file (e.g. {out}/model.pt)")
 
-    try:
-        palette = Palette.load(palette_path) if palette_path is not None else None
-        if to == "igpt":
-            model = from_hf_imagegpt(source, n_head=n_head)
-            clusters = read_hf_palette(source) if palette is None and os.path.isdir(source) else None
-            palette = Palette(clusters) if clusters is not None else palette
-        else:
-            ckpt = load_checkpoint(source)
-            model = model_from_checkpoint(ckpt)
-            own = palette_from_checkpoint(ckpt)
-            if own is not None and palette is not None and own.sha256 != palette.sha256:
-                raise click.ClickException(f"{source} was trained with palette {own.sha256[:12]}, not "
-                                           f"{palette_path} ({palette.sha256[:12]}); leave out --palette")
-            palette = own if own is not None else palette
-    except (IGPTError, PaletteError) as e:
-        raise click.ClickException(str(e)) from None
+    palette = Palette.load(palette_path) if palette_path is not None else None
+    if to == "igpt":
+        model = from_hf_imagegpt(source, n_head=n_head)
+        clusters = read_hf_palette(source) if palette is None and os.path.isdir(source) else None
+        palette = Palette(clusters) if clusters is not None else palette
+    else:
+        ckpt = load_checkpoint(source)
+        model = model_from_checkpoint(ckpt)
+        own = palette_from_checkpoint(ckpt)
+        if own is not None and palette is not None and own.sha256 != palette.sha256:
+            raise click.ClickException(f"{source} was trained with palette {own.sha256[:12]}, not "
+                                       f"{palette_path} ({palette.sha256[:12]}); leave out --palette")
+        palette = own if own is not None else palette
     if palette is not None and palette.k != model.config.n_vocab:
         raise click.ClickException(f"the palette has {palette.k} colours but the model has n_vocab "
                                    f"{model.config.n_vocab}; pass the matching --palette")
     c = model.config
     shape = f"{c.n_layer} layers, {c.n_embd} wide, {c.n_head} heads, {c.n_px}x{c.n_px}"
     if to == "hf":
-        try:
-            _, hf_config = to_hf_imagegpt(model, palette, out, head=head or "lm")
-        except IGPTError as e:
-            raise click.ClickException(str(e)) from None
+        _, hf_config = to_hf_imagegpt(model, palette, out, head=head or "lm")
         notes = [hf_config["architectures"][0], shape]
         notes.append("no palette: preprocessor_config.json not written (pass --palette)" if palette is None
                      else f"palette {palette.sha256[:12]} in preprocessor_config.json")

@@ -29,8 +29,10 @@ configuration_imagegpt.py and image_processing_imagegpt.py.
 import json
 import math
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from collections.abc import Mapping
 
 import torch
@@ -180,16 +182,18 @@ def from_hf_imagegpt(source, n_head=None):
 def source_format(path):
     """"hf" for an HF ImageGPT folder or weights file, "igpt" for an igpt-fast run folder or checkpoint;
     ConversionError for anything else. Lets the CLI tell a user which direction they meant."""
-    from igpt_fast.checkpoint import CKPT_NAME
+    from igpt_fast.checkpoint import CheckpointError, resolve_checkpoint
 
     path = os.fspath(path)
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, CKPT_NAME)):
+        try:
+            resolve_checkpoint(path)  # a run folder (or a sharded checkpoint folder)
             return "igpt"
-        if os.path.isfile(os.path.join(path, "config.json")) and any(
-                os.path.isfile(os.path.join(path, name)) for name in _WEIGHT_FILES):
-            return "hf"
-        raise ConversionError(f"{path} is neither an igpt-fast run (no {CKPT_NAME}) nor a Hugging Face ImageGPT "
+        except CheckpointError:
+            if os.path.isfile(os.path.join(path, "config.json")) and any(
+                    os.path.isfile(os.path.join(path, name)) for name in _WEIGHT_FILES):
+                return "hf"
+        raise ConversionError(f"{path} is neither an igpt-fast run (no checkpoint) nor a Hugging Face ImageGPT "
                               f"folder (config.json + one of {', '.join(_WEIGHT_FILES)})")
     if not os.path.isfile(path):
         raise ConversionError(f"no such file or directory: {path}")
@@ -197,8 +201,9 @@ def source_format(path):
         return "hf"
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise ConversionError(f"{path} is not a readable checkpoint: {e}") from None
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"{path} is not a readable checkpoint: {first}") from None
     if isinstance(obj, Mapping) and "model_config" in obj:
         return "igpt"
     if isinstance(obj, Mapping) and any(k in obj for k in ("wte.weight", "transformer.wte.weight")):
