@@ -39,6 +39,7 @@ _UNSET = np.uint16(0xFFFF)  # lookup-table entry not filled yet; why k is at mos
 _CELL = 8  # lookup-table cells are 8x8x8 blocks of uint8 colours
 _N_CELLS = (256 // _CELL) ** 3
 _CELL_OFFSETS = np.stack(np.meshgrid(*[np.arange(_CELL)] * 3, indexing="ij"), -1).reshape(-1, 3)  # (512, 3)
+_CELL_OFFSET_KEYS = (_CELL_OFFSETS[:, 0] << 16) | (_CELL_OFFSETS[:, 1] << 8) | _CELL_OFFSETS[:, 2]  # (512,)
 _FULL_BUILD_CELLS = _N_CELLS // 4  # one quantize call missing this many cells builds the whole table
 _LUT_MAGIC = b"IGPTLUT\x01"  # format version 1
 _LUT_HEADER = 64  # magic (8), palette sha256 digest (32), k (8, little-endian), zeros (16)
@@ -101,13 +102,15 @@ class Palette:
         self.centers = centers
         self.centers.setflags(write=False)
         self._c64 = centers.astype(np.float64)
-        self._c64_sq = (self._c64 * self._c64).sum(1)
+        self._c64_far = np.vstack([self._c64, np.full((1, 3), 1e6)])  # (k + 1, 3): row k pads candidate lists
+        self._blocks = None  # (512, M) candidate ids of the 32x32x32 colour blocks, filled on first use
         self._lut = None  # uint16 (2^24,) ids; while not _lut_complete, _UNSET where not filled yet
         self._lut_complete = False
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_lut"], state["_lut_complete"] = None, False  # 32 MiB; rebuilt or re-mapped where needed
+        state["_blocks"] = None
         return state
 
     @property
@@ -125,7 +128,6 @@ class Palette:
         """Hex digest of the centres' little-endian float32 bytes (independent of the file header)."""
         return hashlib.sha256(self.centers.astype("<f4").tobytes()).hexdigest()
 
-    # ------------------------------------------------------------------ fit / load / save
     @classmethod
     def fit(cls, pixels, k=512, seed=0, niter=20, gpu=None, verbose=False):
         """k-means palette of uint8 RGB pixels (N, 3) (or (..., 3)); deterministic for a seed.
@@ -192,45 +194,73 @@ class Palette:
             np.save(f, self.centers)
         os.replace(tmp, path)
 
-    # ------------------------------------------------------------------ quantize / dequantize
+    def _box_candidates(self, base, side, ids):
+        """The centres among `ids` that can be nearest to some colour of each box, in ascending id order.
+
+        base: (n, 3) uint8 corners of boxes [base, base + side - 1]^3; ids: (n, M) ascending centre ids per
+        box, padded with k (a centre far outside the cube). A centre qualifies when its squared distance
+        to the box is at most the smallest squared distance of any centre to the box's far corner (+1e-9
+        for rounding); the nearest centre of every colour in the box qualifies. A box inside a larger box
+        keeps a subset of the larger box's candidates (both distances only shrink), so narrowing a parent's
+        list loses nothing. Returns (n, m) ids (padded with k) and (n,) counts.
+        """
+        lo = base / 127.5 - 1.0  # (n, 3)
+        hi = (base + side - 1) / 127.5 - 1.0
+        cen = self._c64_far[ids]  # (n, M, 3)
+        dmin = np.zeros(ids.shape)  # (n, M) squared distance from each centre to each box
+        dmax = np.zeros(ids.shape)  # (n, M) ... to the box's farthest corner
+        for a in range(3):
+            below, above = lo[:, a, None] - cen[:, :, a], cen[:, :, a] - hi[:, a, None]  # (n, M)
+            dmin += np.maximum(np.maximum(below, above), 0.0) ** 2
+            dmax += np.maximum(-below, -above) ** 2
+        cand = dmin <= dmax.min(1, keepdims=True) + 1e-9  # (n, M)
+        counts = cand.sum(1)
+        m = int(counts.max())
+        out = np.take_along_axis(ids, np.argsort(~cand, axis=1, kind="stable")[:, :m], axis=1)  # (n, m)
+        out[np.arange(m)[None] >= counts[:, None]] = self.k
+        return out, counts
+
+    def _cell_candidates(self, cells):
+        """Candidate ids (n, m) and counts (n,) of 8x8x8 colour cells, narrowed from their 32x32x32 block's."""
+        if self._blocks is None:  # the 512 blocks' lists, against all k centres, once per palette
+            b = np.arange(512)
+            base = np.stack([b >> 6, (b >> 3) & 7, b & 7], -1) * 32  # (512, 3)
+            self._blocks = self._box_candidates(base, 32, np.broadcast_to(np.arange(self.k), (512, self.k)))[0]
+        coords = np.stack([cells >> 10, (cells >> 5) & 31, cells & 31], -1)  # (n, 3) in 0..31
+        block = ((coords[:, 0] >> 2) << 6) | ((coords[:, 1] >> 2) << 3) | (coords[:, 2] >> 2)
+        return self._box_candidates(coords * _CELL, _CELL, self._blocks[block])
+
     def _fill_cells(self, cells):
         """Fill the lookup table for whole colour cells (8x8x8 uint8 colours each), exactly.
 
-        For each cell, a centre can be nearest to some colour of the cell only if its distance to the
-        cell's box is at most the smallest, over centres, of the distance to the box's far corner.
-        Only those candidates (a handful for a 512-colour palette) are scored, with the float64 direct
-        formula sum((x - c)^2) over candidates in ascending id order, so argmin keeps the lowest id on
-        exact ties: the result equals a brute-force float64 argmin over all k centres.
+        Only each cell's candidates (`_box_candidates`: a handful for a 512-colour palette) are scored,
+        with the float64 direct formula sum((x - c)^2) over candidates in ascending id order, so argmin
+        keeps the lowest id on exact ties: the result equals a brute-force float64 argmin over all k
+        centres.
         """
         cells = np.asarray(cells, dtype=np.int64)
         base = np.stack([cells >> 10, (cells >> 5) & 31, cells & 31], -1) * _CELL  # (n, 3) uint8 corner
-        lo = base / 127.5 - 1.0
-        hi = (base + _CELL - 1) / 127.5 - 1.0
-        dmin = np.zeros((len(cells), self.k))  # (n, k) squared distance from each centre to each box
-        dmax = np.zeros((len(cells), self.k))  # (n, k) ... to the box's farthest corner
-        for a in range(3):
-            c = self._c64[None, :, a]  # (1, k)
-            below, above = lo[:, a, None] - c, c - hi[:, a, None]  # (n, k)
-            dmin += np.maximum(np.maximum(below, above), 0.0) ** 2
-            dmax += np.maximum(-below, -above) ** 2
-        cand = dmin <= dmax.min(1, keepdims=True) + 1e-9  # (n, k)
-        counts = cand.sum(1)
+        base_keys = (base[:, 0] << 16) | (base[:, 1] << 8) | base[:, 2]  # (n,)
+        ids, counts = self._cell_candidates(cells)  # (n, m), (n,)
         order = np.argsort(counts, kind="stable")
-        far = np.vstack([self._c64, np.full((1, 3), 1e6)])  # (k + 1, 3): row k pads short candidate lists
-        step = max(1, (1 << 23) // (_CELL ** 3 * int(counts.max())))
-        for s in range(0, len(order), step):
-            rows = order[s:s + step]
+        for s in range(0, len(order), 2048):
+            rows = order[s:s + 2048]
             m = int(counts[rows].max())
-            idx = np.argsort(~cand[rows], axis=1, kind="stable")[:, :m]  # (r, m) candidate ids, ascending
-            idx[np.arange(m)[None] >= counts[rows][:, None]] = self.k
-            cen = far[idx]  # (r, m, 3)
+            idx = ids[rows, :m]  # (r, m) candidate ids, ascending, padded with k
             axis = (base[rows][:, :, None] + np.arange(_CELL)) / 127.5 - 1.0  # (r, 3, 8) colour values per axis
-            sq = (axis[:, :, :, None] - cen.transpose(0, 2, 1)[:, :, None, :]) ** 2  # (r, 3, 8, m)
-            # (dr^2 + dg^2) + db^2: the summation order of sum((x - c)^2, -1) over (r, g, b)
-            d = (sq[:, 0, :, None, None] + sq[:, 1, None, :, None]) + sq[:, 2, None, None, :]  # (r, 8, 8, 8, m)
-            best = np.take_along_axis(idx, d.reshape(len(rows), -1, m).argmin(-1), axis=1)  # (r, 512)
-            colours = base[rows][:, None, :] + _CELL_OFFSETS[None]  # (r, 512, 3)
-            self._lut[_pack(colours)] = best.astype(np.uint16)
+            sq = (axis[:, None] - self._c64_far[idx][:, :, :, None]) ** 2  # (r, m, 3, 8)
+            for j in range(m):  # candidates in ascending id order; a tie keeps the earlier (lower) id
+                # (dr^2 + dg^2) + db^2: the summation order of sum((x - c)^2, -1) over (r, g, b)
+                d = ((sq[:, j, 0, :, None, None] + sq[:, j, 1, None, :, None]) + sq[:, j, 2, None, None, :])
+                d = d.reshape(len(rows), _CELL ** 3)  # (r, 512)
+                if j == 0:
+                    best_d, best_j = d, np.zeros(d.shape, dtype=np.intp)
+                else:
+                    closer = d < best_d
+                    best_j[closer] = j
+                    np.minimum(best_d, d, out=best_d)
+            best = np.take_along_axis(idx, best_j, axis=1)  # (r, 512)
+            self._lut[base_keys[rows][:, None] + _CELL_OFFSET_KEYS[None]] = best.astype(np.uint16)
 
     def build_lut(self, persist=True):
         """Make the whole 2^24-colour lookup table ready: the persisted one, else computed (a few seconds
@@ -310,8 +340,9 @@ class Palette:
         miss = ids == _UNSET  # colours of cells not filled yet (k <= 65535, so never a real id)
         if miss.any():
             missing = keys[miss]
-            cells = ((missing >> 9) & 0x7C00) | ((missing >> 6) & 0x3E0) | ((missing >> 3) & 0x1F)
-            new = np.unique(cells)
+            seen = np.zeros(_N_CELLS, dtype=bool)
+            seen[((missing >> 9) & 0x7C00) | ((missing >> 6) & 0x3E0) | ((missing >> 3) & 0x1F)] = True
+            new = np.flatnonzero(seen)  # the cells to fill, ascending
             if len(new) >= _FULL_BUILD_CELLS:
                 self.build_lut()
             else:
