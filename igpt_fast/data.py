@@ -5,17 +5,46 @@ sample, next to `meta.json` (written by igpt_fast.tokenize). References: webdata
 ResampledShards / split_by_node / split_by_worker, whose ideas this module follows with explicit,
 seeded state so that a resumed run sees the same batches.
 
+Reading a shard (`read_shard`). A shard is read whole into memory (shards are small: ~10 MB) and
+validated whole before any of its samples is used: a plain (or gzipped) tar that ends with its
+end-of-archive block (Python's tarfile stops silently at a damaged header or at a cut on a member
+boundary, so the block is checked), every file member a `KEY.EXT` field, no key twice, at least one
+sample, and every sample `tokens.npy` uint16 of shape (n_ctx,) with every token < n_vocab, and an
+integer `cls` (in [0, len(class_names)) when meta.json names the classes). Anything else is one
+DataError naming the shard and the sample key, raised before a batch of that shard reaches a model.
+Local shards (paths, file://) are read once. Remote shards (http(s):// with urllib, `pipe:` and
+other schemes with webdataset's gopen) get FETCH_ATTEMPTS tries with exponential backoff
+(FETCH_BACKOFF_S, 2x, ...) and a FETCH_TIMEOUT_S socket timeout; a transfer cut short (fewer bytes
+than Content-Length) is retried from the start of the shard and its partial bytes are dropped; an
+HTTP 4xx other than 408/429 is not retried. The last failure becomes a DataError naming the URL and
+the last error.
+
 Training stream. Each rank splits its batches over `num_workers` DataLoader workers round-robin:
 step t of rank r comes from the virtual stream v = t % W of that rank, as its (t // W)-th batch.
 Stream (seed, r, v) is a sequence of rounds; round j draws `mix` shards with replacement (resampled
 shards) from an RNG seeded with (seed, r, v, j), reads them, and shuffles their union with the same
 RNG. Batches are consecutive runs of that sample sequence. So the batch of step t is a function of
 (seed, rank, t, world_size, num_workers) alone, and `start_step` resumes it exactly: whole rounds
-before the resume point are skipped from shard sample counts, without decoding.
+before the resume point are skipped from shard sample counts (from tar headers, without decoding).
+
+Bad training shards. on_bad_shard="error" (the default) raises the reader's DataError. With "skip",
+a bad shard contributes no sample: it is left out of its round (and of every later round that draws
+it), a warning line names it and the reason once per process, and the loader counts it
+(`TrainLoader.skipped`, shown in log.jsonl as `skipped_shards`). Because a shard is validated whole
+before its round is shuffled, a resumed run skips it the same way: in "skip" mode the rounds before
+the resume point are counted by reading (validating) their shards, each distinct shard once, so
+the order stays a function of (seed, rank, step). That holds for shards whose bytes are bad; a
+remote shard that failed for the network and reads fine after a resume changes the order from there.
+A run whose every shard is bad stops with a DataError.
 
 Evaluation stream. Shards are dealt to the ranks (shard i to rank i mod world_size), then each rank's
 shards to its DataLoader workers the same way; each reader reads its shards in order: every sample
-exactly once across ranks and workers.
+exactly once across ranks and workers. Evaluation never skips: a bad shard raises. Missing samples
+are an error too: (1) every shard is checked whole as above, on every rank and worker; (2) for a
+directory, the number of `{split}-*.tar` files must be meta.json's shard count of the split; (3) with
+one process (world_size 1, any num_workers) reading the whole split (a directory, or as many shards
+as meta.json lists), the samples read when the loop ends (not stopped early) must be meta.json's
+sample count of the split.
 
 Sources: a tokenized directory (`DIR`, shards found as DIR/{split}-*.tar) or any shard spec
 webdataset understands -- a local path, a glob, a brace pattern `train-{000000..000009}.tar`, or URLs
@@ -25,11 +54,23 @@ Checks: `check_data` compares meta.json with a model's config (n_px, n_vocab) an
 palette; `load_data_palette` reads DIR/palette.npy and checks it against meta.json. A command reads
 meta.json once (`read_meta`) and passes it down (`meta=` everywhere).
 """
+import ast
 import glob
+import gzip
+import http.client
 import io
 import json
+import math
 import os
+import struct
+import sys
 import tarfile
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,9 +82,14 @@ from webdataset.gopen import gopen
 from igpt_fast.errors import IGPTError
 
 __all__ = ["DataError", "DataMismatchError", "META_VERSION", "read_meta", "check_data", "load_data_palette",
-           "shard_urls", "train_loader", "eval_loader", "decode_tokens"]
+           "shard_urls", "train_loader", "eval_loader", "decode_tokens", "read_shard", "SampleSpec",
+           "ON_BAD_SHARD"]
 
 META_VERSION = 1
+ON_BAD_SHARD = ("error", "skip")
+FETCH_ATTEMPTS = 3  # tries per remote shard or meta.json
+FETCH_BACKOFF_S = 0.5  # wait before try k + 1: FETCH_BACKOFF_S * 2 ** (k - 1)
+FETCH_TIMEOUT_S = 60.0  # http(s): connect and per-read socket timeout
 
 
 class DataError(IGPTError, ValueError):
@@ -58,6 +104,13 @@ def _is_url(s):
     return "://" in s or s.startswith("pipe:")
 
 
+def _local_path(url):
+    """The file path of a local shard (a path or a file:// URL); None for a remote one."""
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None if _is_url(url) else url
+
+
 def _meta_location(data, meta):
     if meta is not None:
         return os.fspath(meta)
@@ -70,17 +123,57 @@ def _meta_location(data, meta):
     return first.rsplit("/", 1)[0] + "/meta.json" if "/" in first else "meta.json"
 
 
+def _fetch_once(url):
+    if url.startswith(("http://", "https://")):
+        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:
+            return response.read()  # http.client raises IncompleteRead below Content-Length
+    with gopen(url, "rb") as f:  # pipe: and other schemes; a failed command raises on close
+        return f.read()
+
+
+def _describe(e):
+    text, name = str(e), type(e).__name__
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+def _fetch(url):
+    """The bytes at a remote URL: FETCH_ATTEMPTS tries with exponential backoff, each from the start;
+    DataError naming the URL and the last error."""
+    for attempt in range(1, FETCH_ATTEMPTS + 1):
+        try:
+            return _fetch_once(url)
+        except urllib.error.HTTPError as e:
+            e.close()
+            last = f"HTTP {e.code} {e.reason}"
+            if 400 <= e.code < 500 and e.code not in (408, 429):
+                break
+        except urllib.error.URLError as e:
+            last = _describe(e.reason) if isinstance(e.reason, OSError) else str(e.reason)
+        except (OSError, http.client.HTTPException) as e:
+            last = _describe(e)
+        if attempt < FETCH_ATTEMPTS:
+            time.sleep(FETCH_BACKOFF_S * 2 ** (attempt - 1))
+    raise DataError(f"cannot read {url}: {last} ({attempt} of {FETCH_ATTEMPTS} tries)")
+
+
 def read_meta(data, meta=None):
     """meta.json of a tokenized dataset: a directory, a shard spec (meta.json beside it) or meta=PATH."""
     where = _meta_location(data, meta)
-    if not _is_url(where) and not os.path.isfile(where):
+    path = _local_path(where)
+    if path is not None and not os.path.isfile(path):
         raise DataError(f"meta.json not found at {where}; tokenize the images first "
                         "(igpt-fast tokenize SRC --palette palette.npy --out DIR)")
     try:
-        with gopen(where, "rb") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
+        if path is None:
+            raw = _fetch(where)
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+        return json.loads(raw)
+    except OSError as e:
         raise DataError(f"cannot read {where}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where} is not JSON: {e}") from None
 
 
 def check_data(meta, model_config, palette_sha256=None, data_dir="DATA_DIR"):
@@ -138,23 +231,153 @@ def shard_urls(data, split="train"):
     return urls
 
 
+@dataclass(frozen=True)
+class SampleSpec:
+    """What every sample must be: tokens uint16 of shape (n_ctx,), each < n_vocab (when known), and a
+    label in [0, n_classes) (when known)."""
+
+    n_ctx: int
+    n_vocab: int | None = None
+    n_classes: int | None = None
+
+    @classmethod
+    def from_meta(cls, meta):
+        return cls(meta["n_ctx"], meta.get("n_vocab"), len(meta["class_names"]) if meta.get("class_names") else None)
+
+
+_NPY_HEADER_LENGTH = {1: "<H", 2: "<I", 3: "<I"}  # .npy format version -> header length field
+
+
 def decode_tokens(data):
-    """tokens.npy bytes -> uint16 array (n_ctx,)."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """tokens.npy bytes -> the array they hold (a copy; never a pickle); DataError saying what is wrong.
+
+    The .npy header is parsed here (ast.literal_eval of its dict, as numpy does) because np.load lets
+    a damaged header escape as SyntaxError or tokenize.TokenError, or reads it as a pickle."""
+    if not data.startswith(np.lib.format.MAGIC_PREFIX):
+        raise DataError(f"tokens.npy does not start with the .npy magic (got {data[:6]!r})")
+    major = data[6] if len(data) > 6 else None
+    if major not in _NPY_HEADER_LENGTH:
+        raise DataError(f"tokens.npy is damaged: unknown .npy version {major}")
+    start = 8 + struct.calcsize(_NPY_HEADER_LENGTH[major])
+    (length,) = struct.unpack(_NPY_HEADER_LENGTH[major], data[8:start].ljust(start - 8, b"\0"))
+    try:
+        header = ast.literal_eval(data[start:start + length].decode("utf8" if major == 3 else "latin1"))
+        dtype, shape = np.dtype(header["descr"]), tuple(int(n) for n in header["shape"])
+        order = "F" if header["fortran_order"] else "C"
+    except (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError) as e:
+        raise DataError(f"tokens.npy is damaged: its header {data[start:start + 80]!r} does not parse "
+                        f"({type(e).__name__})") from None
+    if dtype.hasobject:
+        raise DataError("tokens.npy holds Python objects (a pickle), not tokens")
+    size = math.prod(shape) * dtype.itemsize
+    if len(data) != start + length + size:
+        raise DataError(f"tokens.npy is damaged: {len(data) - start - length} bytes of array data where its header "
+                        f"announces {size} ({dtype} {shape})")
+    return np.frombuffer(data, dtype, offset=start + length).reshape(shape, order=order).copy()
 
 
-def _samples(url):
-    """Raw samples (dicts of bytes) of one shard, in stored order."""
-    return tariterators.tarfile_samples([{"url": url}])
-
-
-def _decode(sample, n_ctx):
-    tokens = decode_tokens(sample["tokens.npy"])
-    if tokens.shape != (n_ctx,):
-        raise DataError(f"sample {sample['__key__']} in {sample['__url__']} has {tokens.shape[0]} tokens, "
-                        f"meta.json says n_ctx={n_ctx}")
-    label = int(sample["cls"]) if "cls" in sample else -1
+def _check_sample(sample, url, spec):
+    """(tokens uint16 (n_ctx,), label or -1) of one raw sample; DataError naming the shard and the key."""
+    where = f"sample {sample['__key__']} of shard {url}"
+    if "tokens.npy" not in sample:
+        fields = ", ".join(sorted(k for k in sample if k != "__key__"))
+        raise DataError(f"{where} has no tokens.npy (its fields: {fields})")
+    try:
+        tokens = decode_tokens(sample["tokens.npy"])
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    if tokens.dtype != np.uint16:
+        raise DataError(f"{where}: tokens.npy is {tokens.dtype}, not uint16")
+    if tokens.shape != (spec.n_ctx,):
+        got = f"{tokens.shape[0]} tokens" if tokens.ndim == 1 else f"shape {tokens.shape}"
+        raise DataError(f"{where} has {got}, meta.json says n_ctx={spec.n_ctx}")
+    if spec.n_vocab is not None and int(tokens.max()) >= spec.n_vocab:
+        i = int(tokens.argmax())
+        raise DataError(f"{where}: token {tokens[i]} at position {i} is not below n_vocab={spec.n_vocab}")
+    label = -1
+    if "cls" in sample:
+        try:
+            label = int(sample["cls"])
+        except ValueError:
+            raise DataError(f"{where}: cls {sample['cls'][:20]!r} is not an integer") from None
+        if spec.n_classes is not None and not 0 <= label < spec.n_classes:
+            raise DataError(f"{where}: label {label} is outside the {spec.n_classes} classes of meta.json")
     return tokens, label
+
+
+def _tar_samples(fileobj, url, data=None):
+    """Raw samples ({"__key__", EXT: bytes} in stored order) of a plain tar; with data=None (headers
+    only) the field values are None. DataError for a damaged or truncated tar."""
+    samples, seen = [], set()
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = tariterators.base_plus_ext(member.name)
+                if key is None:
+                    raise DataError(f"shard {url}: member {member.name!r} is not a KEY.EXT sample field")
+                if not samples or samples[-1]["__key__"] != key:
+                    if key in seen:
+                        raise DataError(f"shard {url}: sample {key} appears twice")
+                    seen.add(key)
+                    samples.append({"__key__": key})
+                value = None
+                if data is not None:
+                    value = data[member.offset_data:member.offset_data + member.size]
+                    if len(value) != member.size:
+                        raise DataError(f"shard {url} is truncated or damaged inside {member.name}")
+                samples[-1][ext] = value
+            end = tar.offset  # where the member after the last one read would start
+        fileobj.seek(end)
+        if fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+            raise DataError(f"shard {url} is truncated or damaged at byte {end} (after {len(samples)} samples): "
+                            "no end-of-archive block where its members stop")
+    except (tarfile.TarError, EOFError) as e:
+        raise DataError(f"shard {url} is truncated or damaged (tarfile: {e})") from None
+    if not samples:
+        raise DataError(f"shard {url} holds no samples")
+    return samples
+
+
+def _shard_bytes(url):
+    path = _local_path(url)
+    if path is None:
+        data = _fetch(url)
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise DataError(f"cannot read shard {url}: {e.strerror or e}") from None
+    if data[:2] == b"\x1f\x8b":  # a .tar.gz shard
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"shard {url} is not a readable gzip stream: {e}") from None
+    return data
+
+
+def read_shard(url, spec):
+    """Every sample of one shard as (tokens uint16 (n_ctx,), label or -1), in stored order, validated
+    whole against spec (a SampleSpec, e.g. SampleSpec.from_meta(meta)): a DataError names the shard
+    (and the sample key) of the first fault; nothing is returned from a bad shard."""
+    data = _shard_bytes(url)
+    return [_check_sample(s, url, spec) for s in _tar_samples(io.BytesIO(data), url, data)]
+
+
+def _count_samples(url, spec):
+    """Samples in a shard: from its tar headers for a local uncompressed tar, else by reading it."""
+    path = _local_path(url)
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                if f.read(2) != b"\x1f\x8b":
+                    f.seek(0)
+                    return len(_tar_samples(f, url))
+        except OSError as e:
+            raise DataError(f"cannot read shard {url}: {e.strerror or e}") from None
+    return len(read_shard(url, spec))
 
 
 def _collate(items):
@@ -163,52 +386,74 @@ def _collate(items):
     return tokens, labels
 
 
-class _ShardCounts:
-    """Samples per shard, from a scan of tar headers (local) or a read (remote); cached."""
+class _Item(NamedTuple):
+    """What a stream sends from its DataLoader worker: a batch, or the DataError that stopped it, and
+    the bad shards it left out since the last item."""
 
-    def __init__(self):
-        self._counts = {}
-
-    def __call__(self, url):
-        if url not in self._counts:
-            if _is_url(url):
-                self._counts[url] = sum(1 for _ in _samples(url))
-            else:
-                with tarfile.open(url) as tar:
-                    names = [m.name for m in tar if m.isfile()]
-                self._counts[url] = len({tariterators.base_plus_ext(n)[0] for n in names} - {None})
-        return self._counts[url]
+    batch: tuple | None
+    skipped: tuple = ()
+    error: str | None = None
 
 
 class TrainStream(IterableDataset):
     """Endless, resampled, seeded batches of one rank; see the module docstring for the schedule."""
 
-    def __init__(self, urls, batch_size, n_ctx, seed=0, rank=0, world_size=1, start_step=0, mix=4):
-        self.urls, self.batch_size, self.n_ctx = list(urls), batch_size, n_ctx
+    def __init__(self, urls, batch_size, spec, seed=0, rank=0, world_size=1, start_step=0, mix=4,
+                 on_bad_shard="error"):
+        self.urls, self.batch_size, self.spec = list(urls), batch_size, spec
         self.seed, self.rank, self.world_size, self.start_step = seed, rank, world_size, start_step
         self.mix = max(1, min(mix, len(self.urls)))
-        self._count = _ShardCounts()
+        self.on_bad_shard = on_bad_shard
+        self._counts, self._bad, self._new_bad = {}, {}, []
 
     def _round(self, stream, j):
         rng = np.random.default_rng([self.seed, self.rank, stream, j])
         return rng, [self.urls[i] for i in rng.integers(0, len(self.urls), self.mix)]
+
+    def _read(self, url):
+        """A shard's validated samples; with on_bad_shard="skip", [] for a bad shard (noted once)."""
+        if url in self._bad:
+            return []
+        try:
+            samples = read_shard(url, self.spec)
+        except DataError as e:
+            if self.on_bad_shard != "skip":
+                raise
+            self._bad[url] = str(e)
+            self._new_bad.append((url, str(e)))
+            samples = []
+            if len(self._bad) == len(set(self.urls)):
+                raise DataError(f"all {len(self._bad)} shards are bad; the last: {e}") from None
+        self._counts[url] = len(samples)
+        return samples
+
+    def _count(self, url):
+        if url not in self._counts:
+            if self.on_bad_shard == "skip":
+                self._read(url)  # a bad shard counts 0, as when its round was read
+            else:
+                self._counts[url] = _count_samples(url, self.spec)
+        return self._counts[url]
 
     def samples(self, stream, skip=0):
         """Sample stream `stream` of this rank from position `skip` on (decoded)."""
         j = 0
         while True:
             rng, picked = self._round(stream, j)
-            n = sum(self._count(u) for u in picked)
-            if n == 0:
-                raise DataError(f"shards {picked} hold no samples")
-            if skip >= n:
+            n = sum(self._count(u) for u in picked) if skip else 0
+            if skip and skip >= n:
                 skip -= n
             else:
-                raw = [s for u in picked for s in _samples(u)]
+                shards = {u: self._read(u) for u in dict.fromkeys(picked)}
+                raw = [s for u in picked for s in shards[u]]
                 for i in rng.permutation(len(raw))[skip:]:
-                    yield _decode(raw[i], self.n_ctx)
+                    yield raw[i]
                 skip = 0
             j += 1
+
+    def _take_new_bad(self):
+        new, self._new_bad = tuple(self._new_bad), []
+        return new
 
     def __iter__(self):
         info = get_worker_info()
@@ -217,14 +462,19 @@ class TrainStream(IterableDataset):
         stream = first % n_workers
         it = self.samples(stream, skip=(first // n_workers) * self.batch_size)
         while True:
-            yield _collate([next(it) for _ in range(self.batch_size)])
+            try:
+                batch = _collate([next(it) for _ in range(self.batch_size)])
+            except DataError as e:
+                yield _Item(None, self._take_new_bad(), str(e))
+                return
+            yield _Item(batch, self._take_new_bad())
 
 
 class EvalStream(IterableDataset):
     """Each sample of the shards once across world_size ranks x DataLoader workers."""
 
-    def __init__(self, urls, batch_size, n_ctx, rank=0, world_size=1):
-        self.urls, self.batch_size, self.n_ctx = list(urls), batch_size, n_ctx
+    def __init__(self, urls, batch_size, spec, rank=0, world_size=1):
+        self.urls, self.batch_size, self.spec = list(urls), batch_size, spec
         self.rank, self.world_size = rank, world_size
 
     def __iter__(self):
@@ -232,13 +482,79 @@ class EvalStream(IterableDataset):
         n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
         batch = []
         for url in self.urls[self.rank::self.world_size][worker::n_workers]:
-            for sample in _samples(url):
-                batch.append(_decode(sample, self.n_ctx))
+            try:
+                samples = read_shard(url, self.spec)
+            except DataError as e:
+                yield _Item(None, error=str(e))
+                return
+            for sample in samples:
+                batch.append(sample)
                 if len(batch) == self.batch_size:
-                    yield _collate(batch)
+                    yield _Item(_collate(batch))
                     batch = []
         if batch:
-            yield _collate(batch)
+            yield _Item(_collate(batch))
+
+
+class TrainLoader(DataLoader):
+    """train_loader's endless DataLoader of (tokens, labels). A reader's DataError is raised here, in
+    the consuming process, as one line. `skipped`: {shard: reason} of the bad shards left out with
+    on_bad_shard="skip"; `skipped_shards`: their number. on_skip(url, reason, n) is called once per
+    bad shard (default: a warning line on stderr)."""
+
+    def __init__(self, stream, num_workers=0, on_skip=None):
+        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+        self.skipped = {}
+        self.on_skip = on_skip or _warn_skipped(stream.rank, stream.world_size)
+
+    @property
+    def skipped_shards(self):
+        return len(self.skipped)
+
+    def __iter__(self):  # the DataLoader iterator is made now: it draws from torch's RNG (resume order)
+        return self._batches(super().__iter__())
+
+    def _batches(self, items):
+        for item in items:
+            for url, reason in item.skipped:
+                if url not in self.skipped:
+                    self.skipped[url] = reason
+                    self.on_skip(url, reason, len(self.skipped))
+            if item.error is not None:
+                raise DataError(item.error)
+            yield item.batch
+
+
+def _warn_skipped(rank, world_size):
+    prefix = f"rank {rank}: " if world_size > 1 else ""
+
+    def warn(url, reason, n):
+        print(f"warning: {prefix}skipped bad shard {url} ({n} skipped so far): {reason}", file=sys.stderr, flush=True)
+    return warn
+
+
+class EvalLoader(DataLoader):
+    """eval_loader's finite DataLoader of (tokens, labels). A reader's DataError is raised here as one
+    line; when `expected` is set, a loop that runs to the end raises DataError unless it read exactly
+    `expected` samples."""
+
+    def __init__(self, stream, num_workers=0, expected=None, what=""):
+        super().__init__(stream, batch_size=None, num_workers=num_workers)
+        self.expected, self.what = expected, what
+
+    def __iter__(self):  # the DataLoader iterator is made now, as a DataLoader's own __iter__ does
+        return self._batches(super().__iter__())
+
+    def _batches(self, items):
+        n = 0
+        for item in items:
+            if item.error is not None:
+                raise DataError(item.error)
+            n += len(item.batch[1])
+            yield item.batch
+        if self.expected is not None and n != self.expected:
+            raise DataError(f"{self.what}: read {n} samples, meta.json says {self.expected}; shards are missing "
+                            "or hold other samples than tokenize wrote: re-run `igpt-fast tokenize`")
 
 
 def _check_rank(rank, world_size):
@@ -246,31 +562,49 @@ def _check_rank(rank, world_size):
         raise DataError(f"rank {rank} is outside world_size {world_size}")
 
 
+def _split_shards(data, split, meta):
+    """(urls, whole): the split's shards, and whether they are all of it (meta.json's shard count).
+    DataError when a directory holds another number of {split} shards than meta.json lists."""
+    urls = shard_urls(data, split)
+    listed = meta.get("splits", {}).get(split, {}).get("shards")
+    if os.path.isdir(os.fspath(data)) and listed is not None and listed != len(urls):
+        raise DataError(f"meta.json lists {listed} {split!r} shards but {os.fspath(data)} holds {len(urls)} "
+                        f"({split}-*.tar): a shard is missing or extra; re-run `igpt-fast tokenize`")
+    return urls, listed == len(urls)
+
+
 def train_loader(data, batch_size, split="train", seed=0, rank=0, world_size=1, num_workers=0,
-                 start_step=0, mix=4, meta=None):
-    """Endless DataLoader of (tokens int64 (B, n_ctx), labels int64 (B,), -1 when unknown).
+                 start_step=0, mix=4, meta=None, on_bad_shard="error", on_skip=None):
+    """Endless TrainLoader of (tokens int64 (B, n_ctx), labels int64 (B,), -1 when unknown).
 
     The batch of step t depends only on (seed, rank, t, world_size, num_workers); start_step=s yields
-    the batches of steps s, s+1, ... exactly as an uninterrupted stream would.
-    """
+    the batches of steps s, s+1, ... exactly as an uninterrupted stream would. on_bad_shard: "error"
+    (raise the DataError of a bad shard) or "skip" (leave it out, see the module docstring)."""
     _check_rank(rank, world_size)
+    if on_bad_shard not in ON_BAD_SHARD:
+        raise DataError(f"on_bad_shard must be one of {ON_BAD_SHARD}, got {on_bad_shard!r}")
     meta = meta if isinstance(meta, dict) else read_meta(data, meta)
-    ds = TrainStream(shard_urls(data, split), batch_size, meta["n_ctx"], seed, rank, world_size, start_step, mix)
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+    urls, _ = _split_shards(data, split, meta)
+    stream = TrainStream(urls, batch_size, SampleSpec.from_meta(meta), seed, rank, world_size, start_step, mix,
+                         on_bad_shard)
+    return TrainLoader(stream, num_workers, on_skip)
 
 
 def eval_loader(data, split, batch_size, rank=0, world_size=1, num_workers=0, meta=None):
-    """Finite DataLoader over a split: every sample exactly once across ranks and workers.
+    """Finite EvalLoader over a split: every sample exactly once across ranks and workers.
 
     Shard i goes to rank i mod world_size, then to that rank's workers in turn. With fewer shards than
     ranks, the ranks beyond the shard count get an empty loader, and each rank runs at most as many
-    workers as it has shards: still exactly once. `meta`: the dict of read_meta (read when None)."""
+    workers as it has shards: still exactly once. A bad shard raises DataError; with world_size 1 a
+    loop over the whole split that ends with another sample count than meta.json's raises DataError.
+    `meta`: the dict of read_meta (read when None)."""
     _check_rank(rank, world_size)
     meta = meta if isinstance(meta, dict) else read_meta(data, meta)
-    urls = shard_urls(data, split)
+    urls, whole = _split_shards(data, split, meta)
+    expected = meta["splits"][split].get("samples") if whole and world_size == 1 else None
     world_size = min(world_size, len(urls))
     if rank >= world_size:
         return []
     num_workers = min(num_workers, len(urls[rank::world_size]))
-    return DataLoader(EvalStream(urls, batch_size, meta["n_ctx"], rank, world_size),
-                      batch_size=None, num_workers=num_workers)
+    stream = EvalStream(urls, batch_size, SampleSpec.from_meta(meta), rank, world_size)
+    return EvalLoader(stream, num_workers, expected, f"split {split!r} of {os.fspath(data)}")

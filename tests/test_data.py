@@ -88,6 +88,15 @@ def test_train_resume_continues_the_same_stream(shards, num_workers):
         assert torch.equal(t1, t2) and torch.equal(y1, y2)
 
 
+def test_iter_draws_its_seed_at_once(shards):
+    """iter() on a loader makes the DataLoader iterator (which draws from torch's RNG) right away, as a
+    plain DataLoader does: the training loop restores a checkpoint's RNG state after iter()."""
+    for loader in (train_loader(shards, 4), eval_loader(shards, "val", 4)):
+        before = torch.get_rng_state()
+        iter(loader)
+        assert not torch.equal(torch.get_rng_state(), before)
+
+
 def test_train_ranks_differ(shards):
     r0 = _ids(_take(train_loader(shards, 8, seed=0, rank=0, world_size=2), 5))
     r1 = _ids(_take(train_loader(shards, 8, seed=0, rank=1, world_size=2), 5))
