@@ -172,6 +172,9 @@ def tokenize_cmd(src, palette_path, out, n_px, resize, val_fraction, workers, sh
 @click.option("--ckpt-every", type=click.IntRange(0), default=500, show_default=True, help="0 = only at the end.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers.")
+@click.option("--on-bad-shard", type=click.Choice(["error", "skip"]), default="error", show_default=True,
+              help="A corrupt or unreadable train shard stops the run (error) or is left out with a warning, "
+                   "counted as skipped_shards in log.jsonl (skip). Evaluation always stops on one.")
 @click.option("--peak-tflops", type=NON_NEGATIVE, default=0.0, help="GPU peak for MFU (default: looked up).")
 @click.option("--resume", help="'auto' (RUN/ckpt.pt when present) or a checkpoint path. Flags given with it: "
               "training flags override the checkpoint's; architecture flags must match it.")

@@ -52,7 +52,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 # Training fields a resume may change (given explicitly); the rest (seed, paths) stay the checkpoint's.
 TRAIN_OVERRIDES = ("steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "lr_decay_steps",
                    "weight_decay", "grad_clip", "log_every", "eval_every", "eval_batches", "ckpt_every",
-                   "num_workers", "peak_tflops", "spike_factor")
+                   "num_workers", "peak_tflops", "spike_factor", "on_bad_shard")
 ARCH_FIELDS = tuple(f.name for f in fields(GPTConfig))
 
 
@@ -85,6 +85,7 @@ class TrainConfig:
     num_workers: int = 0
     peak_tflops: float = 0.0  # 0: look the GPU up in PEAK_BF16_TFLOPS
     spike_factor: float = 4.0  # a loss above this x the recent median is a blow-up; 0 disables
+    on_bad_shard: str = "error"  # "skip": a bad train shard is left out, warned of and counted (data.py)
 
     def __post_init__(self):
         for f in fields(self):
@@ -524,7 +525,7 @@ def _evaluate_and_log(run, evaluate):
 def train(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=False, impl="auto",
           grad_checkpoint=False, compile=False, loss_fn=lm_loss, evaluate=evaluate_lm, on_eval=None,
           classifier=False, print_fn=print):
-    """Train; returns {"step", "loss", "val_loss", "ckpt"}. Setup arguments as `start`.
+    """Train; returns {"step", "loss", "val_loss", "ckpt", "skipped_shards"}. Setup arguments as `start`.
 
     loss_fn(module, tokens, labels) -> (loss, metrics) gets the wrapped module (so DDP syncs);
     evaluate(run) -> metrics; on_eval(run, metrics) -> True stops the run early."""
@@ -533,9 +534,10 @@ def train(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=
     run = start(model_config, tcfg, resume=resume, model=model, explicit=explicit, overwrite=overwrite, impl=impl,
                 grad_checkpoint=grad_checkpoint, compile=compile, classifier=classifier, print_fn=print_fn)
     tcfg = run.tcfg
-    batches = iter(train_loader(tcfg.data_dir, tcfg.batch_size, split="train", seed=tcfg.seed, rank=run.rank,
-                                world_size=run.world_size, num_workers=tcfg.num_workers, start_step=run.data_step,
-                                meta=run.meta))
+    loader = train_loader(tcfg.data_dir, tcfg.batch_size, split="train", seed=tcfg.seed, rank=run.rank,
+                          world_size=run.world_size, num_workers=tcfg.num_workers, start_step=run.data_step,
+                          meta=run.meta, on_bad_shard=tcfg.on_bad_shard)
+    batches = iter(loader)
     if run.rng_state is not None:  # after iter(): creating a DataLoader iterator draws from torch's RNG
         _set_rng_state(run.rng_state)
     run.module.train()
@@ -543,6 +545,8 @@ def train(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=
     t0, timed = time.perf_counter(), 0
     while run.step < tcfg.steps and not stopped:
         loss, grad_norm, extra = train_step(run, batches, loss_fn)
+        if tcfg.on_bad_shard == "skip":
+            extra["skipped_shards"] = loader.skipped_shards  # this process's bad shards so far
         timed += 1
         if run.step % tcfg.log_every == 0 or run.step == tcfg.steps:
             log_step(run, loss, grad_norm, extra, (time.perf_counter() - t0) / timed)
@@ -567,4 +571,5 @@ def train(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=
             on_eval(run, metrics)
     if run.master and os.path.isfile(run.log_path):
         plot_losses(run.log_path, os.path.join(tcfg.out_dir, "loss.png"))
-    return {"step": run.step, "loss": loss, "val_loss": metrics.get("val_loss"), "ckpt": run.ckpt_path}
+    return {"step": run.step, "loss": loss, "val_loss": metrics.get("val_loss"), "ckpt": run.ckpt_path,
+            "skipped_shards": loader.skipped_shards}
