@@ -214,6 +214,7 @@ def _list_image_tree(lst, root, split):
 
     for cls in dirs:
         lst.class_dirs.add(cls)
+        lst.files.append([os.path.join(root, cls)[len(lst._root) + 1:] + "/", 0, 0])  # a class, even if empty
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls), onerror=unreadable):
             dirnames[:] = _visible(dirnames)
             for name in _visible(filenames):

@@ -37,8 +37,9 @@ def test_items_are_named_and_the_listing_records_every_file(tmp_path):
         ("train/a/deep/2.png", 0, "train", "000_000000001"), ("train/b/1.png", 1, "train", "000_000000002")]
     assert lst.items["test"][0].key == "000_000000000"  # listing order: split folders sorted, test first
     assert train[0].ref == ("file", str(root / "train" / "a" / "deep" / "2.png")) and train[0].source == 0
-    assert [f[0] for f in lst.files] == ["test/a/3.png", "train/stray.png", "train/a/deep/2.png", "train/b/1.png"]
-    assert all(size > 0 and mtime > 0 for _, size, mtime in lst.files)
+    assert [f[0] for f in lst.files] == ["test/a/", "test/a/3.png", "train/stray.png", "train/a/",
+                                         "train/a/deep/2.png", "train/b/", "train/b/1.png"]
+    assert all(size > 0 and mtime > 0 for name, size, mtime in lst.files if not name.endswith("/"))
     assert lst.skipped["train"] == [{"file": str(root / "train" / "stray.png"), "reason": "not inside a class folder"}]
 
 

@@ -588,9 +588,14 @@ def test_resume_over_a_changed_source_is_refused_and_restart_starts_over(tmp_pat
     (src / "c0" / "new.png").unlink()  # a complete output over a changed source is refused as well
     with pytest.raises(TokenizeError, match="1 file.s. deleted"):
         tokenize_dataset([str(src)], palette, out, **kw)
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(src / "c0" / "new.png")
+    (src / "c2").mkdir()  # a new class folder, even an empty one, changes the classes
+    with pytest.raises(TokenizeError, match=r"1 file\(s\) added \(e\.g\. c2/\)"):
+        tokenize_dataset([str(src)], palette, out, **kw)
+    (src / "c2").rmdir()
     with pytest.raises(TokenizeError, match="other settings .*--restart"):
         tokenize_dataset([str(src)], palette, out, **{**kw, "seed": 1})
-    assert tokenize_dataset([str(src)], palette, out, restart=True, **{**kw, "seed": 1})["splits"]["train"]["samples"] == 19
+    assert tokenize_dataset([str(src)], palette, out, restart=True, **{**kw, "seed": 1})["splits"]["train"]["samples"] == 20
 
 
 def _save(palette, tmp_path):
