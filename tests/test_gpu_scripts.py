@@ -1,0 +1,88 @@
+"""The GPU-window scripts run end to end on CPU (--dry-run), so they cannot rot between GPU windows.
+
+benchmarks/gpu_check.sh and benchmarks/gpu_results.sh are run as a person runs them, with tiny
+shapes, the Triton interpreter / torch path and CUDA hidden; each must exit 0, record every step of
+its plan as ok in summary.md, and leave at most 8 plain files in OUT_DIR (what the GPU machine
+hands back), the results in results.tar.gz. About a minute each on two idle cores.
+"""
+import os
+import re
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECK_STEPS = ["install", "tests", "attention_d64", "train", "attention_d96_128", "softmax", "cross_entropy",
+               "attention_naive"]
+RESULTS_STEPS = ["install", "data", "timing", "train", "probe", "sample"]
+
+
+def _run(script, tmp_path, *args, env=None):
+    env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path), **(env or {})}
+    env.pop("OUT", None)
+    return subprocess.run(["bash", os.path.join(REPO, "benchmarks", script), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _dry_run(script, tmp_path):
+    """Run SCRIPT --dry-run OUT; return (summary text, {member name: bytes} of results.tar.gz)."""
+    out = tmp_path / "out"
+    res = _run(script, tmp_path, "--dry-run", str(out))
+    summary = (out / "summary.md").read_bytes().decode() if (out / "summary.md").exists() else ""
+    assert res.returncode == 0, res.stdout + res.stderr + summary
+    files = sorted(os.listdir(out))
+    assert len(files) <= 8 and "summary.md" in files and "results.tar.gz" in files, files
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) and (out / f).is_file() for f in files), files
+    assert all((out / f).stat().st_size < 16 * 2**20 for f in files)
+    with tarfile.open(out / "results.tar.gz") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    assert members["results/summary.md"].decode() == summary
+    assert not [n for n in members if n.endswith((".pt", ".tar"))], "checkpoints or shards were packed"
+    return summary, members
+
+
+def _assert_steps_ok(summary, steps):
+    planned = re.findall(r"^\| (\w+) \| \d+ \|", summary, flags=re.M)
+    assert planned == steps + ["total"], planned
+    for name in steps:
+        assert re.search(rf"^## {name}: ok, \d+ s of \d+ s$", summary, flags=re.M), f"step {name} not ok:\n{summary}"
+    assert re.search(r"^## end: \d+ s, every step ok$", summary, flags=re.M)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    summary, members = _dry_run("gpu_check.sh", tmp_path)
+    _assert_steps_ok(summary, CHECK_STEPS)
+    assert "dry run (CPU" in summary
+    junit = members["results/tests/junit.xml"].decode()
+    assert re.search(r'tests="[1-9]', junit) and 'failures="0"' in junit and 'errors="0"' in junit
+    for name in ["attention_d64/attention.csv", "attention_d96_128/attention.csv", "attention_naive/attention.csv",
+                 "softmax/softmax.csv", "cross_entropy/cross_entropy.csv", "train/train_cpu.csv"]:
+        assert b"," in members["results/" + name], name
+    for table in ["### attention", "### softmax", "### cross_entropy", "### train_cpu"]:
+        assert table in summary, table
+    assert "| ours | fwd+bwd | fp32 |" in summary  # the Triton kernel's own row, run under the interpreter
+    assert {f"results/logs/{s}.log" for s in CHECK_STEPS} <= set(members)
+
+
+def test_gpu_results_dry_run(tmp_path):
+    summary, members = _dry_run("gpu_results.sh", tmp_path)
+    _assert_steps_ok(summary, RESULTS_STEPS)
+    for obj in ("ar", "bert"):
+        for name in ("config.json", "log.jsonl", "loss.png", "probe.json", "probe.png", "samples/completions.png"):
+            assert f"results/runs/{obj}/{name}" in members, (obj, name)
+    assert re.search(r"^\| ar \| [\d.]+M \| \d+ \| \d+ \|", summary, flags=re.M)  # the training table
+    assert re.search(r"^\| bert( \| [01]\.\d{3})+ \| \d+ \| [01]\.\d{3} \|$", summary, flags=re.M)  # probe table
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(
+        ["summary.md", "results.tar.gz", "loss_ar.png", "loss_bert.png", "probe_ar.png", "probe_bert.png",
+         "completions_ar.png", "completions_bert.png"])
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_results.sh"])
+def test_gpu_scripts_need_an_output_folder(script, tmp_path):
+    res = _run(script, tmp_path)
+    assert res.returncode == 2 and "usage: bash benchmarks/" in res.stderr
+    res = _run(script, tmp_path, "--bogus", "out")
+    assert res.returncode == 2 and "unknown option --bogus" in res.stderr
+    assert not (tmp_path / "out").exists()
