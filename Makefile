@@ -12,7 +12,7 @@ CPU_TORCH ?= torch==2.13.0
 FMNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_DIR ?= demo
 
-.PHONY: install data test demo bench gpu-check clean
+.PHONY: install data test demo bench gpu-check gpu-wheels gpu-data clean
 
 install: $(STAMP)
 
@@ -55,6 +55,29 @@ bench: $(STAMP)
 
 gpu-check:  # on a CUDA machine that has torch and triton: CUDA tests + every GPU benchmark
 	bash benchmarks/gpu_check.sh $(OUT)
+
+# For a GPU machine without network (Python 3.12, x86-64): the wheels its image lacks, into gpu-wheels/
+# (carried with the working tree; benchmarks/gpu_steps.sh installs them, the last four only where missing).
+GPU_WHEELS ?= webdataset braceexpand faiss-cpu click tqdm packaging pyyaml
+gpu-wheels:
+	rm -rf gpu-wheels.tmp
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+	  -d gpu-wheels.tmp $(GPU_WHEELS)
+	rm -rf gpu-wheels && mv gpu-wheels.tmp gpu-wheels
+	@du -ch gpu-wheels/*.whl
+
+# Fashion-MNIST tokenized for benchmarks/gpu_results.sh (16-colour palette, 10% val, as results/fashion-mnist/):
+# gpu-data/fashion-mnist-$(GPU_DATA_N_PX).tar.gz, carried with the working tree and unpacked on the GPU machine.
+GPU_DATA_N_PX ?= 14
+gpu-data: $(STAMP) data
+	rm -rf gpu-data/tmp && mkdir -p gpu-data/tmp
+	$(VENV)/bin/igpt-fast palette $(FMNIST) --k 16 --n-px $(GPU_DATA_N_PX) --out gpu-data/tmp/palette.npy
+	$(VENV)/bin/igpt-fast tokenize $(FMNIST) --palette gpu-data/tmp/palette.npy --n-px $(GPU_DATA_N_PX) \
+	  --val-fraction 0.1 --out gpu-data/tmp/fashion-mnist-$(GPU_DATA_N_PX)
+	tar czf gpu-data/tmp/data.tar.gz -C gpu-data/tmp fashion-mnist-$(GPU_DATA_N_PX)
+	mv gpu-data/tmp/data.tar.gz gpu-data/fashion-mnist-$(GPU_DATA_N_PX).tar.gz && rm -rf gpu-data/tmp
+	@du -h gpu-data/fashion-mnist-$(GPU_DATA_N_PX).tar.gz
 
 clean:
 	rm -rf $(VENV) build *.egg-info
