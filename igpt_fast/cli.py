@@ -154,6 +154,12 @@ def tokenize_cmd(src, palette_path, out, n_px, resize, val_fraction, workers, sh
 @click.option("--grad-checkpoint", is_flag=True, help="Activation checkpointing (recompute blocks in backward).")
 @impl_option
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+              help="Under torchrun: DDP (replicas, RUN/ckpt.pt) or FSDP2 (sharded model and optimizer, "
+                   "RUN/ckpt.dcp/ written by every rank). Chosen per run; a checkpoint of either resumes with either.")
+@click.option("--mixed-precision/--no-mixed-precision", default=None,
+              help="--parallel fsdp: bf16 parameters in forward/backward, gradients reduced in fp32 "
+                   "(default: on with CUDA, off on CPU).")
 @click.option("--steps", type=click.IntRange(1), default=1000, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Micro-batch per process.")
 @click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True, help="Micro-batches per step.")
@@ -176,26 +182,32 @@ def tokenize_cmd(src, palette_path, out, n_px, resize, val_fraction, workers, sh
               help="A corrupt or unreadable train shard stops the run (error) or is left out with a warning, "
                    "counted as skipped_shards in log.jsonl (skip). Evaluation always stops on one.")
 @click.option("--peak-tflops", type=NON_NEGATIVE, default=0.0, help="GPU peak for MFU (default: looked up).")
-@click.option("--resume", help="'auto' (RUN/ckpt.pt when present) or a checkpoint path. Flags given with it: "
-              "training flags override the checkpoint's; architecture flags must match it.")
+@click.option("--resume", help="'auto' (RUN/ckpt.pt or RUN/ckpt.dcp when present) or a checkpoint path. Flags "
+              "given with it: training flags override the checkpoint's; architecture flags must match it.")
 @overwrite_option
 @click.pass_context
 def train_cmd(ctx, data_dir, out, preset, objective, n_px, n_layer, n_head, n_embd, dropout, grad_checkpoint, impl,
-              compile_, resume, overwrite, **train_flags):
+              compile_, parallel, mixed_precision, resume, overwrite, **train_flags):
     """Pretrain an Image GPT on the token shards in DATA_DIR (from `igpt-fast tokenize`).
 
-    Under `torchrun --nproc_per_node=K` the same command runs DDP. Prints
+    Under `torchrun --nproc_per_node=K` (or `--nnodes N` with a c10d rendezvous) the same command runs
+    DDP, or FSDP2 with --parallel fsdp (then RUN/ckpt.dcp/, resumable on any number of processes;
+    `igpt-fast export RUN --out model.pt` makes one file of it). Prints
     `step | loss | ms/step | tok/s | mfu`; writes RUN/config.json, RUN/log.jsonl, RUN/ckpt.pt (and
     ckpt.prev.pt), RUN/loss.png. A folder holding a checkpoint needs --resume auto or --overwrite.
     """
+    from .checkpoint import is_sharded
     from .data import read_meta
     from .model import PRESETS, GPTConfig
     from .train import TrainConfig, cleanup_distributed, train
 
-    if resume is not None and resume != "auto" and not os.path.isfile(resume):
-        raise click.UsageError(f"--resume {resume}: no such checkpoint (use 'auto' or a ckpt.pt path)")
+    if resume is not None and resume != "auto" and not (os.path.isfile(resume) or is_sharded(resume)):
+        raise click.UsageError(f"--resume {resume}: no such checkpoint (use 'auto', a ckpt.pt path or a ckpt.dcp "
+                               "folder)")
     if resume is not None and overwrite:
         raise click.UsageError("--resume and --overwrite contradict each other; pass one")
+    if mixed_precision is not None and parallel != "fsdp":
+        raise click.UsageError("--mixed-precision is for --parallel fsdp (DDP runs use bf16 autocast on CUDA)")
     meta = read_meta(data_dir)
     arch = dict(PRESETS[preset])
     given = dict(n_px=n_px, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
@@ -210,13 +222,35 @@ def train_cmd(ctx, data_dir, out, preset, objective, n_px, n_layer, n_head, n_em
     tcfg = TrainConfig(data_dir=data_dir, out_dir=out, **train_flags)
     try:
         result = train(model_config, tcfg, resume=resume, explicit=explicit, overwrite=overwrite, impl=impl,
-                       grad_checkpoint=grad_checkpoint, compile=compile_)
+                       grad_checkpoint=grad_checkpoint, compile=compile_, parallel=parallel,
+                       mixed_precision=mixed_precision)
     finally:
         cleanup_distributed()
     if _main_process():
         last = (f"val_loss {result['val_loss']:.4f}" if result["val_loss"] is not None
                 else f"loss {result['loss']:.4f}")
         click.echo(f"done | step {result['step']} | {last} | {result['ckpt']}")
+
+
+@cli.command("export")
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output checkpoint file, e.g. model.pt.")
+def export_cmd(run, out):
+    """Write the latest checkpoint of RUN (a run folder, a ckpt.pt, or an FSDP run's ckpt.dcp folder) as one
+    ckpt.pt-format file: full model weights, config, palette, step and training config, no optimizer.
+
+    probe, sample, finetune, convert and `model_from_checkpoint` load it in any process, without
+    torch.distributed (they also read a ckpt.dcp folder directly). To continue training, resume from
+    RUN itself: its sharded checkpoint resumes on any number of processes, with DDP or FSDP.
+    """
+    from .checkpoint import export_checkpoint
+
+    ckpt = export_checkpoint(run, out)
+    c = ckpt["model_config"]
+    kind = "sharded (DCP)" if ckpt.get("sharded") else "single file"
+    click.echo(f"exported {ckpt['path']} ({kind}, step {ckpt['step']}) -> {out} | {c['n_layer']} layers, "
+               f"{c['n_embd']} wide, {c['n_px']}x{c['n_px']} | "
+               + (f"palette {ckpt['palette_sha256'][:12]}" if ckpt.get("palette_sha256") else "no palette"))
 
 
 @cli.command("convert")

@@ -4,7 +4,7 @@ and `train`, the loop that calls them. Finetuning reuses the loop with its own l
 
 Recipe (Chen et al. 2020, section 3.5): AdamW betas (0.9, 0.95), linear warmup then cosine decay,
 no weight decay, no dropout; gradient accumulation and clipping, bf16 autocast on GPU, activation
-checkpointing, optional torch.compile, DDP under torchrun (gloo on CPU, nccl on GPU). The learning
+checkpointing, optional torch.compile, DDP or FSDP2 under torchrun (gloo on CPU, nccl on GPU). The learning
 rate is a function of the step and the TrainConfig (`lr_at`), so a resumed run continues its
 schedule from the saved step, with whatever schedule flags the resume changed.
 
@@ -12,8 +12,24 @@ MFU = tokens/s * flops_per_token / peak_flops, flops_per_token = 6 N + 12 n_laye
 (N = parameters without the position table; PaLM appendix B / nanoGPT, attention counted as
 non-causal), peak = the GPU's dense bf16 peak (table below or --peak-tflops). Not reported on CPU.
 
+Parallelism (`parallel`, chosen per run like impl; recorded in config.json, never architecture):
+- "ddp" (default): DistributedDataParallel over the processes of a torchrun launch; rank 0 writes
+  RUN/ckpt.pt.
+- "fsdp": FSDP2 -- `fully_shard` on every block, then on the root, after rank 0's initial weights
+  are broadcast; the optimizer is built on the sharded (DTensor) parameters; bf16 parameters with
+  fp32 gradient reduction on CUDA (`mixed_precision`, off on CPU unless asked). Accumulation turns
+  gradient sync off (`set_requires_gradient_sync`) until the last micro-batch; clipping takes the
+  global norm of the DTensor gradients. run.model is the sharded model itself, so evaluation runs
+  through it on every rank in lockstep (evaluate_lm). Checkpoints are RUN/ckpt.dcp/ folders
+  (torch.distributed.checkpoint, every rank writing its shards; see checkpoint.py). One process
+  (no torchrun) gets a process group of its own. On CPU over gloo, fsdp gives the same losses as
+  ddp, bit for bit (the weights agree to ~1e-7: the gradient norm is summed in another order).
+  Finetuning (classifier=True) stays on DDP.
+- Either resumes from a checkpoint of either kind, on any number of processes (DCP reshards).
+
 Run folder: config.json (the resolved configuration), log.jsonl (one JSON row per log or eval
-step), ckpt.pt (latest) and ckpt.prev.pt (the one before), loss.png. Rules:
+step), ckpt.pt (latest) and ckpt.prev.pt (the one before), or ckpt.dcp/ and ckpt.prev.dcp/ with
+fsdp, loss.png. Rules:
 - a folder that holds a checkpoint is continued only with resume="auto" (or a path) and restarted
   only with overwrite=True; anything else is refused.
 - Resume: the checkpoint's architecture wins; an architecture field the caller set explicitly and
@@ -22,13 +38,21 @@ step), ckpt.pt (latest) and ckpt.prev.pt (the one before), loss.png. Rules:
   Rows of log.jsonl past the checkpoint's step are dropped (atomic rewrite).
 - Divergence: a non-finite loss or gradient norm, or a loss above spike_factor x the median of the
   recent losses, stops the run before the weights are updated. If the latest checkpoint holds the
-  weights that produced the blow-up (saved on the step before), ckpt.prev.pt takes its place, so
-  ckpt.pt is always the last good state.
+  weights that produced the blow-up (saved on the step before), the previous one (ckpt.prev.pt or
+  ckpt.prev.dcp) takes its place, so the latest checkpoint is always the last good state.
 - The checkpoint of a step is written before that step's evaluation, so a failing eval loses nothing.
 
 Determinism: the data position is the number of micro-batches each rank consumed (data.train_loader
 is deterministic in seed, rank and step); every rank's RNG state is saved, so N steps straight and
-N/2 + resume + N/2 give bitwise-identical losses on CPU.
+N/2 + resume + N/2 give bitwise-identical losses on CPU, with ddp and with fsdp.
+
+A resume on another number of processes (N -> M) keeps the optimizer step (so the LR schedule) and
+the per-rank micro-batch count: rank r < min(N, M) continues its own stream where it stopped (a
+rank's stream depends on (seed, rank, num_workers), not on the world size), a new rank r >= N starts
+its stream at that same micro-batch, and the streams of ranks >= M are left. The order differs from
+an uninterrupted run's but is as valid (training shards are resampled, there is no epoch to finish).
+The global batch becomes batch_size x grad_accum x M; samples_seen keeps the true total. RNG states
+are restored only when the world size is unchanged; otherwise each rank starts from seed + rank.
 """
 import json
 import math
@@ -43,12 +67,15 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.distributed as dist
 
-from igpt_fast.checkpoint import (CKPT_NAME, PREV_NAME, load_checkpoint, model_from_checkpoint, model_state,
-                                  save_checkpoint)
+from igpt_fast.checkpoint import (CKPT_NAME, DCP_NAME, checkpoint_step, is_sharded, latest_checkpoint,
+                                  load_checkpoint, load_full_optimizer_state, load_sharded_state, model_from_checkpoint,
+                                  model_state, remove_checkpoints, resolve_checkpoint, restore_previous, run_info,
+                                  save_checkpoint, save_sharded_checkpoint)
 from igpt_fast.errors import IGPTError
 from igpt_fast.model import GPTConfig, IGPT
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+PARALLEL = ("ddp", "fsdp")
 # Training fields a resume may change (given explicitly); the rest (seed, paths) stay the checkpoint's.
 TRAIN_OVERRIDES = ("steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "lr_decay_steps",
                    "weight_decay", "grad_clip", "log_every", "eval_every", "eval_batches", "ckpt_every",
@@ -99,7 +126,7 @@ class Run:
     """The state of one training run: what the loop reads and updates."""
 
     tcfg: TrainConfig
-    model: IGPT  # unwrapped: saved, evaluated
+    model: IGPT  # unwrapped (with FSDP: the sharded model itself): saved, evaluated
     module: torch.nn.Module  # what the loss calls: DDP / compiled wrapper of the model (or a Classifier)
     optimizer: torch.optim.Optimizer
     palette: object
@@ -108,9 +135,11 @@ class Run:
     world_size: int
     device: torch.device
     autocast: object
+    parallel: str = "ddp"  # "ddp" (DDP when world_size > 1) or "fsdp" (fully_shard, sharded checkpoints)
     step: int = 0
     data_step: int = 0
-    saved_step: int = -1  # step of RUN/ckpt.pt, -1 when none
+    samples_seen: int = 0  # over all ranks, across resumes at other world sizes
+    saved_step: int = -1  # step of RUN/ckpt.pt (ckpt.dcp with fsdp), -1 when none
     losses: deque = field(default_factory=lambda: deque(maxlen=50))  # recent step losses (blow-up test)
     rng_state: object = None  # this rank's RNG state from the checkpoint, set once the data loader exists
     print_fn: object = print
@@ -121,7 +150,7 @@ class Run:
 
     @property
     def ckpt_path(self):
-        return os.path.join(self.tcfg.out_dir, CKPT_NAME)
+        return os.path.join(self.tcfg.out_dir, DCP_NAME if self.parallel == "fsdp" else CKPT_NAME)
 
     @property
     def log_path(self):
@@ -132,9 +161,10 @@ class Run:
             self.print_fn(msg)
 
 
-def setup_distributed():
+def setup_distributed(group_of_one=False):
     """(rank, world_size, local_rank, device). Under torchrun: init the process group (nccl on GPU,
-    gloo on CPU); otherwise a single process."""
+    gloo on CPU); otherwise a single process, with a process group of its own when group_of_one
+    (FSDP shards over a device mesh even on one process)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -143,6 +173,8 @@ def setup_distributed():
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
+    elif group_of_one and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world_size, local_rank, device
 
@@ -161,6 +193,23 @@ def all_reduce_sum(t):
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def shard_model(model, mixed_precision=False):
+    """FSDP2: every block, then the root (embeddings, ln_f, heads), sharded over all ranks with
+    `fully_shard`, after rank 0's weights are broadcast (as DDP does, so a fresh run starts from one
+    initialisation). mixed_precision: bf16 parameters in forward/backward, gradients reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if dist.get_world_size() > 1:
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
+              else MixedPrecisionPolicy())
+    for block in model.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
 
 
 def configure_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
@@ -198,7 +247,8 @@ def _rng_state():
 
 def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    version, internal, gauss_next = state["python"]  # lists when read back from a sharded checkpoint's JSON
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -277,34 +327,49 @@ def _merge_on_resume(ckpt, model_config, tcfg, explicit):
 
 
 def start(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=False, impl="auto",
-          grad_checkpoint=False, compile=False, classifier=False, print_fn=print):
+          grad_checkpoint=False, compile=False, classifier=False, parallel="ddp", mixed_precision=None,
+          print_fn=print):
     """Set up a run (see the module docstring for the folder rules) and return its Run.
 
-    resume: None (fresh), "auto" (RUN/ckpt.pt when present) or a checkpoint path. model: an initial
-    IGPT for fresh runs (default IGPT(model_config)). explicit: the names of the GPTConfig and
-    TrainConfig fields the caller set on purpose (None: all of them). impl, grad_checkpoint, compile:
-    how to run the model, never saved. classifier: the loss calls a model.Classifier around the model.
+    resume: None (fresh), "auto" (RUN/ckpt.pt or RUN/ckpt.dcp when present) or a checkpoint path (file
+    or DCP folder). model: an initial IGPT for fresh runs (default IGPT(model_config)). explicit: the
+    names of the GPTConfig and TrainConfig fields the caller set on purpose (None: all of them). impl,
+    grad_checkpoint, compile, parallel: how to run the model, never saved as architecture. classifier:
+    the loss calls a model.Classifier around the model. parallel: "ddp" or "fsdp" (see the module
+    docstring). mixed_precision (fsdp): bf16 parameters in forward/backward with fp32 gradient
+    reduction; None means on with CUDA, off on CPU.
     """
     from igpt_fast.data import check_data, load_data_palette, read_meta
     from igpt_fast.model import Classifier
 
+    if parallel not in PARALLEL:
+        raise TrainError(f"parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
+    fsdp = parallel == "fsdp"
+    if fsdp and classifier:
+        raise TrainError("finetuning runs with DDP (its Classifier calls the model's parts, which FSDP does not "
+                         "gather); train with --parallel fsdp, then finetune the run")
+    if mixed_precision and not fsdp:
+        raise TrainError("mixed_precision is FSDP's parameter dtype: use it with parallel='fsdp' (DDP runs use "
+                         "bf16 autocast on CUDA)")
     explicit = set(ARCH_FIELDS + tuple(f.name for f in fields(TrainConfig))) if explicit is None else set(explicit)
-    rank, world_size, _, device = setup_distributed()
+    rank, world_size, _, device = setup_distributed(group_of_one=fsdp)
     say = print_fn if rank == 0 else (lambda *a, **k: None)
     meta = read_meta(tcfg.data_dir)
     palette = load_data_palette(tcfg.data_dir, meta)
-    ckpt_path = os.path.join(tcfg.out_dir, CKPT_NAME)
+    ckpt_path = latest_checkpoint(tcfg.out_dir)
     if resume == "auto":
-        resume = ckpt_path if os.path.isfile(ckpt_path) else None
-    elif resume is None and os.path.isfile(ckpt_path):
+        resume = ckpt_path
+    elif resume is None and ckpt_path is not None:
         if not overwrite:
             raise TrainError(f"{tcfg.out_dir} already holds a checkpoint ({ckpt_path}): pass --resume auto to "
                              "continue it, or --overwrite to start a new run there (its checkpoints and log go)")
         if rank == 0:
-            for name in (CKPT_NAME, PREV_NAME, "log.jsonl"):
-                if os.path.isfile(os.path.join(tcfg.out_dir, name)):
-                    os.remove(os.path.join(tcfg.out_dir, name))
-    ckpt = load_checkpoint(resume) if resume is not None else None
+            remove_checkpoints(tcfg.out_dir)
+            if os.path.isfile(os.path.join(tcfg.out_dir, "log.jsonl")):
+                os.remove(os.path.join(tcfg.out_dir, "log.jsonl"))
+    resume = resolve_checkpoint(resume) if resume is not None else None
+    sharded = resume is not None and is_sharded(resume)
+    ckpt = load_checkpoint(resume, weights=False) if resume is not None else None
     changed = []
     if ckpt is not None:
         model_config, tcfg, changed = _merge_on_resume(ckpt, model_config, tcfg, explicit)
@@ -312,30 +377,42 @@ def start(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=
 
     torch.manual_seed(tcfg.seed + rank)
     random.seed(tcfg.seed + rank)
-    if ckpt is not None:
+    if ckpt is not None and not sharded:
         model = model_from_checkpoint(ckpt, impl=impl, grad_checkpoint=grad_checkpoint)
-    elif model is None:
+    elif ckpt is not None or model is None:  # a sharded checkpoint's weights are loaded once the model is set up
         model = IGPT(model_config, impl=impl, grad_checkpoint=grad_checkpoint)
     model_config = model.config
     model.to(device)
+    if fsdp:
+        mixed_precision = device.type == "cuda" if mixed_precision is None else mixed_precision
+        shard_model(model, mixed_precision)
     optimizer = configure_optimizer(model, tcfg.lr, tcfg.weight_decay)
     module = Classifier(model) if classifier else model
     if compile:
         module = torch.compile(module)
-    if world_size > 1:
+    if world_size > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    run = Run(tcfg, model, module, optimizer, palette, meta, rank, world_size, device, autocast, print_fn=print_fn)
+    run = Run(tcfg, model, module, optimizer, palette, meta, rank, world_size, device, autocast, parallel=parallel,
+              print_fn=print_fn)
 
     rng_state = None
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if sharded:
+            load_sharded_state(resume, model, optimizer)
+        elif fsdp:
+            load_full_optimizer_state(model, optimizer, ckpt["optimizer"])
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         run.step, run.data_step, run.saved_step = ckpt["step"], ckpt["data_step"], ckpt["step"]
+        run.samples_seen = ckpt.get("samples_seen", ckpt["data_step"] * ckpt["train_config"]["batch_size"] *
+                                    ckpt["world_size"])
         run.losses.extend(ckpt.get("recent_losses", []))
         if ckpt["world_size"] != world_size:
-            say(f"warning: the checkpoint ran with world_size {ckpt['world_size']}; the data order now differs "
-                "from an uninterrupted run")
+            say(f"note: the checkpoint has world size {ckpt['world_size']}, this run {world_size}: each rank "
+                f"resumes its own data stream at micro-batch {run.data_step} (a valid order, not the one of an "
+                "uninterrupted run) and fresh RNG states")
         rng_state = ckpt["rng"][rank] if len(ckpt["rng"]) == world_size else None
         if changed:
             say("changed on resume: " + ", ".join(changed))
@@ -346,6 +423,7 @@ def start(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=
             _truncate_log(run.log_path, run.step)
         resolved = {"model": asdict(model_config), "train": asdict(tcfg), "world_size": world_size,
                     "device": str(device), "impl": impl, "grad_checkpoint": grad_checkpoint, "compile": compile,
+                    "parallel": parallel, "mixed_precision": bool(mixed_precision),
                     "params": model.num_params(), "flops_per_token": flops_per_token(model),
                     "resumed_from": resume, "start_step": run.step, "changed_on_resume": changed,
                     "palette_sha256": palette.sha256}
@@ -377,16 +455,14 @@ def _check_divergence(run, loss, grad_norm):
         return
     last = "no checkpoint was written yet"
     if run.master and run.saved_step >= 0:
-        prev = os.path.join(run.tcfg.out_dir, PREV_NAME)
-        if run.saved_step == run.step and os.path.isfile(prev):
-            # ckpt.pt holds the weights that produced this loss: the one before is the last good state
-            os.replace(prev, run.ckpt_path)
-            last = f"{run.ckpt_path} (step {load_checkpoint(run.ckpt_path)['step']}, restored from {PREV_NAME})"
-        elif run.saved_step == run.step:
-            os.remove(run.ckpt_path)
-            last = "no good checkpoint (the only one held these weights and was removed)"
+        if run.saved_step == run.step:
+            # the latest checkpoint holds the weights that produced this loss: the one before (ckpt.prev.pt or
+            # ckpt.prev.dcp) is the last good state
+            restored = restore_previous(run.tcfg.out_dir)
+            last = (f"{restored} (step {checkpoint_step(restored)}, restored from the previous checkpoint)"
+                    if restored else "no good checkpoint (the only one held these weights and was removed)")
         else:
-            last = f"{run.ckpt_path} (step {run.saved_step})"
+            last = f"{latest_checkpoint(run.tcfg.out_dir) or run.ckpt_path} (step {run.saved_step})"
     raise TrainingDiverged(f"{reason} at step {run.step + 1}; stopped before updating the weights. The last good "
                            f"checkpoint is {last}. Lower --lr or raise --warmup-steps, then resume with "
                            "--resume auto")
@@ -397,13 +473,17 @@ def train_step(run, batches, loss_fn=lm_loss):
     tcfg = run.tcfg
     loss_sum = torch.zeros((), device=run.device)
     extra = {}
+    fsdp = run.parallel == "fsdp"
     for micro in range(tcfg.grad_accum):
         tokens, labels = next(batches)
         run.data_step += 1
+        run.samples_seen += len(tokens) * run.world_size
         tokens = tokens.to(run.device, non_blocking=True)
         labels = labels.to(run.device, non_blocking=True)
         last = micro == tcfg.grad_accum - 1
-        with nullcontext() if run.world_size == 1 or last else run.module.no_sync():
+        if fsdp:  # FSDP2's no_sync: gradients accumulate unsharded, reduce-scattered on the last micro-batch
+            run.model.set_requires_gradient_sync(last)
+        with nullcontext() if run.world_size == 1 or last or fsdp else run.module.no_sync():
             with run.autocast:
                 loss, extra = loss_fn(run.module, tokens, labels)
             (loss / tcfg.grad_accum).backward()
@@ -411,7 +491,8 @@ def train_step(run, batches, loss_fn=lm_loss):
     loss_value = all_reduce_sum(loss_sum / (tcfg.grad_accum * run.world_size)).item()
     grad_norm = None
     if tcfg.grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.grad_clip).item()
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.grad_clip)
+        grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # a DTensor with FSDP
     _check_divergence(run, loss_value, grad_norm)
     lr = lr_at(tcfg, run.step)
     for group in run.optimizer.param_groups:
@@ -445,18 +526,22 @@ def log_step(run, loss, grad_norm, extra, seconds_per_step):
 
 
 def save(run, path=None, extra=None):
-    """Write the training state (every rank's RNG state; the main process writes). path None: RUN/ckpt.pt,
-    the previous one kept as ckpt.prev.pt."""
+    """Write the training state (every rank's RNG state). path None: RUN/ckpt.pt, the previous one kept as
+    ckpt.prev.pt (the main process writes); with FSDP RUN/ckpt.dcp and ckpt.prev.dcp, each rank writing
+    its shards (collective)."""
     rngs = [None] * run.world_size
     if run.world_size > 1:
         dist.all_gather_object(rngs, _rng_state())
     else:
         rngs = [_rng_state()]
-    if run.master:
-        state = model_state(run.model, run.palette, step=run.step, optimizer=run.optimizer.state_dict(),
-                            data_step=run.data_step, samples_seen=run.data_step * run.tcfg.batch_size * run.world_size,
-                            world_size=run.world_size, rng=rngs, train_config=asdict(run.tcfg),
-                            recent_losses=list(run.losses), extra=extra or {})
+    training = dict(data_step=run.data_step, samples_seen=run.samples_seen, world_size=run.world_size, rng=rngs,
+                    train_config=asdict(run.tcfg), recent_losses=list(run.losses), extra=extra or {},
+                    parallel=run.parallel)
+    if run.parallel == "fsdp":
+        info = run_info(run.model.config, run.palette, step=run.step, **training)
+        save_sharded_checkpoint(path or run.ckpt_path, run.model, run.optimizer, info, keep_previous=path is None)
+    elif run.master:
+        state = model_state(run.model, run.palette, step=run.step, optimizer=run.optimizer.state_dict(), **training)
         save_checkpoint(path or run.ckpt_path, state, keep_previous=path is None)
     if path is None:
         run.saved_step = run.step
@@ -468,7 +553,10 @@ def save(run, path=None, extra=None):
 def evaluate_lm(run):
     """Mean validation loss over the 'val' split (eval_batches per process, 0 = all), averaged over
     processes; {} when there is no val split. BERT masks come from a fixed seed so every eval sees
-    the same masks. Runs on the unwrapped model (ranks may see different numbers of batches)."""
+    the same masks. Runs on the unwrapped model; ranks may see different numbers of batches, so with
+    FSDP (whose every forward gathers parameters from all ranks) the ranks go in lockstep: each batch
+    starts with an all-reduce of "still have one", and a rank that ran out forwards a dummy batch,
+    uncounted, until every rank is done."""
     from igpt_fast.data import eval_loader
 
     if "val" not in run.meta["splits"]:
@@ -476,15 +564,28 @@ def evaluate_lm(run):
     total = torch.zeros(2, dtype=torch.float64, device=run.device)
     loader = eval_loader(run.tcfg.data_dir, "val", run.tcfg.batch_size, rank=run.rank, world_size=run.world_size,
                          meta=run.meta)
+    lockstep = run.parallel == "fsdp" and run.world_size > 1
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         torch.manual_seed(run.tcfg.seed + 1_000_003 * (run.rank + 1))
-        for i, (tokens, _) in enumerate(loader):
-            if run.tcfg.eval_batches and i >= run.tcfg.eval_batches:
+        batches = iter(loader)  # inside the fork: creating a DataLoader iterator draws from torch's RNG
+        i = 0
+        while True:
+            batch = next(batches, None) if not run.tcfg.eval_batches or i < run.tcfg.eval_batches else None
+            if lockstep:
+                more = torch.tensor([int(batch is not None)], device=run.device)
+                dist.all_reduce(more, op=dist.ReduceOp.MAX)
+                if not more.item():
+                    break
+            elif batch is None:
                 break
+            tokens = (batch[0] if batch is not None else torch.zeros(1, run.model.config.n_ctx, dtype=torch.long))
             tokens = tokens.to(run.device)
             with run.autocast:
                 _, loss = run.model(tokens, tokens)
-            total += torch.tensor([loss.item() * len(tokens), len(tokens)], dtype=torch.float64, device=run.device)
+            if batch is not None:
+                total += torch.tensor([loss.item() * len(tokens), len(tokens)], dtype=torch.float64,
+                                      device=run.device)
+            i += 1
     all_reduce_sum(total)
     return {"val_loss": (total[0] / total[1]).item()} if total[1] > 0 else {}
 
@@ -524,7 +625,7 @@ def _evaluate_and_log(run, evaluate):
 
 def train(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=False, impl="auto",
           grad_checkpoint=False, compile=False, loss_fn=lm_loss, evaluate=evaluate_lm, on_eval=None,
-          classifier=False, print_fn=print):
+          classifier=False, parallel="ddp", mixed_precision=None, print_fn=print):
     """Train; returns {"step", "loss", "val_loss", "ckpt", "skipped_shards"}. Setup arguments as `start`.
 
     loss_fn(module, tokens, labels) -> (loss, metrics) gets the wrapped module (so DDP syncs);
@@ -532,7 +633,8 @@ def train(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=
     from igpt_fast.data import train_loader
 
     run = start(model_config, tcfg, resume=resume, model=model, explicit=explicit, overwrite=overwrite, impl=impl,
-                grad_checkpoint=grad_checkpoint, compile=compile, classifier=classifier, print_fn=print_fn)
+                grad_checkpoint=grad_checkpoint, compile=compile, classifier=classifier, parallel=parallel,
+                mixed_precision=mixed_precision, print_fn=print_fn)
     tcfg = run.tcfg
     loader = train_loader(tcfg.data_dir, tcfg.batch_size, split="train", seed=tcfg.seed, rank=run.rank,
                           world_size=run.world_size, num_workers=tcfg.num_workers, start_step=run.data_step,
