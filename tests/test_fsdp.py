@@ -266,6 +266,14 @@ def test_single_process_fsdp_options_and_errors(data_dir, tmp_path):
     cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert cfg["parallel"] == "fsdp" and cfg["mixed_precision"] is True and cfg["world_size"] == 1
     assert all(np.isfinite(list(losses(tmp_path / "bf16")[0].values())))
+    (tmp_path / "bf16" / "ckpt.dcp.tmp").mkdir()  # what a save killed midway leaves: never read, then cleared
+    (tmp_path / "bf16" / "ckpt.dcp.tmp" / "__0_0.distcp").write_bytes(b"half")
+    res = runner.invoke(cli, ["train", data_dir, "--out", str(tmp_path / "bf16"), *TRAIN, "--steps", "3",
+                              "--parallel", "fsdp", "--resume", "auto"])
+    assert res.exit_code == 0, res.output
+    assert sorted(n for n in os.listdir(tmp_path / "bf16") if n.startswith("ckpt")) == ["ckpt.dcp", "ckpt.prev.dcp"]
+    assert load_checkpoint(tmp_path / "bf16" / "ckpt.prev.dcp")["step"] == 2
+    assert load_checkpoint(tmp_path / "bf16")["step"] == 3
     res = runner.invoke(cli, ["train", data_dir, "--out", str(tmp_path / "x"), *TRAIN, "--mixed-precision"])
     assert res.exit_code == 2 and "--parallel fsdp" in res.output
     tcfg = TrainConfig(data_dir=data_dir, out_dir=str(tmp_path / "c"))
