@@ -17,8 +17,14 @@ the Triton kernels are used on CUDA. q, k, v are one fused Linear(n_embd, 3 n_em
 head h at rows h*hd:(h+1)*hd of each), which is the HF layout transposed.
 
 Generation uses a KV cache (pattern of pytorch-labs/gpt-fast): setup_cache(B) gives each attention
-layer a KVCache module, prefill(prefix), then decode(tok, t) with the position explicit: O(n_ctx)
-work per image instead of O(n_ctx^2). A classification head (average-pooled ln_f output -> zero-init
+layer a static KVCache module, prefill(prefix), then decode(tok, t) with the position explicit: O(n_ctx)
+work per image instead of O(n_ctx^2). decode attends to the filled prefix (fast eagerly);
+decode_static(tok, t_tensor) attends to the whole cache through a mask, so its shapes never change
+and torch.compile makes one graph of it (igpt_fast.sample.generate(compile=True)).
+
+The CPU training step avoids elementwise passes: quick GELU is silu(1.702 h) / 1.702 with the
+factors folded into the MLP weights (MLP), and the fp32 norm has a written-out backward
+(_RMSNormFunction). A classification head (average-pooled ln_f output -> zero-init
 bias-free Linear(n_embd, n_classes)) exists when config.n_classes > 0; `Classifier` wraps the model
 for finetuning, so forward keeps nanoGPT's (logits, loss) contract.
 """
@@ -28,11 +34,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from igpt_fast.kernels import attention, cross_entropy
 
 IMPLS = ("auto", "triton", "torch")
+QUICK_GELU = 1.702  # quick GELU x * sigmoid(1.702 x)
 
 
 @dataclass
@@ -72,8 +80,50 @@ PRESETS = {
 }
 
 
+def _rms_norm(x2, weight, eps):
+    """(y, rstd) of x2 (N, C): y = x2 * rstd * weight, rstd = 1 / sqrt(mean(x2^2, -1) + eps) (N, 1)."""
+    # mean(x^2) as |x|^2 / C: one vectorised reduction instead of a square pass and a mean
+    rstd = torch.linalg.vector_norm(x2, dim=-1, keepdim=True).square_().div_(x2.size(-1)).add_(eps).rsqrt_()
+    return torch.mul(x2, weight).mul_(rstd), rstd
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x / sqrt(mean(x^2, -1) + eps) * g for a float32 / float64 x on the CPU, with a written-out
+    backward. Autograd through the composite (square, mean, rsqrt, two products) makes about fifteen
+    passes over x in the backward; this one makes seven and saves only x, g and rstd (N, 1). Once
+    differentiable (training needs no second derivative).
+
+    With xh = x * rstd and gw = dy * g, per row: dx = rstd * (gw - xh * mean(gw * xh)) and
+    dg = sum over rows of dy * xh."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x2 = x.reshape(-1, x.size(-1))  # (N, C)
+        y, rstd = _rms_norm(x2, weight, eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        C = x2.size(-1)
+        dy2 = dy.reshape(-1, C)  # (N, C)
+        dy_xh = torch.mul(dy2, x2).mul_(rstd)  # (N, C): dy * xh
+        dw = dy_xh.sum(0) if ctx.needs_input_grad[1] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            coef = (dy_xh @ weight).unsqueeze(1).mul_(rstd).div_(-C)  # (N, 1): -rstd mean(gw xh)
+            dx = torch.mul(dy2, weight).addcmul_(x2, coef).mul_(rstd).view_as(dy)
+        return dx, dw, None
+
+
 class RMSNorm(nn.Module):
-    """iGPT's norm: x / sqrt(mean(x^2) + eps) * g, computed in fp32, no bias."""
+    """iGPT's norm: x / sqrt(mean(x^2) + eps) * g, computed in fp32, no bias.
+
+    float32 / float64 on the CPU: _RMSNormFunction (a fused backward); other float32 / float64
+    devices: F.rms_norm with the gain (one fused op where torch has one); lower precisions: the norm
+    in float32, rounded to x's dtype, then the gain."""
 
     def __init__(self, n_embd, eps=1e-5):
         super().__init__()
@@ -81,29 +131,63 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_embd))
 
     def forward(self, x):
-        # F.rms_norm is exactly x * rsqrt(mean(x^2) + eps), one fused op
+        if x.dtype in (torch.float32, torch.float64) and x.dtype == self.weight.dtype:
+            if x.device.type != "cpu":
+                return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                return _RMSNormFunction.apply(x, self.weight, self.eps)
+            return _rms_norm(x.reshape(-1, x.size(-1)), self.weight, self.eps)[0].view_as(x)
         return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype) * self.weight
 
 
 class KVCache(nn.Module):
-    """Keys and values of one attention layer for generation: (B, n_head, n_ctx, head_dim) buffers.
+    """Keys and values of one attention layer for generation: (B, n_head, n_ctx, head_dim) buffers
+    (pytorch-labs/gpt-fast's static cache).
 
     `update(input_pos, k, v)` writes k, v (B, nh, T, hd) at the positions input_pos (T,) and returns
-    the cache's keys and values up to the last written position (gpt-fast's KVCache.update, which
-    returns the whole static buffer and masks instead)."""
+    the whole buffers (B, nh, n_ctx, hd); `mask(pos)` is the (1, 1, 1, n_ctx) bool mask of the
+    positions a query at position pos (a 1-element tensor) sees. Shapes never depend on the position, so one
+    compiled decode step serves every pixel; the eager decode slices the filled prefix instead."""
 
     def __init__(self, batch_size, n_head, n_ctx, head_dim, device=None, dtype=None):
         super().__init__()
         shape = (batch_size, n_head, n_ctx, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("positions", torch.arange(n_ctx, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
         B = k.size(0)
-        self.k_cache[:B, :, input_pos] = k
-        self.v_cache[:B, :, input_pos] = v
-        end = int(input_pos[-1]) + 1
-        return self.k_cache[:B, :, :end], self.v_cache[:B, :, :end]  # (B, nh, end, hd)
+        k_out, v_out = self.k_cache[:B], self.v_cache[:B]  # (B, nh, n_ctx, hd)
+        k_out[:, :, input_pos] = k
+        v_out[:, :, input_pos] = v
+        return k_out, v_out
+
+    def mask(self, pos):
+        return (self.positions <= pos).view(1, 1, 1, -1)  # (1, 1, 1, n_ctx)
+
+
+def masked_attention(q, k_cache, v_cache, mask):
+    """One query per sequence q (B, nh, 1, hd) against the whole cache (B, nh, n_ctx, hd), positions
+    outside mask (1, 1, 1, n_ctx) left out: every shape is static, so CUDA graphs can replay it."""
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+
+
+@torch.library.custom_op("igpt_fast::prefix_attention", mutates_args=())
+def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     pos: torch.Tensor) -> torch.Tensor:
+    """One query per sequence q (B, nh, 1, hd) at position pos (a 1-element CPU tensor) against cache
+    positions 0 .. pos. An opaque op to torch.compile, so the compiled step keeps static shapes while
+    reading only the filled prefix (on the CPU, decoding is bound by reading the cache: attending
+    to the whole masked cache costs about twice as much). It reads pos on the host, which a CUDA
+    graph cannot replay, so CUDA takes masked_attention."""
+    n = int(pos.reshape(-1)[0]) + 1
+    return F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n]).contiguous()
+
+
+@prefix_attention.register_fake
+def _(q, k_cache, v_cache, pos):
+    return q.new_empty(q.shape)  # contiguous, as the real op returns
 
 
 class Attention(nn.Module):
@@ -115,9 +199,12 @@ class Attention(nn.Module):
         self.impl = "auto"  # set by IGPT
         self.kv_cache = None  # a KVCache while IGPT.setup_cache is in effect
 
-    def forward(self, x, causal=True, input_pos=None):
+    def forward(self, x, causal=True, input_pos=None, kv_len=None):
         """x (B, T, C). input_pos None: a plain forward. input_pos (T,): positions of x in the
-        sequence, keys and values go through the KV cache (a prefill at 0, then one token at a time)."""
+        sequence; keys and values go through the KV cache. kv_len (int): the number of filled cache
+        positions after this write (eager: a prefill at 0, where kv_len = T, or one token, attending
+        to the first kv_len keys); kv_len None: one token attends to the whole static cache through
+        its mask (the shape-static step that torch.compile compiles)."""
         B, T, C = x.shape
         hd = C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -127,11 +214,16 @@ class Attention(nn.Module):
         if input_pos is None:
             y = attention(q, k, v, causal=causal, impl=self.impl)
         else:
-            k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, nh, pos + T, hd)
-            if k_all.size(2) == T:  # prefill from position 0
+            k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, nh, n_ctx, hd)
+            if kv_len is None and T == 1:  # static shapes (the compiled step)
+                if x.device.type == "cpu":
+                    y = prefix_attention(q, k_all, v_all, input_pos)
+                else:
+                    y = masked_attention(q, k_all, v_all, self.kv_cache.mask(input_pos))
+            elif kv_len == T:  # prefill from position 0
                 y = attention(q, k, v, causal=True, impl=self.impl)
             elif T == 1:  # one query against the cached prefix: nothing to mask; Tq != Tk
-                y = attention(q, k_all, v_all, causal=False, impl="torch")
+                y = attention(q, k_all[:, :, :kv_len], v_all[:, :, :kv_len], causal=False, impl="torch")
             else:
                 raise ValueError("the KV cache takes a prefill at position 0 or one token at a time")
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
@@ -139,14 +231,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """c_proj(quick_gelu(c_fc(x))), quick GELU h * sigmoid(1.702 h) computed as silu(1.702 h) / 1.702
+    (the same function): one fused op forward and one backward instead of four elementwise passes.
+    The factors 1.702 and 1 / 1.702 go where they cost least: into c_fc's and c_proj's weights when
+    there are more tokens than channels (training), onto the activations otherwise (decoding)."""
+
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        h = self.c_fc(x)
-        return self.c_proj(h * torch.sigmoid(1.702 * h))  # quick GELU
+        if x.numel() >= x.size(-1) ** 2:  # tokens >= channels: scale the weights (4 C^2 elements)
+            h = F.linear(x, self.c_fc.weight * QUICK_GELU)  # (B, T, 4C): 1.702 c_fc(x)
+            return F.linear(F.silu(h), self.c_proj.weight * (1.0 / QUICK_GELU))
+        h = self.c_fc(x) * QUICK_GELU  # (B, T, 4C)
+        return self.c_proj(F.silu(h) * (1.0 / QUICK_GELU))
 
 
 class Block(nn.Module):
@@ -158,8 +258,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, causal=True, input_pos=None):
-        x = x + self.drop(self.attn(self.ln_1(x), causal, input_pos))
+    def forward(self, x, causal=True, input_pos=None, kv_len=None):
+        x = x + self.drop(self.attn(self.ln_1(x), causal, input_pos, kv_len))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -293,24 +393,30 @@ class IGPT(nn.Module):
         return torch.stack(feats, dim=1)  # (B, n_layer + 1, C)
 
     def setup_cache(self, batch_size, device=None, dtype=None):
-        """Give every attention layer a KVCache for batch_size sequences of n_ctx tokens."""
+        """Give every attention layer a KVCache for batch_size sequences of n_ctx tokens; caches of that
+        batch size, device and dtype already in place are kept (their buffers, and so a compiled
+        decode step's inputs, stay the same)."""
         if self.config.objective != "ar":
             raise ValueError("the KV cache is for AR models; a BERT model cannot generate left to right")
         p = self.lm_head.weight
         c = self.config
+        device, dtype = torch.device(device or p.device), dtype or p.dtype
+        shape = (batch_size, c.n_head, c.n_ctx, c.n_embd // c.n_head)
         for block in self.h:
-            block.attn.kv_cache = KVCache(batch_size, c.n_head, c.n_ctx, c.n_embd // c.n_head,
-                                          device=device or p.device, dtype=dtype or p.dtype)
+            old = block.attn.kv_cache
+            if (old is None or old.k_cache.shape != shape or old.k_cache.dtype != dtype
+                    or old.k_cache.device != device):
+                block.attn.kv_cache = KVCache(*shape, device=device, dtype=dtype)
 
     def clear_cache(self):
         for block in self.h:
             block.attn.kv_cache = None
 
-    def _cached_step(self, x, input_pos):
+    def _cached_step(self, x, input_pos, kv_len=None):
         if self.h[0].attn.kv_cache is None:
             raise RuntimeError("call model.setup_cache(batch_size) before prefill() / decode()")
         for block in self.h:
-            x = block(x, True, input_pos)
+            x = block(x, True, input_pos, kv_len)
         return self.lm_head(self.ln_f(x[:, -1]))  # (B, n_vocab)
 
     @torch.inference_mode()
@@ -323,17 +429,32 @@ class IGPT(nn.Module):
             raise ValueError(f"prefix length {t} leaves nothing to generate (n_ctx {self.config.n_ctx})")
         pad = torch.zeros(B, 1, dtype=prefix.dtype, device=prefix.device)
         x = self._embed(torch.cat([prefix, pad], dim=1))  # (B, t+1, C): [sos, x_0 .. x_{t-1}]
-        return self._cached_step(x, torch.arange(t + 1, device=prefix.device))
+        return self._cached_step(x, torch.arange(t + 1, device=prefix.device), t + 1)
 
     @torch.inference_mode()
     def decode(self, tok, t):
         """Feed x_t (tok, shape (B,)), the token just chosen for pixel t, which is the input at
         position t + 1; returns the logits (B, n_vocab) for x_{t+1}. Valid for t + 1 < n_ctx, after
-        prefill and the decode steps of the pixels before t."""
+        prefill and the decode steps of the pixels before t. Attends to the t + 2 filled cache
+        positions only (the fast eager step; `decode_static` is the one to compile)."""
         if not 0 <= t < self.config.n_ctx - 1:
             raise ValueError(f"decode(tok, t) needs 0 <= t < n_ctx - 1 = {self.config.n_ctx - 1}, got t = {t}")
+        if self.h[0].attn.kv_cache is None:
+            raise RuntimeError("call model.setup_cache(batch_size) before prefill() / decode()")
+        input_pos = self.h[0].attn.kv_cache.positions[t + 1:t + 2]  # (1,)
         x = self.wte(tok).unsqueeze(1) + self.wpe.weight[t + 1]  # (B, 1, C)
-        return self._cached_step(x, torch.tensor([t + 1], device=tok.device))
+        return self._cached_step(x, input_pos, t + 2)
+
+    @torch.no_grad()
+    def decode_static(self, tok, t):
+        """decode(tok, t) with t a 1-element int64 tensor on the model's device and every shape
+        independent of t: the query attends to the whole static cache through a mask. This is the
+        step `torch.compile` turns into one graph for all pixels (gpt-fast's decode_one_token; with
+        mode="reduce-overhead" on CUDA, one CUDA graph). Nothing is checked here: t must satisfy
+        decode's bounds, after prefill and the steps before it."""
+        input_pos = t + 1  # (1,)
+        x = self.wte(tok).unsqueeze(1) + self.wpe(input_pos)  # (B, 1, C)
+        return self._cached_step(x, input_pos)
 
 
 class Classifier(nn.Module):

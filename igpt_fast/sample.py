@@ -8,6 +8,9 @@ then one cached decode step per token; temperature and top-k on the last logits)
 - `generate` (AR): prefill [sos, prefix] into the KV cache, then one `decode` per pixel: O(n_ctx)
   work per image. `use_cache=False` recomputes the full prefix for every pixel (the reference path;
   `benchmarks/bench_sample.py` times both). With the same generator both paths draw the same tokens.
+  `compile=True` runs each decode step as one torch.compile graph of the static-shape
+  `model.decode_static` (gpt-fast's compiled decode_one_token; CUDA graphs on CUDA); sampling stays
+  eager, so the generator's draws are the same.
 - Sampling rule (`sample_logits`): temperature 0 is greedy (argmax); otherwise logits / temperature,
   top-k keeps the k largest logits (top_k=1 is greedy), then one multinomial draw per row.
 - BERT-objective models cannot decode left to right; `generate` fills the missing pixels by
@@ -109,13 +112,60 @@ def _bert_fill(model, out, t0, temperature, top_k, generator, steps, bar):
     return out
 
 
+_COMPILED_STEPS = {}  # torch.compile mode -> the compiled _decode_step (one per process, as in gpt-fast)
+
+
+def _decode_step(model, tok, t):
+    return model.decode_static(tok, t)
+
+
+def compiled_decode_step(device):
+    """model.decode_static under torch.compile(fullgraph=True, dynamic=False): on CUDA with
+    mode="reduce-overhead" (CUDA graphs replay the whole step), elsewhere the default mode. Called as
+    step(model, tok (B,), t (1,) int64 tensor) -> logits (B, n_vocab); compiled on first use per
+    model, batch size and dtype."""
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    if mode not in _COMPILED_STEPS:
+        _COMPILED_STEPS[mode] = torch.compile(_decode_step, fullgraph=True, dynamic=False, mode=mode)
+    return _COMPILED_STEPS[mode]
+
+
+def _decode_loop(model, logits, out, t0, temperature, top_k, generator, bar, compile):
+    """Fill out[:, t0:] from the prefill's logits: sample pixel t, then one decode step for pixel t + 1."""
+    n_ctx = out.size(1)
+    if compile:
+        step = compiled_decode_step(out.device)
+        graphs = out.device.type == "cuda"
+        t_pos = torch.tensor([t0], device=out.device)  # (1,): the pixel whose token goes in next
+    for t in range(t0, n_ctx):
+        out[:, t] = sample_logits(logits, temperature, top_k, generator)
+        del logits  # a CUDA graph replay overwrites the buffer it lives in
+        bar.update(1)
+        if t + 1 == n_ctx:
+            break
+        if not compile:
+            logits = model.decode(out[:, t], t)
+            continue
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = step(model, out[:, t].contiguous(), t_pos)
+        t_pos += 1
+    return out
+
+
 @torch.no_grad()
 def generate(model, prefix=None, n=None, temperature=1.0, top_k=None, generator=None, use_cache=True,
-             bert_steps=None, progress=False):
+             bert_steps=None, progress=False, compile=False):
     """Sample images token by token. prefix: int tokens (B, t) with 0 <= t < n_ctx (the first t pixels
     of each image, kept as they are), or None with n for n unconditional samples. Returns int64
     tokens (B, n_ctx) on the model's device. AR models use the KV cache (use_cache=False: recompute
-    every prefix); BERT models use iterative unmasking in bert_steps forwards (default n_px)."""
+    every prefix); BERT models use iterative unmasking in bert_steps forwards (default n_px).
+
+    compile=True (AR, with the cache): the decode step is `compiled_decode_step` (torch.compile of
+    model.decode_static; CUDA graphs on CUDA); the first call per model, batch size and dtype pays
+    the compilation. The same tokens as the eager step for the same generator, up to ties that
+    floating-point rounding can flip. The KV cache stays on the model after the call, so the next
+    call replays the same graph on the same buffers; model.clear_cache() frees it."""
     from tqdm import tqdm
 
     c = model.config
@@ -130,6 +180,8 @@ def generate(model, prefix=None, n=None, temperature=1.0, top_k=None, generator=
         raise SampleError(f"the prefix has {t0} tokens; it must be shorter than n_ctx {c.n_ctx}")
     if t0 and (prefix.min() < 0 or prefix.max() >= c.n_vocab):
         raise SampleError(f"prefix tokens must lie in [0, {c.n_vocab})")
+    if compile and (c.objective != "ar" or not use_cache):
+        raise SampleError("compile=True compiles the KV-cache decode step: it needs an AR model and use_cache=True")
     model.eval()
     out = torch.zeros(B, c.n_ctx, dtype=torch.long, device=device)
     out[:, :t0] = prefix
@@ -142,13 +194,10 @@ def generate(model, prefix=None, n=None, temperature=1.0, top_k=None, generator=
             model.setup_cache(B)
             try:
                 logits = model.prefill(prefix)  # (B, V): logits for x_{t0}
-                for t in range(t0, c.n_ctx):
-                    out[:, t] = sample_logits(logits, temperature, top_k, generator)
-                    bar.update(1)
-                    if t + 1 < c.n_ctx:
-                        logits = model.decode(out[:, t], t)
+                _decode_loop(model, logits, out, t0, temperature, top_k, generator, bar, compile)
             finally:
-                model.clear_cache()
+                if not compile:
+                    model.clear_cache()
         else:
             for t in range(t0, c.n_ctx):
                 logits, _ = model(out[:, :t + 1])  # (B, t + 1, V); position t predicts x_t
@@ -168,7 +217,7 @@ def _batched(model, prefix, batch_size, progress, **kw):
 
 
 def complete(model, tokens, rows=None, samples_per_image=1, batch_size=64, temperature=1.0, top_k=None,
-             generator=None, use_cache=True, bert_steps=None, progress=False):
+             generator=None, use_cache=True, bert_steps=None, progress=False, compile=False):
     """Completions of images from their first `rows` rows (default n_px // 2).
 
     tokens: int (N, n_ctx) (or (N, >= rows * n_px)). Returns int64 (N, samples_per_image, n_ctx) on the
@@ -183,16 +232,16 @@ def complete(model, tokens, rows=None, samples_per_image=1, batch_size=64, tempe
         raise SampleError(f"tokens must be (N, >= {rows * n_px}), got {tuple(tokens.shape)}")
     prefix = tokens[:, :rows * n_px].repeat_interleave(samples_per_image, dim=0)  # (N * S, rows * n_px)
     out = _batched(model, prefix, batch_size, progress, temperature=temperature, top_k=top_k,
-                   generator=generator, use_cache=use_cache, bert_steps=bert_steps)
+                   generator=generator, use_cache=use_cache, bert_steps=bert_steps, compile=compile)
     return out.view(len(tokens), samples_per_image, -1)  # (N, S, n_ctx)
 
 
 def unconditional(model, n, batch_size=64, temperature=1.0, top_k=None, generator=None, use_cache=True,
-                  bert_steps=None, progress=False):
+                  bert_steps=None, progress=False, compile=False):
     """n samples from sos alone: int64 (n, n_ctx) on the CPU."""
     prefix = torch.zeros(n, 0, dtype=torch.long)
     return _batched(model, prefix, batch_size, progress, temperature=temperature, top_k=top_k,
-                    generator=generator, use_cache=use_cache, bert_steps=bert_steps)
+                    generator=generator, use_cache=use_cache, bert_steps=bert_steps, compile=compile)
 
 
 def image_grid(images, pad=2, scale=1, background=255):

@@ -1,12 +1,14 @@
 """Tests of igpt_fast.model against an independent naive implementation of the official iGPT maths
-(openai/image-gpt src/model.py), plus AR shift / BERT masking semantics, features, KV cache,
-classification head, activation checkpointing, overfitting, and Triton-vs-torch training."""
+(openai/image-gpt src/model.py), plus AR shift / BERT masking semantics, features, KV cache (eager
+and static decode steps), the fused norm backward and quick GELU (gradcheck, fp32 error against
+fp64), classification head, activation checkpointing, overfitting, and Triton-vs-torch training."""
 import math
 
 import pytest
 import torch
 
-from igpt_fast.model import Classifier, GPTConfig, IGPT, PRESETS
+from igpt_fast.model import (MLP, Classifier, GPTConfig, IGPT, PRESETS, RMSNorm, _RMSNormFunction, masked_attention,
+                             prefix_attention)
 
 
 def tiny_config(**kw):
@@ -190,6 +192,95 @@ def test_kv_cache_matches_full_forward(t):
     model.clear_cache()
     with pytest.raises(RuntimeError, match="setup_cache"):
         model.decode(idx[:, 0], 0)
+
+
+def test_static_decode_matches_eager_decode():
+    """decode_static (whole-cache shapes, the step torch.compile compiles) gives decode's logits; on
+    the CPU it reads the prefix through prefix_attention, which equals the masked whole-cache
+    attention that CUDA graphs replay."""
+    torch.manual_seed(0)
+    model = randomized(IGPT(tiny_config(n_head=4)))
+    idx = torch.randint(0, 16, (3, 16))
+    logits, _ = model(idx)
+    model.setup_cache(3)
+    cache = model.h[0].attn.kv_cache
+    step_logits = [model.prefill(idx[:, :5])]
+    for i in range(5, 15):
+        step_logits.append(model.decode_static(idx[:, i], torch.tensor([i])))
+    torch.testing.assert_close(torch.stack(step_logits, 1), logits[:, 5:], atol=1e-5, rtol=1e-5)
+    model.setup_cache(3)
+    assert model.h[0].attn.kv_cache is cache  # a matching cache is kept: a compiled step sees the same buffers
+    q = torch.randn(3, 4, 1, 8)
+    for pos in (0, 6, 15):
+        p = torch.tensor([pos])
+        torch.testing.assert_close(prefix_attention(q, cache.k_cache, cache.v_cache, p),
+                                   masked_attention(q, cache.k_cache, cache.v_cache, cache.mask(p)))
+    model.setup_cache(2)
+    assert model.h[0].attn.kv_cache is not cache and model.h[0].attn.kv_cache.k_cache.size(0) == 2
+
+
+def _naive_rms_norm(x, w):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * w
+
+
+def test_rms_norm_function_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(8, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5), (x, w))
+    y = _RMSNormFunction.apply(x, w, 1e-5)
+    (gx,) = torch.autograd.grad(y, x, torch.randn_like(y, requires_grad=True), create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):  # never a silent zero second derivative
+        gx.sum().backward()
+    xt = torch.randn(8, 5, 3, dtype=torch.float64).transpose(0, 2).requires_grad_()  # non-contiguous
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5), (xt, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rms_norm_error_against_fp64(dtype):
+    """Output and gradients of RMSNorm in `dtype` against the fp64 formula: at most twice the error
+    of the same formula written with plain PyTorch ops in `dtype` (the fused backward in fp32 and
+    fp64, the float32 norm then the gain in bf16)."""
+    torch.manual_seed(0)
+    x64 = torch.randn(4, 64, 256, dtype=torch.float64) * 3
+    w64 = 1 + 0.2 * torch.randn(256, dtype=torch.float64)
+    dy64 = torch.randn(4, 64, 256, dtype=torch.float64)
+    norm = RMSNorm(256).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(w64)
+
+    def run(fn, x, w, dy):
+        x = x.detach().requires_grad_()
+        y = fn(x, w)
+        y.backward(dy)
+        return y.double(), x.grad.double(), w.grad.double()
+
+    ref = run(_naive_rms_norm, x64, w64.clone().requires_grad_(), dy64)
+    ours = run(lambda x, w: norm(x), x64.to(dtype), norm.weight, dy64.to(dtype))
+    plain = run(_naive_rms_norm, x64.to(dtype), w64.to(dtype).requires_grad_(), dy64.to(dtype))
+    floor = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    for name, a, b, r in zip(("y", "dx", "dw"), ours, plain, ref):
+        err, plain_err = (a - r).abs().max().item(), (b - r).abs().max().item()
+        assert err <= 2 * plain_err + floor * r.abs().max().item(), (name, err, plain_err)
+
+
+@pytest.mark.parametrize("n_tokens", [3, 96])  # fewer tokens than channels (decode) and more (training)
+def test_mlp_is_quick_gelu(n_tokens):
+    """MLP computes c_proj(h * sigmoid(1.702 h)), h = c_fc(x), on both of its paths, gradients included."""
+    torch.manual_seed(0)
+    mlp = MLP(GPTConfig(n_embd=32, n_head=4)).double()
+    x = torch.randn(1, n_tokens, 32, dtype=torch.float64, requires_grad=True)
+
+    def naive(x, w_fc, w_proj):
+        h = x @ w_fc.T
+        return (h * torch.sigmoid(1.702 * h)) @ w_proj.T
+
+    torch.testing.assert_close(mlp(x), naive(x, mlp.c_fc.weight, mlp.c_proj.weight), atol=1e-12, rtol=1e-12)
+    g = torch.randn(1, n_tokens, 32, dtype=torch.float64)
+    ours = torch.autograd.grad(mlp(x), (x, mlp.c_fc.weight, mlp.c_proj.weight), g)
+    ref = torch.autograd.grad(naive(x, mlp.c_fc.weight, mlp.c_proj.weight), (x, mlp.c_fc.weight, mlp.c_proj.weight), g)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
 def test_classifier_head():

@@ -44,6 +44,28 @@ def test_cache_equals_full_recompute(top_k):
     assert torch.equal(a, b) and torch.equal(b[:, :20], prefix)
 
 
+def test_compiled_decode_draws_the_eager_tokens():
+    """generate(compile=True) (torch.compile of the static-shape decode step) draws exactly the eager
+    tokens for the same generator, unconditionally and from a prefix with top-k, and keeps its KV
+    cache (and so the compiled graph's buffers) for the next call."""
+    model = tiny_model()
+    eager = generate(model, n=3, generator=gen(1))
+    compiled = generate(model, n=3, generator=gen(1), compile=True)
+    assert torch.equal(compiled, eager)
+    cache = model.h[0].attn.kv_cache
+    assert cache is not None
+    prefix = eager[:, :20]
+    a = generate(model, prefix, temperature=0.7, top_k=5, generator=gen(2), compile=True)
+    assert model.h[0].attn.kv_cache is cache
+    b = generate(model, prefix, temperature=0.7, top_k=5, generator=gen(2))
+    assert torch.equal(a, b) and torch.equal(a[:, :20], prefix)
+    assert model.h[0].attn.kv_cache is None  # the eager path frees its cache
+    with pytest.raises(SampleError, match="compile"):
+        generate(model, n=1, use_cache=False, compile=True)
+    with pytest.raises(SampleError, match="compile"):
+        generate(tiny_model("bert"), n=1, compile=True)
+
+
 def test_greedy_cache_equals_recompute_in_fp32():
     model = tiny_model(dtype=torch.float32)
     a = generate(model, n=2, temperature=0, use_cache=False)
