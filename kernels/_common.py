@@ -28,3 +28,9 @@ def check_device(op, x):
                            "before importing igpt_fast.kernels, or use impl='torch'")
     if INTERPRET and x.dtype == torch.bfloat16:
         raise ValueError(f"{op}: the Triton interpreter has no bf16; use fp16/fp32 or a GPU")
+
+
+def launch(kernel, grid, args, meta):
+    """Launch a @triton.jit (or autotuned) kernel: kernel[grid](*args, **meta). Every launch goes
+    through here, so one test seam can make a launch fail."""
+    kernel[grid](*args, **meta)

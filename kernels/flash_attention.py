@@ -16,12 +16,17 @@ Dao-AILab/flash-attention flash_attn/flash_attn_triton.py.
 
 Limits. q, k, v: (B, H, T, D), all the same shape (self-attention: T_q == T_k), any T >= 1, any
 D <= 128 (the head-dim tile is padded to a power of 2 >= 16 with masks, so 96 runs in a 128 tile).
-fp16, bf16 and fp32 inputs; fp32 accumulation (fp32 inputs use IEEE fp32 dots, not TF32); output in
-the input dtype; the last dimension must be contiguous (other strides are free; a tensor with a
-strided last dimension is copied). Offsets into the (B, H) planes are int64. Deterministic (no
-atomics). On CPU the kernels run only under the Triton interpreter (TRITON_INTERPRET=1 set before
-import; fp32/fp16 only), with one small fixed tile configuration; on CUDA a fixed config per head dim, or
-autotuning over a small set with IGPT_FAST_AUTOTUNE=1.
+fp16 and bf16 on CUDA; fp32 only under the interpreter (fp32 dots miss the tensor cores, the tiles
+spill registers by the kilobyte and, at D >= 96 with three stages, overflow A100 shared memory, so
+dispatch sends fp32 on CUDA to SDPA and this module refuses it);
+fp32 accumulation (fp32 inputs use IEEE fp32 dots, not TF32); output in the input dtype; the last
+dimension must be contiguous (other strides are free; a tensor with a strided last dimension is
+copied). Offsets into the (B, H) planes are int64. Deterministic (no atomics). On CPU the kernels
+run only under the Triton interpreter (TRITON_INTERPRET=1 set before import; fp32/fp16 only), with
+one small fixed tile configuration. On CUDA each kernel uses the config attention_configs() picks by
+compute capability and head dim (none spills or overflows shared memory on sm_90 or sm_80:
+tools/compile_check.py compiles them all in CI), or autotunes over a small set with
+IGPT_FAST_AUTOTUNE=1.
 """
 import math
 import os
@@ -284,26 +289,39 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, qk_scale,
 
 
 # Tile configurations. The causal loop bounds need BLOCK_M % BLOCK_N == 0 (forward, dQ) and
-# BLOCK_N1 % BLOCK_M1 == 0 (dK/dV); every config below keeps that. On CUDA each kernel uses a fixed
-# config per head-dim tile (BLOCK_D <= 64 or 128) unless IGPT_FAST_AUTOTUNE=1 (read at import), which
-# autotunes over a small set that contains it (keyed on T, D, causal and dtypes; the first call per
-# key pays for the tuning). The interpreter uses one small fixed config (autotuning there would only
-# burn CPU) that still gives several tiles per row at T = 100.
+# BLOCK_N1 % BLOCK_M1 == 0 (dK/dV); every config below keeps that. On CUDA each kernel uses the fixed
+# config attention_configs() picks by compute capability and head-dim tile, unless
+# IGPT_FAST_AUTOTUNE=1 (read at import), which autotunes over _TUNE_SETS (keyed on T, D and causal;
+# the first call per key pays for the tuning). The interpreter uses one small fixed config
+# (autotuning there would only burn CPU) that still gives several tiles per row at T = 100.
 _AUTOTUNE = os.environ.get("IGPT_FAST_AUTOTUNE") == "1"
-_INTERPRET_CONFIGS = dict(fwd=dict(BLOCK_M=64, BLOCK_N=32), dkdv=dict(BLOCK_M1=32, BLOCK_N1=64),
-                          dq=dict(BLOCK_M2=64, BLOCK_N2=32))
+_BLOCK_NAMES = dict(fwd=("BLOCK_M", "BLOCK_N"), dkdv=("BLOCK_M1", "BLOCK_N1"), dq=("BLOCK_M2", "BLOCK_N2"))
+_INTERPRET_CONFIGS = dict(fwd=(64, 32, 4, 1), dkdv=(32, 64, 4, 1), dq=(64, 32, 4, 1))
 # (block rows, block cols, num_warps, num_stages) for fwd (BLOCK_M, BLOCK_N), dkdv (BLOCK_M1, BLOCK_N1)
-# and dq (BLOCK_M2, BLOCK_N2), by BLOCK_D.
+# and dq (BLOCK_M2, BLOCK_N2), by target and BLOCK_D. Rule: no register spill, with a margin below
+# ptxas' 255-register cap in both fp16 and bf16, causal or not (benchmarks/results/compile_check.md).
+# Where a tile spilled (or sat at the cap) with 4 warps, it keeps its shape and gets 8 warps (half
+# the accumulator registers per thread) or one pipeline stage less, so the work split is unchanged:
+# sm_90 dK/dV at D64 (4 -> 8 warps); sm_80 forward at D64 (4 -> 8 warps) and D128 (3 -> 2 stages),
+# dK/dV at D64 and D128 and dQ at D64 (4 -> 8 warps).
 _DEFAULT_CONFIGS = {
-    64: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
-    128: dict(fwd=(128, 64, 8, 3), dkdv=(32, 64, 4, 3), dq=(64, 32, 4, 3)),
+    "sm90": {
+        32: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
+        64: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 4, 3)),
+        128: dict(fwd=(128, 64, 8, 3), dkdv=(32, 64, 4, 3), dq=(64, 32, 4, 3)),
+    },
+    "sm80": {
+        32: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
+        64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
+        128: dict(fwd=(128, 64, 8, 2), dkdv=(32, 64, 8, 3), dq=(64, 32, 4, 3)),
+    },
 }
 _TUNE_SETS = dict(
     fwd=[(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
     dkdv=[(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
     dq=[(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
 )
-_BLOCK_NAMES = dict(fwd=("BLOCK_M", "BLOCK_N"), dkdv=("BLOCK_M1", "BLOCK_N1"), dq=("BLOCK_M2", "BLOCK_N2"))
+_PREPROCESS_CONFIG = dict(BLOCK_M=64, num_warps=4)
 _KERNELS = dict(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)
 _TUNED = {name: triton.autotune(
     configs=[triton.Config(dict(zip(_BLOCK_NAMES[name], (r, c))), num_warps=w, num_stages=st)
@@ -311,18 +329,54 @@ _TUNED = {name: triton.autotune(
     key=["N_CTX", "HEAD_DIM", "CAUSAL"])(kernel) for name, kernel in _KERNELS.items()}
 
 
-def _launch(name, grid_axis, T, BH, args, meta):
-    """Launch kernel `name` over (cdiv(T, tile along grid_axis), B * H) with the config policy above."""
-    if INTERPRET:
-        blocks = _INTERPRET_CONFIGS[name]
-        _KERNELS[name][(triton.cdiv(T, blocks[grid_axis]), BH)](*args, **meta, **blocks)
-    elif _AUTOTUNE:
-        _TUNED[name][lambda m: (triton.cdiv(T, m[grid_axis]), BH)](*args, **meta)
+def _config(name, tile):
+    """(rows, cols, num_warps, num_stages) of kernel `name` -> its launch keywords."""
+    r, c, w, st = tile
+    return dict(zip(_BLOCK_NAMES[name], (r, c)), num_warps=w, num_stages=st)
+
+
+def _block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def attention_target(capability):
+    """The config table a GPU of compute capability (major, minor) uses: "sm90" (Hopper: 227 KiB of
+    shared memory per block) or "sm80" (Ampere and the rest)."""
+    return "sm90" if capability[0] == 9 else "sm80"
+
+
+def attention_configs(capability, head_dim):
+    """Launch keywords of each attention kernel ("fwd", "dkdv", "dq", "pre") on a GPU of compute
+    `capability` (major, minor) at `head_dim`; capability None: the interpreter's small tiles. The
+    launchers and tools/compile_check.py both call this, so CI compiles exactly what runs."""
+    if capability is None:
+        tiles = _INTERPRET_CONFIGS
     else:
-        r, c, w, st = _DEFAULT_CONFIGS[64 if meta["BLOCK_D"] <= 64 else 128][name]
-        blocks = dict(zip(_BLOCK_NAMES[name], (r, c)))
-        _KERNELS[name][(triton.cdiv(T, blocks[grid_axis]), BH)](*args, **meta, **blocks, num_warps=w,
-                                                               num_stages=st)
+        tiles = _DEFAULT_CONFIGS[attention_target(capability)][min(128, max(32, _block_d(head_dim)))]
+    return dict({name: _config(name, tile) for name, tile in tiles.items()}, pre=dict(_PREPROCESS_CONFIG))
+
+
+def attention_tune_configs(name):
+    """Launch keywords of every config in kernel `name`'s autotune set (IGPT_FAST_AUTOTUNE=1)."""
+    return [_config(name, tile) for tile in _TUNE_SETS[name]]
+
+
+def _configs_for(q):
+    """attention_configs for q's device (the interpreter's on CPU); None when autotuning."""
+    if INTERPRET:
+        return attention_configs(None, q.shape[-1])
+    if _AUTOTUNE:
+        return None
+    return attention_configs(torch.cuda.get_device_capability(q.device), q.shape[-1])
+
+
+def _spec(name, grid_axis, T, BH, args, meta, configs):
+    """One launch of kernel `name` over (cdiv(T, tile along grid_axis), B * H): (kernel, grid, args,
+    keywords). configs None: the autotuned kernel, which picks its own tiles."""
+    if configs is None:
+        return _TUNED[name], lambda m: (triton.cdiv(T, m[grid_axis]), BH), args, meta
+    config = configs[name]
+    return _KERNELS[name], (triton.cdiv(T, config[grid_axis]), BH), args, dict(meta, **config)
 
 
 def _check_inputs(q, k, v):
@@ -336,6 +390,9 @@ def _check_inputs(q, k, v):
         raise ValueError("flash_attention: q, k, v must be on one device")
     if q.shape[2] < 1 or not 1 <= q.shape[3] <= 128:
         raise ValueError(f"flash_attention: need T >= 1 and 1 <= D <= 128, got T={q.shape[2]}, D={q.shape[3]}")
+    if q.is_cuda and q.dtype == torch.float32:
+        raise ValueError("flash_attention: fp32 on CUDA is not supported (fp32 tiles spill registers and "
+                         "miss the tensor cores); use fp16/bf16 inputs or impl='torch'")
     _common.check_device("flash_attention", q)
 
 
@@ -349,9 +406,45 @@ def _strides(x):
 
 def _common_meta(q):
     D = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = _block_d(D)
     return dict(HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _forward_specs(q, k, v, o, lse, causal, scale, configs):
+    """The forward's launch: [(kernel, grid, args, keywords)]."""
+    B, H, T, D = q.shape
+    args = (q, k, v, o, lse, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, T)
+    meta = dict(_common_meta(q), CAUSAL=bool(causal))
+    return [_spec("fwd", "BLOCK_M", T, B * H, args, meta, configs)]
+
+
+def _backward_specs(do, q, k, v, o, lse, delta, dq, dk, dv, causal, scale, configs):
+    """The backward's three launches in order: Delta = rowsum(dO * O), then dK/dV, then dQ."""
+    B, H, T, D = q.shape
+    meta = _common_meta(q)
+    pre = configs["pre"] if configs is not None else _PREPROCESS_CONFIG
+    pre_meta = dict(HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], **pre)
+    pre_spec = (_attn_bwd_preprocess_kernel, (triton.cdiv(T, pre["BLOCK_M"]), B * H),
+                (o, do, delta, *_strides(o), *_strides(do), H, T), pre_meta)
+    meta["CAUSAL"] = bool(causal)
+    common = (scale, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    dkdv_args = (q, k, v, do, dk, dv, lse, delta, *common, *_strides(dk), *_strides(dv), H, T)
+    dq_args = (q, k, v, do, dq, lse, delta, *common, *_strides(dq), H, T)
+    return [pre_spec, _spec("dkdv", "BLOCK_N1", T, B * H, dkdv_args, meta, configs),
+            _spec("dq", "BLOCK_M2", T, B * H, dq_args, meta, configs)]
+
+
+def launch_specs(q, causal, configs):
+    """Every launch one forward + backward over q-shaped (B, H, T, D) inputs makes with `configs`
+    (attention_configs' form), in order, built by the launchers' own code: [(kernel, grid, args,
+    keywords)]. For tools/compile_check.py, which compiles them for GPUs this machine lacks."""
+    B, H, T, D = q.shape
+    o, do, dq, dk, dv = (torch.empty_like(q) for _ in range(5))
+    lse, delta = (torch.empty(B, H, T, dtype=torch.float32, device=q.device) for _ in range(2))
+    scale = 1.0 / math.sqrt(D)
+    return (_forward_specs(q, q, q, o, lse, causal, scale, configs)
+            + _backward_specs(do, q, q, q, o, lse, delta, dq, dk, dv, causal, scale, configs))
 
 
 def _flash_attn_forward(q, k, v, causal, scale):
@@ -363,9 +456,8 @@ def _flash_attn_forward(q, k, v, causal, scale):
     lse = _common.empty(q, (B, H, T), torch.float32)
     if B * H == 0:
         return o, lse
-    args = (q, k, v, o, lse, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, T)
-    meta = dict(_common_meta(q), CAUSAL=bool(causal))
-    _launch("fwd", "BLOCK_M", T, B * H, args, meta)
+    for spec in _forward_specs(q, k, v, o, lse, causal, scale, _configs_for(q)):
+        _common.launch(*spec)
     return o, lse
 
 
@@ -376,17 +468,9 @@ def _flash_attn_backward(do, q, k, v, o, lse, causal, scale):
     dq, dk, dv = (_common.empty(q, (B, H, T, D)) for _ in range(3))
     if B * H == 0:
         return dq, dk, dv
-    meta = _common_meta(q)
     delta = _common.empty(lse, (B, H, T))  # fp32: rowsum(dO * O)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(T, 64), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],
-        EVEN_D=meta["EVEN_D"], BLOCK_M=64)
-    meta["CAUSAL"] = bool(causal)
-    common = (scale, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    dkdv_args = (q, k, v, do, dk, dv, lse, delta, *common, *_strides(dk), *_strides(dv), H, T)
-    dq_args = (q, k, v, do, dq, lse, delta, *common, *_strides(dq), H, T)
-    _launch("dkdv", "BLOCK_N1", T, B * H, dkdv_args, meta)
-    _launch("dq", "BLOCK_M2", T, B * H, dq_args, meta)
+    for spec in _backward_specs(do, q, k, v, o, lse, delta, dq, dk, dv, causal, scale, _configs_for(q)):
+        _common.launch(*spec)
     return dq, dk, dv
 
 

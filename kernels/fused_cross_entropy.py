@@ -79,8 +79,33 @@ def _ce_bwd_kernel(GRAD, DLOSS, DLOGITS, stride_g, stride_dl, V, BLOCK_V: tl.con
 
 
 def _launch_meta(V):
+    """Launch keywords for a vocabulary of V (the same on every GPU)."""
     block_v = min(triton.next_power_of_2(V), _MAX_BLOCK_V)
     return dict(BLOCK_V=block_v, num_warps=4 if block_v <= 1024 else 8)
+
+
+def _forward_spec(logits, targets, loss, grad, ignore_index, compute_grad):
+    N, V = logits.shape
+    args = (logits, targets, loss, grad, logits.stride(0), grad.stride(0) if compute_grad else 0, V, ignore_index)
+    return _ce_fwd_kernel, (N,), args, dict(_launch_meta(V), COMPUTE_GRAD=compute_grad)
+
+
+def _backward_spec(grad, dloss, dlogits):
+    N, V = grad.shape
+    return _ce_bwd_kernel, (N,), (grad, dloss, dlogits, grad.stride(0), dlogits.stride(0), V), _launch_meta(V)
+
+
+def launch_specs(logits, compute_grad=True):
+    """The launches one forward (+ backward when compute_grad) over (N, V) logits like these makes,
+    built by the launchers' own code: [(kernel, grid, args, keywords)]. For tools/compile_check.py."""
+    N, V = logits.shape
+    targets = torch.zeros(N, dtype=torch.int64, device=logits.device)
+    loss, dloss = (torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(2))
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty((0, V))
+    specs = [_forward_spec(logits, targets, loss, grad, -100, compute_grad)]
+    if compute_grad:
+        specs.append(_backward_spec(grad, dloss, torch.empty_like(logits)))
+    return specs
 
 
 def _cross_entropy_forward(logits, targets, ignore_index, compute_grad):
@@ -102,9 +127,7 @@ def _cross_entropy_forward(logits, targets, ignore_index, compute_grad):
     loss = _common.empty(logits, (N,), torch.float32)
     grad = _common.empty(logits, (N, V) if compute_grad else (0, V))
     if N > 0:
-        _ce_fwd_kernel[(N,)](logits, targets.contiguous(), loss, grad, logits.stride(0),
-                             grad.stride(0) if compute_grad else 0, V, ignore_index,
-                             COMPUTE_GRAD=compute_grad, **_launch_meta(V))
+        _common.launch(*_forward_spec(logits, targets.contiguous(), loss, grad, ignore_index, compute_grad))
     return loss, grad
 
 
@@ -113,8 +136,7 @@ def _cross_entropy_backward(grad, dloss):
     N, V = grad.shape
     dlogits = _common.empty(grad, (N, V))
     if N > 0:
-        _ce_bwd_kernel[(N,)](grad, dloss.contiguous(), dlogits, grad.stride(0), dlogits.stride(0), V,
-                             **_launch_meta(V))
+        _common.launch(*_backward_spec(grad, dloss.contiguous(), dlogits))
     return dlogits
 
 

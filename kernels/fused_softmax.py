@@ -77,6 +77,7 @@ def _softmax_bwd_kernel(Y, DY, DX, stride_y, stride_dy, stride_dx, W, BLOCK: tl.
 
 
 def _launch_meta(W):
+    """Launch keywords for rows of width W (the same on every GPU)."""
     block = triton.next_power_of_2(W)
     single = block <= _MAX_SINGLE_BLOCK
     block = block if single else _LOOP_BLOCK
@@ -97,13 +98,31 @@ def _check(x):
     _common.check_device("softmax", x)
 
 
+def _forward_spec(x2, y):
+    N, W = x2.shape
+    return _softmax_fwd_kernel, (N,), (x2, y, x2.stride(0), y.stride(0), W), _launch_meta(W)
+
+
+def _backward_spec(y2, dy2, dx):
+    N, W = y2.shape
+    return (_softmax_bwd_kernel, (N,), (y2, dy2, dx, y2.stride(0), dy2.stride(0), dx.stride(0), W),
+            _launch_meta(W))
+
+
+def launch_specs(x2):
+    """The launches one forward + backward over (N, W) rows like x2 makes, built by the launchers'
+    own code: [(kernel, grid, args, keywords)]. For tools/compile_check.py."""
+    y, dy, dx = (torch.empty_like(x2) for _ in range(3))
+    return [_forward_spec(x2, y), _backward_spec(y, dy, dx)]
+
+
 def _softmax_forward(x):
     _check(x)
     x2 = _rows(x)  # (N, W)
     N, W = x2.shape
     y = _common.empty(x2, (N, W))
     if N > 0 and W > 0:
-        _softmax_fwd_kernel[(N,)](x2, y, x2.stride(0), y.stride(0), W, **_launch_meta(W))
+        _common.launch(*_forward_spec(x2, y))
     return y.view(x.shape)
 
 
@@ -112,7 +131,7 @@ def _softmax_backward(y, dy):
     N, W = y2.shape
     dx = _common.empty(y2, (N, W))
     if N > 0 and W > 0:
-        _softmax_bwd_kernel[(N,)](y2, dy2, dx, y2.stride(0), dy2.stride(0), dx.stride(0), W, **_launch_meta(W))
+        _common.launch(*_backward_spec(y2, dy2, dx))
     return dx.view(y.shape)
 
 
