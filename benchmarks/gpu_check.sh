@@ -3,16 +3,16 @@
 # for a CUDA machine without network access that has torch and triton (a borrowed H100 / H200).
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR             # on the GPU machine (OUT_DIR defaults to $OUT)
-#   bash benchmarks/gpu_check.sh --dry-run OUT_DIR   # the same steps on CPU, tiny shapes (about a minute)
+#   bash benchmarks/gpu_check.sh --dry-run OUT_DIR   # the same steps on CPU, tiny shapes (1-2 minutes)
 #
 # Needs gpu-wheels/ (`make gpu-wheels`) carried with the working tree: the install step puts those
 # wheels and the project in (pip --no-index --no-deps, nothing fetched). Steps, most valuable first,
-# each under a time limit (the plan table in summary.md; 465 s in all): install, CUDA tests of the
+# each under a time limit (the plan table in summary.md; 445 s in all): install, CUDA tests of the
 # three kernels (bf16, T = 4096 / 16384, torch.compile vs eager; JUnit XML), attention vs the SDPA
 # backends at D = 64, the igpt-s training step (tok/s, MFU, the longest n_px that fits), attention at
 # D = 96 / 128, softmax and cross-entropy GB/s against copy bandwidth, naive / math attention.
 # OUT_DIR receives summary.md (every table and each step's status, rewritten after each step),
-# results.tar.gz (logs, CSVs, markdown, plots, JUnit XML) and four plots: seven files at most.
+# results.tar.gz (logs, CSVs, markdown, plots, JUnit XML) and four plots: six files.
 # A failed or timed-out step is recorded and the next one runs; the exit status is 1 if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -11,7 +11,7 @@
 # carried with the working tree. Steps: install, data (unpack), timing (a short run of each model
 # times ms/step), train (AR and BERT at the same time on the one GPU, each for the number of steps
 # that fits TRAIN_SECONDS, cosine schedule completed), probe (every layer + raw pixels, both runs at
-# once), sample (completions of test images). Step limits add up to 230 s + TRAIN_SECONDS.
+# once), sample (completions of test images). Step limits add up to 240 s + TRAIN_SECONDS.
 #
 # Settings (environment): TRAIN_SECONDS (120), MODEL_ARGS ("--preset igpt-s --n-layer 8": 8 layers of
 # width 512), BATCH_SIZE (128), LR (2e-3), PROBE_MAX_TRAIN (5000) and PROBE_MAX_EVAL (2000) as in
