@@ -31,7 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 2304, 4096, 8192, 16384])
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 96, 128])
     p.add_argument("--causal", choices=("both", "causal", "bidirectional"), default="both")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="fp32: 'ours' runs only on CPU (--smoke); on CUDA it is refused (fp32 goes to SDPA)")
     p.add_argument("--n-embd", type=int, default=2048, help="H = n_embd // D")
     p.add_argument("--batch-tokens", type=int, default=16384, help="B = max(1, batch_tokens // T)")
     p.add_argument("--warmup", type=float, default=25, help="ms")

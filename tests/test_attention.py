@@ -3,12 +3,12 @@
 Rule (flash-attention's): the kernel's max error against fp64 may be at most 2x the error of plain
 PyTorch attention computed in the same dtype, plus a small absolute floor; outputs and dq/dk/dv.
 Without CUDA the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
-in fp32 and fp16. Every kernel output is allocated NaN-filled, so an element a kernel forgets to
+in fp32 and fp16; on CUDA (where fp32 attention goes to SDPA) in fp16 and bf16. Every kernel output is allocated NaN-filled, so an element a kernel forgets to
 write fails the comparison.
 
 Covering set (the interpreter is slow, so not the full cross product): each of T in
-{1, 17, 100, 256, 576} and D in {32, 64, 96, 128}, causal and not, in fp32 and fp16 (_COVER); plus
-the causal flags flipped for T <= 256 in fp32 (_COVER_FLIPPED). B * H > 1 everywhere. CUDA-only
+{1, 17, 100, 256, 576} and D in {32, 64, 96, 128}, causal and not, in both dtypes (_COVER); plus
+the causal flags flipped for T <= 256 in fp32 (fp16 on CUDA) (_COVER_FLIPPED). B * H > 1 everywhere. CUDA-only
 (skipped here): bf16 on the covering set, T = 4096 and 16384, torch.compile vs eager.
 """
 import math
@@ -29,6 +29,10 @@ requires_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 _COVER = [(1, 32, True), (17, 64, False), (100, 96, True), (256, 128, False), (576, 64, True)]
 _COVER_FLIPPED = [(1, 128, False), (17, 32, True), (100, 64, False), (256, 96, True)]
 _FLOOR = {torch.float32: 4e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+# The kernels take fp32 only under the interpreter (on CUDA fp32 goes to SDPA), so on a GPU the tests
+# that run one precise dtype use fp16, and the covering set runs in fp16 and bf16.
+PRECISE = torch.float16 if CUDA else torch.float32
+COVER_DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float32, torch.float16]
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +79,7 @@ def _inputs(T, D, dtype, B=None, H=2, seed=0):
     return [torch.randn(B, H, T, D, generator=g).to(DEVICE, dtype) for _ in range(3)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", COVER_DTYPES, ids=str)
 @pytest.mark.parametrize("T,D,causal", _COVER)
 def test_attention_matches_reference(T, D, causal, dtype):
     _check(*_inputs(T, D, dtype), causal)
@@ -83,23 +87,24 @@ def test_attention_matches_reference(T, D, causal, dtype):
 
 @pytest.mark.parametrize("T,D,causal", _COVER_FLIPPED)
 def test_attention_matches_reference_flipped_causal(T, D, causal):
-    _check(*_inputs(T, D, torch.float32), causal)
+    _check(*_inputs(T, D, PRECISE), causal)
 
 
 def test_attention_strided_inputs_and_scale():
     """q, k, v as views of one fused (B, T, 3, H, D) projection, with a custom scale."""
     B, T, H, D = 2, 40, 3, 32
-    qkv = torch.randn(B, T, 3, H, D, device=DEVICE)
+    qkv = torch.randn(B, T, 3, H, D, device=DEVICE, dtype=PRECISE)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D), non-contiguous
     _check(q, k, v, causal=True, scale=0.3)
 
 
 def test_dispatch_torch_and_triton_agree():
-    q, k, v = _inputs(33, 64, torch.float32)
+    q, k, v = _inputs(33, 64, PRECISE)
+    tol = 1e-5 if PRECISE == torch.float32 else 2e-3
     for causal in (True, False):
         ours = attention(q, k, v, causal=causal, impl="triton")
         torch_path = attention(q, k, v, causal=causal, impl="torch")
-        torch.testing.assert_close(ours, torch_path, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours, torch_path, atol=tol, rtol=tol)
     with pytest.raises(ValueError, match="impl must be one of"):
         attention(q, k, v, impl="cuda")
 
@@ -118,21 +123,21 @@ def test_custom_op_registration():
     """The custom op's fake, schema and autograd registrations agree with the real kernel."""
     from igpt_fast.kernels.flash_attention import _flash_attn_fwd_op
 
-    q, k, v = (x.requires_grad_() for x in _inputs(17, 32, torch.float32))
+    q, k, v = (x.requires_grad_() for x in _inputs(17, 32, PRECISE))
     torch.library.opcheck(_flash_attn_fwd_op, (q, k, v, True, 0.2),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_compiled_graph_matches_eager_aot_eager():
     """torch.compile traces the op (fake tensors + autograd) without graph breaks; CPU-cheap backend."""
-    q, k, v = _inputs(20, 32, torch.float32)
+    q, k, v = _inputs(20, 32, PRECISE)
 
     def f(q, k, v):
         return attention(q * 2, k, v, causal=True, impl="triton").sin().sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    eager = _run(lambda a, b, c: f(a, b, c).reshape(1), q, k, v, torch.ones(1))
-    comp = _run(lambda a, b, c: compiled(a, b, c).reshape(1), q, k, v, torch.ones(1))
+    eager = _run(lambda a, b, c: f(a, b, c).reshape(1), q, k, v, torch.ones(1, device=DEVICE))
+    comp = _run(lambda a, b, c: compiled(a, b, c).reshape(1), q, k, v, torch.ones(1, device=DEVICE))
     for e, c in zip(eager, comp):
         torch.testing.assert_close(c, e, atol=1e-6, rtol=1e-6)
 
