@@ -527,8 +527,10 @@ def finetune_cmd(ctx, run, data_dir, out, gen_weight, patience, max_eval, n_clas
 @click.option("--bert-steps", type=click.IntRange(1), help="BERT runs: unmasking forwards (default n_px).")
 @click.option("--scale", type=click.IntRange(1), help="Upscale factor of the grid (default: cells >= 64 px).")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: RUN/samples).")
+@click.option("--compile", "compile_decode", is_flag=True,
+              help="AR runs: torch.compile the decode step (CUDA graphs on CUDA); compiling takes a while first.")
 def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, samples_per_image, n_samples,
-               temperature, top_k, seed, batch_size, device, impl, resize, bert_steps, scale, out):
+               temperature, top_k, seed, batch_size, device, impl, resize, bert_steps, scale, out, compile_decode):
     """Sample images from RUN (a run folder or ckpt.pt) with the KV cache.
 
     Unconditional by default (a grid of --n-samples); with --data DIR or `--images a.png b.png`,
@@ -558,7 +560,8 @@ def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, sa
     os.makedirs(out, exist_ok=True)
     scale = scale or max(1, -(-64 // c.n_px))
     kw = dict(batch_size=batch_size, temperature=temperature, top_k=top_k or None,
-              generator=torch.Generator(device=dev).manual_seed(seed), bert_steps=bert_steps, progress=True)
+              generator=torch.Generator(device=dev).manual_seed(seed), bert_steps=bert_steps, progress=True,
+              compile=compile_decode)
     t0 = time.perf_counter()
     if originals is not None:
         tokens = complete(model, originals, rows, samples_per_image, **kw)  # (N, S, n_ctx)

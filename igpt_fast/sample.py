@@ -165,7 +165,8 @@ def generate(model, prefix=None, n=None, temperature=1.0, top_k=None, generator=
     model.decode_static; CUDA graphs on CUDA); the first call per model, batch size and dtype pays
     the compilation. The same tokens as the eager step for the same generator, up to ties that
     floating-point rounding can flip. The KV cache stays on the model after the call, so the next
-    call replays the same graph on the same buffers; model.clear_cache() frees it."""
+    call replays the same graph on the same buffers; model.clear_cache() frees it. (An eager call
+    frees the cache it set up and keeps one that was already there.)"""
     from tqdm import tqdm
 
     c = model.config
@@ -191,12 +192,13 @@ def generate(model, prefix=None, n=None, temperature=1.0, top_k=None, generator=
         if c.objective == "bert":
             return _bert_fill(model, out, t0, temperature, top_k, generator, bert_steps or c.n_px, bar)
         if use_cache:
+            had_cache = model.h[0].attn.kv_cache is not None
             model.setup_cache(B)
             try:
                 logits = model.prefill(prefix)  # (B, V): logits for x_{t0}
                 _decode_loop(model, logits, out, t0, temperature, top_k, generator, bar, compile)
             finally:
-                if not compile:
+                if not (compile or had_cache):
                     model.clear_cache()
         else:
             for t in range(t0, c.n_ctx):

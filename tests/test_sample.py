@@ -59,7 +59,10 @@ def test_compiled_decode_draws_the_eager_tokens():
     assert model.h[0].attn.kv_cache is cache
     b = generate(model, prefix, temperature=0.7, top_k=5, generator=gen(2))
     assert torch.equal(a, b) and torch.equal(a[:, :20], prefix)
-    assert model.h[0].attn.kv_cache is None  # the eager path frees its cache
+    assert model.h[0].attn.kv_cache is cache  # the eager path keeps a cache it found
+    model.clear_cache()
+    generate(model, n=1, temperature=0)
+    assert model.h[0].attn.kv_cache is None  # and frees one it set up
     with pytest.raises(SampleError, match="compile"):
         generate(model, n=1, use_cache=False, compile=True)
     with pytest.raises(SampleError, match="compile"):
@@ -179,6 +182,21 @@ def test_cli_sample_outputs(tmp_path):
     assert (orig[0] == 0).all() and (orig[1] == PALETTE.k - 1).all()  # black and white in the grey palette
     comp = np.load(os.path.join(out, "completions.npy"))
     assert comp.shape == (2, 1, N_PX * N_PX) and (comp[:, 0, :N_PX * N_PX // 2] == orig[:, :N_PX * N_PX // 2]).all()
+
+
+def test_cli_sample_compile(tmp_path):
+    """`igpt-fast sample --compile` writes the samples of the eager command for the same seed; a BERT
+    run, which has no left-to-right decode step, is refused with a one-line error."""
+    run, _ = make_run(str(tmp_path))
+    runner = CliRunner()
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        res = runner.invoke(cli, ["sample", run, "--n-samples", "2", "--device", "cpu", "--seed", "3",
+                                  "--out", str(tmp_path / name), *extra])
+        assert res.exit_code == 0, res.output
+    assert np.array_equal(np.load(tmp_path / "eager" / "samples.npy"), np.load(tmp_path / "compiled" / "samples.npy"))
+    bert_run, _ = make_run(str(tmp_path / "bert"), objective="bert")
+    res = runner.invoke(cli, ["sample", bert_run, "--n-samples", "1", "--device", "cpu", "--compile"])
+    assert res.exit_code == 1 and "needs an AR model" in res.output
 
 
 def test_cli_sample_errors(tmp_path):
