@@ -2,8 +2,14 @@
 96x96 (T = 9216) images are tokenized with a tiny palette (`igpt-fast tokenize`), then a narrow model
 trains for a few steps with activation checkpointing (`igpt-fast train --grad-checkpoint`). The width
 is tiny (2 layers, 32 wide, batch 1) so the test checks the long-T path (positions, attention,
-checkpointed backward, loss over T pixels, checkpoint) without the cost of a real model."""
+checkpointed backward, loss over T pixels, checkpoint) without the cost of a real model.
+
+The memory tools run as a person runs them: benchmarks/bench_memory.py at a tiny size, then
+tools/memory_plan.py, whose activation formula must equal the bytes autograd saves, exactly."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +22,7 @@ from igpt_fast.cli import cli
 from igpt_fast.palette import Palette
 
 K = 8  # palette colours
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_images(root, n_px, n=3):
@@ -63,3 +70,16 @@ def test_long_sequence_trains_with_grad_checkpoint(n_px, tmp_path, one_thread):
         logits, loss = model(tokens, tokens)
     assert logits.shape == (1, n_px * n_px, K) and torch.isfinite(loss)
 
+
+def test_memory_plan_formula_equals_saved_bytes(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    res = run("benchmarks/bench_memory.py", "--n-px", "8", "--shapes", "2x32x2", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    res = run("tools/memory_plan.py", "--measured", str(tmp_path / "memory.csv"), "--out", str(tmp_path / "plan.md"))
+    assert res.returncode == 0, res.stderr
+    saved = [line for line in res.stdout.splitlines() if "| saved for backward" in line]
+    assert len(saved) == 2, res.stdout  # fp32 and bf16 autocast
+    assert all(line.endswith("| 1.000 |") for line in saved), saved
+    assert "| igpt-xl | 64 |" in res.stdout and (tmp_path / "plan.md").read_text() == res.stdout
