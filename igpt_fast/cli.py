@@ -270,8 +270,12 @@ def convert_cmd(source, out, to, n_head, palette_path, head):
 
     --to igpt (default): SOURCE is an HF ImageGPT folder or weights file; OUT is an igpt-fast checkpoint
     (loads with model_from_checkpoint) whose logits for x equal HF's for [n_vocab] + x[:-1].
+
     --to hf: SOURCE is an igpt-fast run folder or checkpoint; OUT is a folder that
-    ImageGPTForCausalImageModeling.from_pretrained and ImageGPTImageProcessor.from_pretrained load.
+    ImageGPTForCausalImageModeling.from_pretrained and ImageGPTImageProcessor.from_pretrained load
+    (the run's palette as the processor's clusters). A finetuned run's classification head is left out
+    unless --head classifier (then ImageGPTForImageClassification, without the LM head). BERT-objective
+    runs have no HF counterpart.
     """
     from .checkpoint import load_checkpoint, model_from_checkpoint, model_state, palette_from_checkpoint, save_checkpoint
     from .convert import from_hf_imagegpt, read_hf_palette, source_format, to_hf_imagegpt
