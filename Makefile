@@ -53,6 +53,16 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_sample.py
 
+# No GPU needed: compile every CUDA kernel config dispatch can launch for sm_90 and sm_80 and fail on a
+# compile error, shared memory or registers over the limit, a spill, or a dot off the tensor cores;
+# table in benchmarks/results/compile_check.md/.csv. compile-check-all adds the autotune configs.
+.PHONY: compile-check compile-check-all
+compile-check: $(STAMP)
+	$(PY) tools/compile_check.py --jobs 2
+
+compile-check-all: $(STAMP)
+	$(PY) tools/compile_check.py --all --jobs 2
+
 gpu-check:  # on a CUDA machine that has torch and triton: CUDA tests + every GPU benchmark
 	bash benchmarks/gpu_check.sh $(OUT)
 

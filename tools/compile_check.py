@@ -1,0 +1,263 @@
+"""Compile every Triton kernel config igpt-fast can launch on CUDA, for GPUs this machine does not have.
+
+Triton compiles for any NVIDIA target without a GPU (its wheel ships ptxas and cuobjdump). For each
+target below this tool builds the launches dispatch would make, with the launchers' own code
+(`launch_specs` in each kernel module and `attention_configs`, the same config selection the
+launchers use), binds them with Triton's own argument specialisation (so pointers and strides carry
+the 16-byte divisibility hints a real launch gets), compiles them to cubin and checks:
+
+  - it compiles (TTIR -> TTGIR -> LLVM -> PTX -> cubin, ptxas included);
+  - dynamic shared memory fits the per-block limit (232,448 B on sm_90, 166,912 B on sm_80);
+  - registers x threads per block fit the register file (65,536 per block on both);
+  - no register spill (ptxas -v: spill stores + loads), in a default config;
+  - every tl.dot over fp16/bf16 became tensor-core code: TTGIR dots all warp-group (wgmma) on sm_90 or
+    #mma-encoded (mma.sync) on sm_80, and the PTX holds wgmma.mma_async / mma.sync.
+
+Covered: attention forward, backward preprocessing, dK/dV and dQ (fp16, bf16; head dims 32, 64, 96,
+128; causal and not; fp32 attention on CUDA goes to the torch path, so it is not compiled); softmax
+forward/backward and cross-entropy forward/backward (fp16, bf16, fp32) at the widths that select each
+of their launch configs. With --all, also every config of the attention autotune sets
+(IGPT_FAST_AUTOTUNE=1): there a spill or an over-limit shared memory is reported, not failed (the
+autotuner skips configs that cannot launch), a compile error or a lost tensor core still fails.
+
+Writes OUT.md (a table) and OUT.csv (one row per kernel compile), atomically; exits 1 listing every
+failure. Usage: python tools/compile_check.py [--all] [--jobs 2] [--out benchmarks/results/compile_check]
+"""
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels: the interpreter must be off before triton loads
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import csv  # noqa: E402
+import io  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from multiprocessing import get_context  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "compile_check")
+TARGETS = {  # per-block limits from the CUDA programming guide's compute capability tables
+    "sm_90": dict(capability=(9, 0), max_shared=232448, regs_per_block=65536),
+    "sm_80": dict(capability=(8, 0), max_shared=166912, regs_per_block=65536),
+}
+HEAD_DIMS = (32, 64, 96, 128)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SOFTMAX_WIDTHS = (512, 4096, 8192, 20000)  # 4 warps, 8 warps, one 16-warp tile, the looped path
+CE_VOCABS = (512, 50000)  # the palette (one tile), a long row (looped 4096-wide tiles)
+ATTN_SHAPE = (2, 4, 1024)  # (B, H, T): T = 32 x 32 pixels
+ROWS = 64
+COLUMNS = ["target", "op", "kernel", "dtype", "shape", "causal", "config", "source", "shared_bytes",
+           "regs", "threads", "spill_bytes", "tensor_cores", "verdict"]
+
+
+def _cases(check_all):
+    """Every (target, op, dtype, size, causal, source) to compile; attention first (the slow ones)."""
+    cases = []
+    for target in TARGETS:
+        for dtype in ("fp16", "bf16"):
+            for D in HEAD_DIMS:
+                for causal in (True, False):
+                    cases.append(dict(target=target, op="attention", dtype=dtype, size=D, causal=causal,
+                                      source="default"))
+                    if check_all:
+                        from igpt_fast.kernels import flash_attention as fa
+                        for name in ("fwd", "dkdv", "dq"):
+                            for i in range(len(fa.attention_tune_configs(name))):
+                                cases.append(dict(target=target, op="attention", dtype=dtype, size=D,
+                                                  causal=causal, source=f"tune:{name}:{i}"))
+    for target in TARGETS:
+        for dtype in DTYPES:
+            cases += [dict(target=target, op="softmax", dtype=dtype, size=W, causal=None, source="default")
+                      for W in SOFTMAX_WIDTHS]
+            for V in CE_VOCABS:
+                for grad in (True, False):
+                    cases.append(dict(target=target, op="cross_entropy", dtype=dtype, size=V, causal=None,
+                                      source="default" if grad else "default:no-grad"))
+    return cases
+
+
+def _specs(case):
+    """The (kernel, grid, args, keywords) launches of one case, on CPU stand-in tensors."""
+    from igpt_fast.kernels import flash_attention, fused_cross_entropy, fused_softmax
+
+    dtype = DTYPES[case["dtype"]]
+    if case["op"] == "attention":
+        q = torch.empty(*ATTN_SHAPE, case["size"], dtype=dtype)  # (B, H, T, D)
+        configs = flash_attention.attention_configs(TARGETS[case["target"]]["capability"], case["size"])
+        if case["source"] == "default":
+            return flash_attention.launch_specs(q, case["causal"], configs)
+        _, name, i = case["source"].split(":")
+        configs[name] = flash_attention.attention_tune_configs(name)[int(i)]
+        kernel = flash_attention._KERNELS[name]
+        return [s for s in flash_attention.launch_specs(q, case["causal"], configs) if s[0] is kernel]
+    if case["op"] == "softmax":
+        return fused_softmax.launch_specs(torch.empty(ROWS, case["size"], dtype=dtype))
+    return fused_cross_entropy.launch_specs(torch.empty(ROWS, case["size"], dtype=dtype),
+                                            compute_grad=case["source"] == "default")
+
+
+def _compile(kernel, args, meta, target):
+    """Compile one launch for `target` the way JITFunction.run would; returns (CompiledKernel, ptxas log)."""
+    from triton import knobs
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    meta = dict(meta, debug=kernel.debug or knobs.runtime.debug,
+                instrumentation_mode=knobs.compilation.instrumentation_mode,
+                fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **meta)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, meta, bound, specialization, options)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+    return compiled, log.getvalue()
+
+
+def _tensor_cores(compiled, arch):
+    """'n/a' for a kernel without tl.dot, else 'ok (N wgmma)' / 'ok (N mma)' or 'FAIL: ...'."""
+    ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+    wgmma = len(re.findall(r"ttng\.warp_group_dot ", ttgir))
+    dots = re.findall(r"= tt\.dot .*", ttgir)
+    if wgmma + len(dots) == 0:
+        return "n/a"
+    if arch == 90:
+        if dots or "wgmma.mma_async" not in ptx:
+            return f"FAIL: {len(dots)} of {wgmma + len(dots)} dots not wgmma"
+        return f"ok ({wgmma} wgmma)"
+    fma = [d for d in dots if "#mma" not in d.split("->")[-1]]
+    if fma or "mma.sync" not in ptx:
+        return f"FAIL: {len(fma)} of {len(dots)} dots not mma"
+    return f"ok ({len(dots)} mma)"
+
+
+def _config_label(meta):
+    keys = [k for k in meta if k.startswith("BLOCK") and k != "BLOCK_D"]
+    parts = [f"{k}={meta[k]}" for k in keys] + [f"w{meta.get('num_warps', 4)}", f"s{meta.get('num_stages', 3)}"]
+    return " ".join(parts)
+
+
+def check_case(case):
+    """Compile every launch of one case; returns its result rows."""
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    knobs.nvidia.dump_ptxas_log = True  # ptxas -v's report goes to stdout, captured per compile
+    knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
+    limits = TARGETS[case["target"]]
+    arch = limits["capability"][0] * 10 + limits["capability"][1]
+    target = GPUTarget("cuda", arch, 32)
+    tuned = case["source"].startswith("tune")
+    rows = []
+    for kernel, _grid, args, meta in _specs(case):
+        row = dict(target=case["target"], op=case["op"], kernel=kernel.__name__, dtype=case["dtype"],
+                   shape=(f"D={case['size']}" if case["op"] == "attention" else
+                          f"{'W' if case['op'] == 'softmax' else 'V'}={case['size']}"),
+                   causal="" if case["causal"] is None else str(case["causal"]).lower(),
+                   config=_config_label(meta), source=case["source"])
+        try:
+            compiled, log = _compile(kernel, args, meta, target)
+        except (triton.CompilationError, RuntimeError) as err:
+            rows.append(dict(row, verdict=f"FAIL: compile error: {type(err).__name__}: "
+                                          f"{str(err).strip().splitlines()[-1][:200]}"))
+            continue
+        regs = int(re.search(r"Used (\d+) registers", log).group(1))
+        spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+        threads = compiled.metadata.num_warps * 32
+        shared = compiled.metadata.shared
+        cores = _tensor_cores(compiled, arch)
+        problems, notes = [], []
+        if shared > limits["max_shared"]:
+            (notes if tuned else problems).append(f"shared {shared} B > {limits['max_shared']} B")
+        if regs * threads > limits["regs_per_block"]:
+            (notes if tuned else problems).append(f"{regs} regs x {threads} threads > {limits['regs_per_block']}")
+        if spill:
+            (notes if tuned else problems).append(f"spills {spill} B")
+        if cores.startswith("FAIL"):
+            problems.append(cores[len("FAIL: "):])
+        verdict = ("FAIL: " + "; ".join(problems) if problems else
+                   "ok" + (" (autotuner skips or pays: " + "; ".join(notes) + ")" if notes else ""))
+        rows.append(dict(row, shared_bytes=shared, regs=regs, threads=threads, spill_bytes=spill,
+                         tensor_cores=cores, verdict=verdict))
+    return rows
+
+
+def _atomic_write(path, text):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _markdown(rows, header):
+    lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--all", action="store_true", help="also every attention autotune config")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output path without extension (.md and .csv)")
+    args = p.parse_args(argv)
+
+    start = time.perf_counter()
+    cases = _cases(args.all)
+    rows = []
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        for i, case_rows in enumerate(pool.map(check_case, cases), 1):
+            rows += case_rows
+            bad = sum(r["verdict"].startswith("FAIL") for r in case_rows)
+            print(f"[{i}/{len(cases)}] {case_rows[0]['target']} {case_rows[0]['op']} {case_rows[0]['dtype']} "
+                  f"{case_rows[0]['shape']} {case_rows[0]['causal']} {case_rows[0]['source']}: "
+                  f"{'FAIL' if bad else 'ok'} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    elapsed = time.perf_counter() - start
+
+    ptxas = {t: subprocess.run([tool, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-2]
+             for t, tool in (("sm_80", _tool("ptxas")), ("sm_90", _tool("ptxas-blackwell")))}
+    failures = [r for r in rows if r["verdict"].startswith("FAIL")]
+    max_regs = max(r["regs"] for r in rows if "regs" in r)
+    header = (f"# Compile check: every CUDA kernel config, compiled without a GPU\n\n"
+              f"`python tools/compile_check.py{' --all' if args.all else ''}` with triton {triton.__version__}, "
+              f"torch {torch.__version__}; ptxas: sm_80 {ptxas['sm_80']}, sm_90 {ptxas['sm_90']}. "
+              f"{len(rows)} compiles, {len(failures)} failures, max {max_regs} registers/thread, "
+              f"{sum(1 for r in rows if r.get('spill_bytes'))} with spills; {elapsed:.0f} s with "
+              f"{args.jobs} workers. Limits: shared memory per block 232,448 B (sm_90), 166,912 B (sm_80); "
+              f"65,536 registers per block. Attention launches at (B, H, T) = {ATTN_SHAPE}; softmax and "
+              f"cross-entropy at {ROWS} rows.")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    _atomic_write(args.out + ".md", _markdown(rows, header))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(args.out + ".csv", buf.getvalue())
+    print(f"{len(rows)} compiles in {elapsed:.0f} s, {len(failures)} failures, max {max_regs} registers; "
+          f"wrote {args.out}.md and .csv")
+    if failures:
+        for r in failures:
+            print(f"FAIL {r['target']} {r['kernel']} {r['dtype']} {r['shape']} causal={r['causal']} "
+                  f"[{r['config']}]: {r['verdict'][6:]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _tool(name):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
