@@ -6,25 +6,33 @@
    |x|^2 - 2 x.c + |c|^2 in float32, which can misorder two centres whose distances differ by ~1e-7.
    Each row counts the differing ids and checks that at every one of them our centre is at least
    as near in float64 (`hf_differences_explained`). Ours is timed
-   twice: `cold` is the first call on a fresh Palette (its lookup table is filled for the colours
-   seen), `warm` the median of later calls (steady state of a long tokenize run).
-2. Tokens/s of the training and evaluation streams (igpt_fast.data) from one process (one worker).
+   twice: `cold` is the first call on a fresh Palette with no persisted lookup table (filled for the
+   colours seen), `warm` the median of later calls (steady state of a long tokenize run).
+2. The first --fresh-images (2,000) 32x32 images of a fresh process: a subprocess that has never used
+   the palette generates the images, then times `Palette.load` + `tokenize_images` (imports excluded,
+   HF pays them too). Two rows: `ours-fresh-no-table` (no persisted lookup table yet: filled lazily,
+   or whole when the call meets enough unfilled cells) and `ours-fresh-persisted` (the table
+   `Palette.build_lut` persisted, as `igpt-fast palette` and tokenize leave it). HF (warm, median of
+   --hf-rep) runs on the same 2,000 images in this process. The three take turns for --fresh-rep
+   rounds and each row is the median of its rounds, so a shared machine's load falls on all alike.
+3. Tokens/s of the training and evaluation streams (igpt_fast.data) from one process (one worker).
 
-Goals: tokenizer >= 100x HF with identical ids; streaming >= 1M tokens/s per worker.
-Usage: python benchmarks/bench_tokenize.py [--images 256] [--out benchmarks/results]
+Goals: tokenizer >= 100x HF with identical ids, including the first 2,000 images of a fresh process;
+streaming >= 1M tokens/s per worker.
+Usage: python benchmarks/bench_tokenize.py [--images 256] [--fresh-images 2000] [--out benchmarks/results]
 """
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
 import numpy as np
 import skimage.data
-import webdataset as wds
 from PIL import Image
 
-from common import env_info, time_fn, write_results
-from igpt_fast.data import eval_loader, train_loader
 from igpt_fast.palette import Palette
 from igpt_fast.tokenize import resize_image, to_rgb, tokenize_images
 
@@ -60,20 +68,31 @@ def compare_with_hf(images, n_px, palette, ours, hf_ids):
     return len(where), bool(np.all(d_ours <= d_hf))
 
 
-def bench_tokenizer(palette, n_images, n_px, rep, workers, hf_rep):
+def hf_processor(palette, n_px):
     from transformers import ImageGPTImageProcessor
 
-    hf = ImageGPTImageProcessor(clusters=palette.centers, size={"height": n_px, "width": n_px})
+    return ImageGPTImageProcessor(clusters=palette.centers, size={"height": n_px, "width": n_px})
+
+
+def time_hf(hf, images, hf_rep):
+    """(median seconds of hf_rep calls after a warm-up call, HF's ids)."""
+    hf(images[:4], return_tensors="np")  # warm-up: HF's first call pays one-off set-up costs
+    hf_times = []
+    for _ in range(hf_rep):
+        t = time.perf_counter()
+        hf_ids = np.asarray(hf(images, return_tensors="np")["input_ids"])
+        hf_times.append(time.perf_counter() - t)
+    return float(np.median(hf_times)), hf_ids
+
+
+def bench_tokenizer(palette, n_images, n_px, rep, workers, hf_rep):
+    from common import time_fn
+
+    hf = hf_processor(palette, n_px)
     rows = []
     for size in (32, 256):
         images = source_images(n_images, size)
-        hf(images[:4], return_tensors="np")  # warm-up: HF's first call pays one-off set-up costs
-        hf_times = []
-        for _ in range(hf_rep):
-            t = time.perf_counter()
-            hf_ids = np.asarray(hf(images, return_tensors="np")["input_ids"])
-            hf_times.append(time.perf_counter() - t)
-        hf_s = float(np.median(hf_times))
+        hf_s, hf_ids = time_hf(hf, images, hf_rep)
         fresh = Palette(palette.centers)
         t = time.perf_counter()
         ours = tokenize_images(images, fresh, n_px=n_px)
@@ -95,7 +114,75 @@ def bench_tokenizer(palette, n_images, n_px, rep, workers, hf_rep):
     return rows
 
 
+def fresh_child(palette_path, n_images, n_px, ids_out):
+    """In a process that has not used the palette: time Palette.load + tokenize_images of n_images
+    32x32 images; print the seconds as JSON, save the ids."""
+    images = source_images(n_images, 32)
+    t = time.perf_counter()
+    palette = Palette.load(palette_path)
+    ids = tokenize_images(images, palette, n_px=n_px)
+    seconds = time.perf_counter() - t
+    np.save(ids_out, ids)
+    print(json.dumps({"seconds": seconds, "table_complete": bool(palette._lut_complete)}))
+
+
+def run_fresh_child(palette_path, n_images, n_px, ids_path, cache):
+    """One fresh process (lookup-table cache folder `cache`) -> (seconds, whether its table was complete)."""
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--fresh-child", palette_path,
+                           "--fresh-images", str(n_images), "--n-px", str(n_px), "--ids-out", ids_path],
+                          env={**os.environ, "IGPT_FAST_CACHE_DIR": cache}, capture_output=True, text=True, check=True)
+    child = json.loads(done.stdout.splitlines()[-1])
+    return child["seconds"], child["table_complete"]
+
+
+def bench_fresh_process(palette, n_images, n_px, hf_rep, fresh_rep):
+    """Rows for HF and for the first n_images of a fresh process, without and with a persisted table.
+
+    The three are measured in turn, fresh_rep rounds (HF: hf_rep calls a round), and each row is the
+    median over its rounds, so load from other processes on a shared machine falls on all three alike.
+    """
+    images = source_images(n_images, 32)
+    hf = hf_processor(palette, n_px)
+    impls = ("hf", "ours-fresh-no-table", "ours-fresh-persisted")
+    times = {impl: [] for impl in impls}
+    ids = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        palette_path, persisted = os.path.join(tmp, "palette.npy"), os.path.join(tmp, "persisted")
+        palette.save(palette_path)
+        os.environ["IGPT_FAST_CACHE_DIR"] = persisted
+        Palette(palette.centers).build_lut()  # what `igpt-fast palette` leaves behind
+        for r in range(fresh_rep):
+            seconds, ids["hf"] = time_hf(hf, images, hf_rep)
+            times["hf"].append(seconds)
+            for impl, cache in (("ours-fresh-no-table", os.path.join(tmp, f"empty{r}")),
+                                ("ours-fresh-persisted", persisted)):
+                ids_path = os.path.join(tmp, f"{impl}.npy")
+                seconds, complete = run_fresh_child(palette_path, n_images, n_px, ids_path, cache)
+                assert complete or impl == "ours-fresh-no-table", "the persisted table was not used"
+                times[impl].append(seconds)
+                ids[impl] = np.load(ids_path)
+    hf_s = float(np.median(times["hf"]))
+    rows = []
+    for impl in impls:
+        seconds = float(np.median(times[impl]))
+        differ, explained = compare_with_hf(images, n_px, palette, ids[impl], ids["hf"]) if impl != "hf" else (0, True)
+        rows.append(dict(bench="tokenize", source_px=32, n_px=n_px, images=n_images, impl=impl, workers=1,
+                         ms=round(seconds * 1e3, 2), img_per_s=round(n_images / seconds, 1),
+                         speedup_vs_hf=round(hf_s / seconds, 1), ids_differing_from_hf=differ,
+                         hf_differences_explained=explained))
+        print(f"first {n_images} 32x32 images of a fresh process, {impl}: {seconds * 1e3:.0f} ms (rounds: "
+              f"{', '.join(f'{t * 1e3:.0f}' for t in times[impl])}) | {hf_s / seconds:.1f}x HF | ids differing "
+              f"from HF {differ} (all HF float32 near-ties: {explained})")
+    rows[0].update(ids_differing_from_hf=rows[-1]["ids_differing_from_hf"],
+                   hf_differences_explained=rows[-1]["hf_differences_explained"])
+    return rows
+
+
 def bench_stream(n_ctx, n_samples, batch_size, steps):
+    import webdataset as wds
+
+    from igpt_fast.data import eval_loader, train_loader
+
     rows = []
     with tempfile.TemporaryDirectory() as root:
         rng = np.random.default_rng(0)
@@ -128,16 +215,27 @@ def bench_stream(n_ctx, n_samples, batch_size, steps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--fresh-images", type=int, default=2000, help="images of the fresh-process rows")
+    ap.add_argument("--fresh-rep", type=int, default=3, help="fresh processes per row (median)")
     ap.add_argument("--n-px", type=int, default=32)
     ap.add_argument("--rep", type=int, default=5)
     ap.add_argument("--hf-rep", type=int, default=3, help="timed HF runs (median) after a warm-up call")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for the parallel row")
     ap.add_argument("--stream-samples", type=int, default=8000)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--fresh-child", metavar="PALETTE", help=argparse.SUPPRESS)
+    ap.add_argument("--ids-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.fresh_child:
+        return fresh_child(args.fresh_child, args.fresh_images, args.n_px, args.ids_out)
+    from common import env_info, write_results
+
     palette = Palette.fit(np.concatenate([np.asarray(im).reshape(-1, 3) for im in source_images(64, 64, seed=1)]),
                           k=512, seed=0)
-    rows = bench_tokenizer(palette, args.images, args.n_px, args.rep, args.workers, args.hf_rep)
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["IGPT_FAST_CACHE_DIR"] = cache  # this run's tables only: cold rows stay cold on a rerun
+        rows = bench_tokenizer(palette, args.images, args.n_px, args.rep, args.workers, args.hf_rep)
+        rows += bench_fresh_process(palette, args.fresh_images, args.n_px, args.hf_rep, args.fresh_rep)
     rows += bench_stream(args.n_px * args.n_px, args.stream_samples, 64, args.stream_samples // 64 - 2)
     info = env_info()
     write_results([{**info, **r} for r in rows], "tokenize", args.out)

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from igpt_fast.errors import IGPTError
 from igpt_fast.palette import Palette
-from igpt_fast.readers import IGPTError, Item, TokenizeError, list_sources
+from igpt_fast.readers import Item, TokenizeError, list_sources
 
 
 def _png(path, value=0):
