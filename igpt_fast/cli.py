@@ -37,7 +37,7 @@ def _explicit(ctx, names):
 
 
 def _main_process():
-    from .train import is_main_process
+    from .distributed import is_main_process
 
     return is_main_process()
 
@@ -199,7 +199,8 @@ def train_cmd(ctx, data_dir, out, preset, objective, n_px, n_layer, n_head, n_em
     from .checkpoint import is_sharded
     from .data import read_meta
     from .model import PRESETS, GPTConfig
-    from .train import TrainConfig, cleanup_distributed, train
+    from .distributed import cleanup_distributed
+    from .train import TrainConfig, train
 
     if resume is not None and resume != "auto" and not (os.path.isfile(resume) or is_sharded(resume)):
         raise click.UsageError(f"--resume {resume}: no such checkpoint (use 'auto', a ckpt.pt path or a ckpt.dcp "
@@ -485,7 +486,7 @@ def finetune_cmd(ctx, run, data_dir, out, gen_weight, patience, max_eval, n_clas
     """
     from .checkpoint import resolve_checkpoint
     from .finetune import BEST_NAME, FINETUNE_DIR, RESULT_NAME, finetune, finetune_config
-    from .train import cleanup_distributed
+    from .distributed import cleanup_distributed
 
     ckpt_path = resolve_checkpoint(run)
     if resume is not None and resume != "auto" and not os.path.isfile(resume):

@@ -27,7 +27,9 @@ import torch
 from igpt_fast.checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from igpt_fast.errors import IGPTError
 from igpt_fast.model import Classifier
-from igpt_fast.train import ARCH_FIELDS, TrainConfig, all_reduce_sum, read_log, save, train
+from igpt_fast.distributed import all_reduce_sum
+from igpt_fast.runlog import read_log
+from igpt_fast.train import ARCH_FIELDS, TrainConfig, save, train
 
 __all__ = ["FinetuneError", "FINETUNE_DIR", "BEST_NAME", "RESULT_NAME", "count_classes", "accuracy",
            "classifier_loss", "EarlyStopping", "finetune_config", "finetune"]

@@ -12,20 +12,8 @@ MFU = tokens/s * flops_per_token / peak_flops, flops_per_token = 6 N + 12 n_laye
 (N = parameters without the position table; PaLM appendix B / nanoGPT, attention counted as
 non-causal), peak = the GPU's dense bf16 peak (table below or --peak-tflops). Not reported on CPU.
 
-Parallelism (`parallel`, chosen per run like impl; recorded in config.json, never architecture):
-- "ddp" (default): DistributedDataParallel over the processes of a torchrun launch; rank 0 writes
-  RUN/ckpt.pt.
-- "fsdp": FSDP2 -- `fully_shard` on every block, then on the root, after rank 0's initial weights
-  are broadcast; the optimizer is built on the sharded (DTensor) parameters; bf16 parameters with
-  fp32 gradient reduction on CUDA (`mixed_precision`, off on CPU unless asked). Accumulation turns
-  gradient sync off (`set_requires_gradient_sync`) until the last micro-batch; clipping takes the
-  global norm of the DTensor gradients. run.model is the sharded model itself, so evaluation runs
-  through it on every rank in lockstep (evaluate_lm). Checkpoints are RUN/ckpt.dcp/ folders
-  (torch.distributed.checkpoint, every rank writing its shards; see checkpoint.py). One process
-  (no torchrun) gets a process group of its own. On CPU over gloo, fsdp gives the same losses as
-  ddp, bit for bit (the weights agree to ~1e-7: the gradient norm is summed in another order).
-  Finetuning (classifier=True) stays on DDP.
-- Either resumes from a checkpoint of either kind, on any number of processes (DCP reshards).
+Parallelism (`parallel`: "ddp" or "fsdp", chosen per run like impl; see distributed.py, which also
+says what a resume on another number of processes does to the data stream).
 
 Run folder: config.json (the resolved configuration), log.jsonl (one JSON row per log or eval
 step), ckpt.pt (latest) and ckpt.prev.pt (the one before), or ckpt.dcp/ and ckpt.prev.dcp/ with
@@ -45,14 +33,6 @@ fsdp, loss.png. Rules:
 Determinism: the data position is the number of micro-batches each rank consumed (data.train_loader
 is deterministic in seed, rank and step); every rank's RNG state is saved, so N steps straight and
 N/2 + resume + N/2 give bitwise-identical losses on CPU, with ddp and with fsdp.
-
-A resume on another number of processes (N -> M) keeps the optimizer step (so the LR schedule) and
-the per-rank micro-batch count: rank r < min(N, M) continues its own stream where it stopped (a
-rank's stream depends on (seed, rank, num_workers), not on the world size), a new rank r >= N starts
-its stream at that same micro-batch, and the streams of ranks >= M are left. The order differs from
-an uninterrupted run's but is as valid (training shards are resampled, there is no epoch to finish).
-The global batch becomes batch_size x grad_accum x M; samples_seen keeps the true total. RNG states
-are restored only when the world size is unchanged; otherwise each rank starts from seed + rank.
 """
 import json
 import math
@@ -71,8 +51,10 @@ from igpt_fast.checkpoint import (CKPT_NAME, DCP_NAME, checkpoint_step, is_shard
                                   load_checkpoint, load_full_optimizer_state, load_sharded_state, model_from_checkpoint,
                                   model_state, remove_checkpoints, resolve_checkpoint, restore_previous, run_info,
                                   save_checkpoint, save_sharded_checkpoint)
+from igpt_fast.distributed import all_reduce_sum, setup_distributed, shard_model
 from igpt_fast.errors import IGPTError
 from igpt_fast.model import GPTConfig, IGPT
+from igpt_fast.runlog import plot_losses, truncate_log, write_text_atomic
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 PARALLEL = ("ddp", "fsdp")
@@ -161,57 +143,6 @@ class Run:
             self.print_fn(msg)
 
 
-def setup_distributed(group_of_one=False):
-    """(rank, world_size, local_rank, device). Under torchrun: init the process group (nccl on GPU,
-    gloo on CPU); otherwise a single process, with a process group of its own when group_of_one
-    (FSDP shards over a device mesh even on one process)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    elif group_of_one and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, world_size, local_rank, device
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def is_main_process():
-    """True outside torchrun and on its rank 0: the process that prints per-run lines."""
-    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
-
-
-def all_reduce_sum(t):
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def shard_model(model, mixed_precision=False):
-    """FSDP2: every block, then the root (embeddings, ln_f, heads), sharded over all ranks with
-    `fully_shard`, after rank 0's weights are broadcast (as DDP does, so a fresh run starts from one
-    initialisation). mixed_precision: bf16 parameters in forward/backward, gradients reduced in fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    if dist.get_world_size() > 1:
-        for t in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(t.data, src=0)
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
-              else MixedPrecisionPolicy())
-    for block in model.h:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-    return model
-
-
 def configure_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
     """AdamW; weight decay (if any) on matrices only, never on norms, sos or positions' gains."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -269,37 +200,6 @@ def peak_flops(device, override_tflops=0.0):
 def flops_per_token(model):
     c = model.config
     return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.n_ctx
-
-
-def read_log(path):
-    """The rows of a log.jsonl; a half-written last line (a run killed mid-write) is skipped."""
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        lines = [line for line in f.read().split("\n") if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise TrainError(f"{path}: line {i + 1} is not JSON; the log is damaged") from None
-    return rows
-
-
-def _write_text_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _truncate_log(path, step):
-    """Keep the rows of log.jsonl up to `step` (a resumed run re-logs the steps after it)."""
-    rows = read_log(path)
-    kept = [r for r in rows if r.get("step", 0) <= step]
-    if len(kept) != len(rows) or os.path.isfile(path):
-        _write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _merge_on_resume(ckpt, model_config, tcfg, explicit):
@@ -420,14 +320,14 @@ def start(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=
     if run.master:
         os.makedirs(tcfg.out_dir, exist_ok=True)
         if resume is not None:
-            _truncate_log(run.log_path, run.step)
+            truncate_log(run.log_path, run.step)
         resolved = {"model": asdict(model_config), "train": asdict(tcfg), "world_size": world_size,
                     "device": str(device), "impl": impl, "grad_checkpoint": grad_checkpoint, "compile": compile,
                     "parallel": parallel, "mixed_precision": bool(mixed_precision),
                     "params": model.num_params(), "flops_per_token": flops_per_token(model),
                     "resumed_from": resume, "start_step": run.step, "changed_on_resume": changed,
                     "palette_sha256": palette.sha256}
-        _write_text_atomic(os.path.join(tcfg.out_dir, "config.json"), json.dumps(resolved, indent=2))
+        write_text_atomic(os.path.join(tcfg.out_dir, "config.json"), json.dumps(resolved, indent=2))
         say(json.dumps(resolved, indent=2))
     run.rng_state = rng_state
     return run
@@ -588,29 +488,6 @@ def evaluate_lm(run):
             i += 1
     all_reduce_sum(total)
     return {"val_loss": (total[0] / total[1]).item()} if total[1] > 0 else {}
-
-
-def plot_losses(log_path, png_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_log(log_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train")
-    if val:
-        ax.plot(*zip(*val), "o-", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / pixel)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
 
 
 def _evaluate_and_log(run, evaluate):

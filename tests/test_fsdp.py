@@ -20,7 +20,9 @@ from igpt_fast.checkpoint import CheckpointError, export_checkpoint, load_checkp
 from igpt_fast.cli import cli
 from igpt_fast.model import GPTConfig
 from igpt_fast.palette import Palette
-from igpt_fast.train import TrainConfig, TrainError, TrainingDiverged, cleanup_distributed, read_log, start, train
+from igpt_fast.distributed import cleanup_distributed
+from igpt_fast.runlog import read_log
+from igpt_fast.train import TrainConfig, TrainError, TrainingDiverged, start, train
 from shards import write_meta, write_split
 
 N_PX, N_VOCAB = 4, 16

@@ -14,7 +14,8 @@ from igpt_fast.checkpoint import load_checkpoint
 from igpt_fast.cli import cli
 from igpt_fast.model import GPTConfig
 from igpt_fast.palette import Palette
-from igpt_fast.train import TrainConfig, TrainError, lr_at, read_log, train
+from igpt_fast.runlog import RunLogError, read_log
+from igpt_fast.train import TrainConfig, TrainError, lr_at, train
 from shards import write_meta, write_split
 
 N_PX, N_VOCAB = 4, 16
@@ -156,7 +157,7 @@ def test_log_is_cut_back_on_resume_and_a_half_written_line_is_tolerated(data_dir
     assert (run / "loss.png").stat().st_size > 1000
     with open(run / "log.jsonl", "a") as f:
         f.write("not json\n{}\n")
-    with pytest.raises(TrainError, match="line 10 is not JSON"):  # damage before the last line is an error
+    with pytest.raises(RunLogError, match="line 10 is not JSON"):  # damage before the last line is an error
         read_log(run / "log.jsonl")
 
 

@@ -21,7 +21,8 @@ from igpt_fast.palette import Palette
 from shards import write_meta, write_split
 from igpt_fast.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from igpt_fast.data import DataMismatchError, check_data
-from igpt_fast.train import TrainConfig, TrainingDiverged, configure_optimizer, lr_at, read_log, train
+from igpt_fast.runlog import read_log
+from igpt_fast.train import TrainConfig, TrainingDiverged, configure_optimizer, lr_at, train
 
 N_PX, N_VOCAB = 4, 16
 ARCH = ["--preset", "tiny", "--n-px", str(N_PX), "--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
