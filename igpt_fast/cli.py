@@ -7,14 +7,13 @@ this module imports neither torch nor numpy. The options several verbs share (--
 group, and shown as one line; anything else keeps its traceback. Progress bars go to stderr; stdout
 carries results.
 """
-import math
 import os
 
 import click
 
 from . import __version__
 from .errors import IGPTError
-from .options import (NON_NEGATIVE, POSITIVE, FiniteFloat, device_option, impl_option, overwrite_option,
+from .options import (NON_NEGATIVE, POSITIVE, FiniteFloat, FloatList, device_option, impl_option, overwrite_option,
                       resize_option, workers_option)
 
 
@@ -364,45 +363,6 @@ def demo_cmd(ctx, src, out, **options):
         click.echo(line)
 
 
-def _torch_device(device):
-    """--device value -> torch.device: cuda when present unless told otherwise."""
-    import torch
-
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise click.UsageError(f"--device {device}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise click.UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return dev
-
-
-def _open_run(run, device, impl, data_dir=None):
-    """(model, palette or None, ckpt path, meta or None) of RUN; with data_dir, its meta.json checked
-    against the run's model and palette."""
-    from .data import check_data, read_meta
-    from .sample import load_run
-
-    model, palette, ckpt_path = load_run(run, device, impl=impl)
-    meta = None
-    if data_dir is not None:
-        meta = read_meta(data_dir)
-        check_data(meta, model.config, palette.sha256 if palette is not None else None, data_dir)
-    return model, palette, ckpt_path, meta
-
-
-def _l2_grid(text):
-    try:
-        grid = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise click.UsageError(f"--l2 {text!r}: expected comma-separated numbers such as 1e-3,1e-2") from None
-    if not grid or min(grid) < 0 or not all(math.isfinite(v) for v in grid):
-        raise click.UsageError(f"--l2 {text!r}: give one or more finite strengths >= 0")
-    return grid
-
-
 @cli.command("probe")
 @click.argument("run", type=click.Path(exists=True))
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
@@ -412,7 +372,7 @@ def _l2_grid(text):
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Feature extraction batch.")
 @device_option
 @impl_option
-@click.option("--l2", "l2_grid", default="1e-4,1e-3,1e-2,1e-1,1", show_default=True,
+@click.option("--l2", "l2_grid", type=FloatList(), default="1e-4,1e-3,1e-2,1e-1,1", show_default=True,
               help="L2 strengths tried per layer (comma-separated); the best on val is kept.")
 @click.option("--max-iter", type=click.IntRange(1), default=200, show_default=True, help="L-BFGS iterations.")
 @click.option("--no-pixels", is_flag=True, help="Skip the raw-pixel baseline.")
@@ -427,15 +387,14 @@ def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, impl, l2_g
     import json
 
     from .probe import format_table, plot_probe, probe
+    from .sample import load_run
 
-    grid = _l2_grid(l2_grid)
-    dev = _torch_device(device)
-    model, _, ckpt_path, meta = _open_run(run, dev, impl, data_dir)
+    model, _, ckpt_path, meta = load_run(run, device, impl, data_dir)
     out = out or os.path.dirname(os.path.abspath(ckpt_path))
-    result = probe(model, data_dir, batch_size=batch_size, device=dev, max_train=max_train, max_eval=max_eval,
-                   l2_grid=grid, max_iter=max_iter, pixels=not no_pixels, log=lambda s: click.echo(s, err=True),
+    result = probe(model, data_dir, batch_size=batch_size, device=device, max_train=max_train, max_eval=max_eval,
+                   l2_grid=l2_grid, max_iter=max_iter, pixels=not no_pixels, log=lambda s: click.echo(s, err=True),
                    meta=meta)
-    result.update(run=os.path.abspath(ckpt_path), data=os.path.abspath(data_dir), device=str(dev))
+    result.update(run=os.path.abspath(ckpt_path), data=os.path.abspath(data_dir), device=str(device))
     os.makedirs(out, exist_ok=True)
     json_path, png_path = os.path.join(out, "probe.json"), os.path.join(out, "probe.png")
     with open(json_path + ".tmp", "w") as f:
@@ -547,14 +506,13 @@ def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, sa
     import numpy as np
     import torch
 
-    from .sample import complete, completion_grid, load_originals, samples_grid, save_png, unconditional
+    from .sample import complete, completion_grid, load_originals, load_run, samples_grid, save_png, unconditional
 
     if from_files and not image_files:
         raise click.UsageError("--images needs image files after RUN: igpt-fast sample RUN --images a.png b.png")
     if image_files and data_dir:
         raise click.UsageError("complete either --data shards or image files, not both")
-    dev = _torch_device(device)
-    model, palette, ckpt_path, meta = _open_run(run, dev, impl, data_dir)
+    model, palette, ckpt_path, meta = load_run(run, device, impl, data_dir)
     c = model.config
     rows = c.n_px // 2 if rows is None else rows
     if rows >= c.n_px:
@@ -565,7 +523,7 @@ def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, sa
     os.makedirs(out, exist_ok=True)
     scale = scale or max(1, -(-64 // c.n_px))
     kw = dict(batch_size=batch_size, temperature=temperature, top_k=top_k or None,
-              generator=torch.Generator(device=dev).manual_seed(seed), bert_steps=bert_steps, progress=True,
+              generator=torch.Generator(device=device).manual_seed(seed), bert_steps=bert_steps, progress=True,
               compile=compile_decode)
     t0 = time.perf_counter()
     if originals is not None:

@@ -1,8 +1,9 @@
 """Command-line options several `igpt-fast` verbs share, defined once; torch-free, so importing the CLI
 stays instant.
 
---impl, --resize, --workers, --device, --overwrite, and the finite-float type every numeric flag uses
-(`--lr nan` or `--lr inf` is a usage error, not a run that diverges at its first step).
+--impl, --resize, --workers, --device, --overwrite, and the parameter types: a finite float for every
+numeric flag (`--lr nan` or `--lr inf` is a usage error, not a run that diverges at its first step),
+a comma-separated list of them, and a torch device checked against what the machine has.
 """
 import math
 import os
@@ -21,7 +22,6 @@ resize_option = click.option(
     help="squash = HF ImageGPT's bilinear resize; center-crop; pad (e.g. 28 -> 32, black border).")
 workers_option = click.option("--workers", type=click.IntRange(1), default=DEFAULT_WORKERS, show_default=True,
                               help="Decode/resize processes.")
-device_option = click.option("--device", help="cuda, cuda:1, cpu (default: cuda when present).")
 overwrite_option = click.option("--overwrite", is_flag=True,
                                 help="Start a new run in a folder that already holds one (its checkpoints and log go).")
 
@@ -50,3 +50,46 @@ class FiniteFloat(click.ParamType):
 
 POSITIVE = FiniteFloat(0, lo_open=True)
 NON_NEGATIVE = FiniteFloat(0)
+
+
+class FloatList(click.ParamType):
+    """Comma-separated finite floats >= 0, e.g. `1e-3,1e-2` -> [0.001, 0.01]."""
+
+    name = "floats"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            values = [float(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r}: expected comma-separated numbers such as 1e-3,1e-2", param, ctx)
+        if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+            self.fail(f"{value!r}: give one or more finite numbers >= 0", param, ctx)
+        return values
+
+
+class Device(click.ParamType):
+    """A torch device (cuda, cuda:1, cpu); missing: cuda when present, else cpu. torch is imported
+    only when the value is converted, after --help had its chance."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        import torch
+
+        if value is None or value == "":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if isinstance(value, torch.device):
+            return value
+        try:
+            dev = torch.device(value)
+        except RuntimeError as e:
+            self.fail(f"{value}: {e}", param, ctx)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            self.fail(f"{value}: CUDA is not available here; use --device cpu", param, ctx)
+        return dev
+
+
+device_option = click.option("--device", type=Device(), default="", show_default=False,
+                             help="cuda, cuda:1, cpu (default: cuda when present).")

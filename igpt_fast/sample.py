@@ -41,14 +41,21 @@ class SampleError(IGPTError, ValueError):
     """A sampling request that cannot be served (bad rows, missing palette, missing checkpoint)."""
 
 
-def load_run(run, device="cpu", impl="auto"):
-    """A run folder (RUN/ckpt.pt) or a checkpoint file -> (IGPT in eval mode on device, Palette or None,
-    checkpoint path). The model comes from the checkpoint's own config; impl is how to run it."""
+def load_run(run, device="cpu", impl="auto", data_dir=None):
+    """A run folder or checkpoint -> (IGPT in eval mode on device, Palette or None, checkpoint path,
+    meta.json of data_dir or None). The model comes from the checkpoint's own config; impl is how to
+    run it; with data_dir, the data is checked against the model and the run's palette."""
     from igpt_fast.checkpoint import load_checkpoint, model_from_checkpoint, palette_from_checkpoint
+    from igpt_fast.data import check_data, read_meta
 
     ckpt = load_checkpoint(run)
     model = model_from_checkpoint(ckpt, impl=impl).to(device).eval()
-    return model, palette_from_checkpoint(ckpt), ckpt["path"]
+    palette = palette_from_checkpoint(ckpt)
+    meta = None
+    if data_dir is not None:
+        meta = read_meta(data_dir)
+        check_data(meta, model.config, palette.sha256 if palette is not None else None, data_dir)
+    return model, palette, ckpt["path"], meta
 
 
 def load_originals(model, palette, ckpt_path, data_dir=None, meta=None, split="test", n_images=8, image_files=(),
