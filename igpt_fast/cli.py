@@ -145,7 +145,7 @@ def tokenize_cmd(src, palette_path, out, n_px, resize, val_fraction, workers, sh
 @click.option("--preset", type=click.Choice(["tiny", "igpt-s", "igpt-m", "igpt-l", "igpt-xl"]), default="tiny",
               show_default=True, help="Model size; n_vocab always comes from the data's palette.")
 @click.option("--objective", type=click.Choice(["ar", "bert"]), default="ar", show_default=True)
-@click.option("--n-px", type=click.IntRange(1), help="Override the preset's image side (must match the data).")
+@click.option("--n-px", type=click.IntRange(1), help="Image side; default: the data's (meta.json). Must match the data.")
 @click.option("--n-layer", type=click.IntRange(1), help="Override the preset's depth.")
 @click.option("--n-head", type=click.IntRange(1), help="Override the preset's head count.")
 @click.option("--n-embd", type=click.IntRange(1), help="Override the preset's width.")
@@ -209,7 +209,7 @@ def train_cmd(ctx, data_dir, out, preset, objective, n_px, n_layer, n_head, n_em
     if mixed_precision is not None and parallel != "fsdp":
         raise click.UsageError("--mixed-precision is for --parallel fsdp (DDP runs use bf16 autocast on CUDA)")
     meta = read_meta(data_dir)
-    arch = dict(PRESETS[preset])
+    arch = dict(PRESETS[preset], n_px=meta["n_px"])  # the image side is the data's unless --n-px says otherwise
     given = dict(n_px=n_px, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     arch.update({k: v for k, v in given.items() if v is not None})
     try:
@@ -218,7 +218,7 @@ def train_cmd(ctx, data_dir, out, preset, objective, n_px, n_layer, n_head, n_em
         raise click.UsageError(str(e)) from None
     explicit = _explicit(ctx, ["objective", "dropout", *given, *train_flags])
     if "preset" in _explicit(ctx, ["preset"]):
-        explicit |= set(PRESETS[preset])
+        explicit |= set(PRESETS[preset]) - {"n_px"}
     tcfg = TrainConfig(data_dir=data_dir, out_dir=out, **train_flags)
     try:
         result = train(model_config, tcfg, resume=resume, explicit=explicit, overwrite=overwrite, impl=impl,

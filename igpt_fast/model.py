@@ -19,8 +19,9 @@ head h at rows h*hd:(h+1)*hd of each), which is the HF layout transposed.
 Generation uses a KV cache (pattern of pytorch-labs/gpt-fast): setup_cache(B) gives each attention
 layer a static KVCache module, prefill(prefix), then decode(tok, t) with the position explicit: O(n_ctx)
 work per image instead of O(n_ctx^2). decode attends to the filled prefix (fast eagerly);
-decode_static(tok, t_tensor) attends to the whole cache through a mask, so its shapes never change
-and torch.compile makes one graph of it (igpt_fast.sample.generate(compile=True)).
+decode_static(tok, t_tensor) keeps every shape independent of the position (the whole cache with a
+mask on CUDA, the opaque prefix_attention op on the CPU), so torch.compile makes one graph of it
+(igpt_fast.sample.generate(compile=True)).
 
 The CPU training step avoids elementwise passes: quick GELU is silu(1.702 h) / 1.702 with the
 factors folded into the MLP weights (MLP), and the fp32 norm has a written-out backward
@@ -72,7 +73,7 @@ class GPTConfig:
 
 # Sizes from the paper (table of section 4); "tiny" trains on two CPU cores in minutes (demo, tests).
 PRESETS = {
-    "tiny": dict(n_px=28, n_layer=4, n_head=4, n_embd=128),
+    "tiny": dict(n_px=32, n_layer=4, n_head=4, n_embd=128),
     "igpt-s": dict(n_px=32, n_layer=24, n_head=8, n_embd=512),
     "igpt-m": dict(n_px=32, n_layer=36, n_head=8, n_embd=1024),
     "igpt-l": dict(n_px=32, n_layer=48, n_head=16, n_embd=1536),
@@ -146,8 +147,9 @@ class KVCache(nn.Module):
 
     `update(input_pos, k, v)` writes k, v (B, nh, T, hd) at the positions input_pos (T,) and returns
     the whole buffers (B, nh, n_ctx, hd); `mask(pos)` is the (1, 1, 1, n_ctx) bool mask of the
-    positions a query at position pos (a 1-element tensor) sees. Shapes never depend on the position, so one
-    compiled decode step serves every pixel; the eager decode slices the filled prefix instead."""
+    positions a query at position pos (a 1-element tensor) sees. Shapes never depend on the
+    position, so one compiled decode step serves every pixel; the eager decode slices the filled
+    prefix instead."""
 
     def __init__(self, batch_size, n_head, n_ctx, head_dim, device=None, dtype=None):
         super().__init__()
@@ -203,8 +205,8 @@ class Attention(nn.Module):
         """x (B, T, C). input_pos None: a plain forward. input_pos (T,): positions of x in the
         sequence; keys and values go through the KV cache. kv_len (int): the number of filled cache
         positions after this write (eager: a prefill at 0, where kv_len = T, or one token, attending
-        to the first kv_len keys); kv_len None: one token attends to the whole static cache through
-        its mask (the shape-static step that torch.compile compiles)."""
+        to the first kv_len keys); kv_len None: one token, every shape static (the step that
+        torch.compile compiles; see IGPT.decode_static)."""
         B, T, C = x.shape
         hd = C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -448,10 +450,11 @@ class IGPT(nn.Module):
     @torch.no_grad()
     def decode_static(self, tok, t):
         """decode(tok, t) with t a 1-element int64 tensor on the model's device and every shape
-        independent of t: the query attends to the whole static cache through a mask. This is the
-        step `torch.compile` turns into one graph for all pixels (gpt-fast's decode_one_token; with
-        mode="reduce-overhead" on CUDA, one CUDA graph). Nothing is checked here: t must satisfy
-        decode's bounds, after prefill and the steps before it."""
+        independent of t: on CUDA the query attends to the whole static cache through a mask
+        (masked_attention), on the CPU to the filled prefix through the opaque prefix_attention op.
+        This is the step `torch.compile` turns into one graph for all pixels (gpt-fast's
+        decode_one_token; with mode="reduce-overhead" on CUDA, one CUDA graph). Nothing is checked
+        here: t must satisfy decode's bounds, after prefill and the steps before it."""
         input_pos = t + 1  # (1,)
         x = self.wte(tok).unsqueeze(1) + self.wpe(input_pos)  # (B, 1, C)
         return self._cached_step(x, input_pos)

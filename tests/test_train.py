@@ -187,7 +187,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, bad_s
 
 def test_data_model_mismatch_errors(data_dir, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(cli, ["train", data_dir, "--out", str(tmp_path / "r"), "--preset", "tiny", "--steps", "1"])
+    res = runner.invoke(cli, ["train", data_dir, "--out", str(tmp_path / "r"), "--n-px", "28", "--steps", "1"])
     assert res.exit_code == 1 and "--n-px 4" in res.output and "28x28" in res.output
     res = runner.invoke(cli, ["train", str(tmp_path), "--out", str(tmp_path / "r"), *ARCH])
     assert res.exit_code == 1 and "meta.json not found" in res.output
@@ -266,3 +266,12 @@ def test_torchrun_two_processes_gloo(data_dir, tmp_path):
     assert len(val) == 1  # the final eval, averaged over both ranks
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ckpt["model"][k], v, atol=1e-5, rtol=1e-4)
+
+
+def test_image_side_defaults_to_the_data(data_dir, tmp_path):
+    """Without --n-px the model takes the data's image side, whatever the preset's paper size."""
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(run), "--n-layer", "1", "--n-head", "2",
+                                   "--n-embd", "16", "--steps", "1", "--eval-every", "0", "--eval-batches", "1"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "config.json").read_text())["model"]["n_px"] == N_PX
