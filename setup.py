@@ -20,10 +20,11 @@ setup(
         "pillow>=10.0",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "safetensors>=0.4",
     ],
     extras_require={
         "gpu": ["faiss-gpu-cu12"],
-        "dev": ["pytest>=7.4", "scikit-image>=0.22", "transformers>=4.40", "safetensors>=0.4"],
+        "dev": ["pytest>=7.4", "scikit-image>=0.22", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["igpt-fast = igpt_fast.cli:main"]},
 )
