@@ -164,7 +164,8 @@ def main():
     for r in rows:
         print(f"{r['path']:>17} | {r['seconds']:9.2f} | {r['ms_per_pixel']:9.2f} | {r['px_per_s']:9.1f} | {r['how']}")
     if args.compile:
-        print(f"compiled vs eager: {rows[1]['speedup_vs_eager']:.2f}x (goal 3x), identical tokens: {rows[1]['tokens_equal']}")
+        print(f"compiled vs eager: {rows[1]['speedup_vs_eager']:.2f}x (goal 3x), "
+              f"identical tokens: {rows[1]['tokens_equal']}")
     goal = "meets" if speedup >= 50 else "misses"
     print(f"speedup {speedup:.1f}x ({goal} the 50x goal) | T {T} | {args.n_layer} layers x {args.n_embd} | batch {B} "
           f"| {env['device']} | {torch.get_num_threads()} threads | last {args.check} pixels identical: {same}")

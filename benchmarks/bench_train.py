@@ -12,10 +12,12 @@ CPU (default): one AdamW train step (forward, loss, backward, clip, step), fp32,
 Variants of one group share a process and take their steps alternately (igpt-fast with plain-gpt,
 the compiled pair together, hf alone), so a busy machine slows both sides of a ratio alike:
 speedup_vs_plain is the median over rounds of (plain step time / variant step time) within a pair
-(speedup_vs_plain_cpu the same in CPU time); speedup_vs_hf compares medians across processes. cpu_ms is the process CPU time of a step (time.process_time),
-which neighbours' load inflates less than wall time. peak_rss_mb is the peak resident memory during
-the variant's own steps (Linux: VmHWM, reset through /proc/self/clear_refs before each step; it
-includes the other model of the pair, about 0.1 GB here).
+(speedup_vs_plain_cpu the same in CPU time); speedup_vs_hf compares medians across processes.
+cpu_ms is the process CPU time of a step (time.process_time), which neighbours' load inflates less
+than wall time. peak_rss_mb is the peak resident memory during the variant's own steps (Linux:
+VmHWM, reset through /proc/self/clear_refs before each step; it includes the other model of the
+pair, about 0.1 GB here). On this CPU torch.compile does not speed up either model's step much:
+compare the compiled pair with the eager one.
 GPU (--gpu, run by benchmarks/gpu_check.sh): bf16 autocast train steps with the Triton kernels for
   igpt-s at 32x32 and, with activation checkpointing, the largest n_px in (64, 48, 40, 32) whose step
   fits; tokens/s, MFU and peak memory (torch.cuda.max_memory_allocated).
@@ -171,7 +173,8 @@ def cpu_group(variants, args):
         q = statistics.quantiles(wall[v], n=10, method="inclusive")
         med = statistics.median(wall[v])
         row = {"variant": v, "params": params[v], "ms": med, "ms_p20": q[1], "ms_p80": q[7],
-               "cpu_ms": statistics.median(cpu[v]), "tok_s": idx.numel() / (med / 1e3), "peak_rss_mb": max(rss[v], default=float("nan")),
+               "cpu_ms": statistics.median(cpu[v]), "tok_s": idx.numel() / (med / 1e3),
+               "peak_rss_mb": max(rss[v], default=float("nan")),
                "rounds": args.rounds, "paired_with": ",".join(u for u in variants if u != v) or "none"}
         if plain:
             row["speedup_vs_plain"] = statistics.median(p / w for p, w in zip(wall[plain], wall[v]))
