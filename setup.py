@@ -11,7 +11,7 @@ setup(
     packages=["igpt_fast", "igpt_fast.kernels"],
     package_dir={"igpt_fast": "igpt_fast", "igpt_fast.kernels": "kernels"},
     install_requires=[
-        "torch>=2.3",
+        "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "webdataset>=0.2.86",
         "numpy>=1.24",
