@@ -1,5 +1,6 @@
-# igpt-fast: `make demo`, `make test`, `make bench` (each creates .venv when missing and installs first),
-# `make gpu-check` (CUDA tests and GPU benchmarks with the machine's own torch; results in $(OUT)).
+# igpt-fast: `make demo`, `make test`, `make bench`, `make compile-check` (each creates .venv when missing
+# and installs first), `make data` (Fashion-MNIST), `make gpu-check` (CUDA tests and GPU benchmarks with
+# the machine's own torch; results in $(OUT)), `make gpu-wheels` / `make gpu-data` (for a GPU window).
 #
 # Torch: a machine that already has a CUDA torch (system Python) reuses it through a venv with
 # --system-site-packages; a machine with a GPU but no torch gets the default (CUDA) wheel; a machine
