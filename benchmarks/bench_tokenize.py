@@ -2,20 +2,24 @@
 
 1. Images/s of `igpt_fast.tokenize.tokenize_images` vs Hugging Face ImageGPTImageProcessor on the same
    images, the same palette, in the same process, for 32x32 and 256x256 sources resized to n_px=32
-   (squash, the HF resize). HF gets a warm-up call, then the median of --hf-rep runs. Ours are exact float64 argmins; HF's processor computes
-   |x|^2 - 2 x.c + |c|^2 in float32, which can misorder two centres whose distances differ by ~1e-7.
-   Each row counts the differing ids and checks that at every one of them our centre is at least
-   as near in float64 (`hf_differences_explained`). Ours is timed
-   twice: `cold` is the first call on a fresh Palette with no persisted lookup table (filled for the
-   colours seen), `warm` the median of later calls (steady state of a long tokenize run).
+   (squash, the HF resize). HF gets a warm-up call, then the median of --hf-rep runs. Ours are exact
+   float64 argmins; HF's processor computes |x|^2 - 2 x.c + |c|^2 in float32, which can misorder two
+   centres whose distances differ by ~1e-7. Each row counts the differing ids and checks that at
+   every one of them our centre is at least as near in float64 (`hf_differences_explained`). Ours is
+   timed twice: `cold` is the first call on a fresh Palette with no persisted lookup table (filled for
+   the colours seen), `warm` the median of later calls (steady state of a long tokenize run).
 2. The first --fresh-images (2,000) 32x32 images of a fresh process: a subprocess that has never used
    the palette generates the images, then times `Palette.load` + `tokenize_images` (imports excluded,
-   HF pays them too). Two rows: `ours-fresh-no-table` (no persisted lookup table yet: filled lazily,
-   or whole when the call meets enough unfilled cells) and `ours-fresh-persisted` (the table
-   `Palette.build_lut` persisted, as `igpt-fast palette` and tokenize leave it). HF (warm, median of
-   --hf-rep) runs on the same 2,000 images in this process. The three take turns for --fresh-rep
-   rounds and each row is the median of its rounds, so a shared machine's load falls on all alike.
+   HF's too). Two rows: `ours-fresh-no-table` (no persisted lookup table yet: filled lazily, or whole
+   when the call meets enough unfilled cells) and `ours-fresh-persisted` (the table `Palette.build_lut`
+   persisted, as `igpt-fast palette` and tokenize leave it). HF (warm) runs on the same 2,000 images
+   in this process, --hf-batch (256) images a call, its fastest way (one call on all 2,000 builds a
+   2M x 512 float32 distance matrix, 4 GB). The three take turns for --fresh-rep rounds and each row
+   is the median of its rounds, so a shared machine's load falls on all alike.
 3. Tokens/s of the training and evaluation streams (igpt_fast.data) from one process (one worker).
+
+HF's distance matmul runs on BLAS threads, which spin badly when other processes hold the cores; on
+a shared machine run with OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 (the rows record `blas_threads`).
 
 Goals: tokenizer >= 100x HF with identical ids, including the first 2,000 images of a fresh process;
 streaming >= 1M tokens/s per worker.
@@ -74,13 +78,16 @@ def hf_processor(palette, n_px):
     return ImageGPTImageProcessor(clusters=palette.centers, size={"height": n_px, "width": n_px})
 
 
-def time_hf(hf, images, hf_rep):
-    """(median seconds of hf_rep calls after a warm-up call, HF's ids)."""
+def time_hf(hf, images, hf_rep, batch=None):
+    """(median seconds of hf_rep runs after a warm-up call, HF's ids); a run calls HF on `batch` images
+    at a time (all at once when None)."""
     hf(images[:4], return_tensors="np")  # warm-up: HF's first call pays one-off set-up costs
+    batch = batch or len(images)
     hf_times = []
     for _ in range(hf_rep):
         t = time.perf_counter()
-        hf_ids = np.asarray(hf(images, return_tensors="np")["input_ids"])
+        hf_ids = np.concatenate([np.asarray(hf(images[s:s + batch], return_tensors="np")["input_ids"])
+                                 for s in range(0, len(images), batch)])
         hf_times.append(time.perf_counter() - t)
     return float(np.median(hf_times)), hf_ids
 
@@ -135,7 +142,7 @@ def run_fresh_child(palette_path, n_images, n_px, ids_path, cache):
     return child["seconds"], child["table_complete"]
 
 
-def bench_fresh_process(palette, n_images, n_px, hf_rep, fresh_rep):
+def bench_fresh_process(palette, n_images, n_px, hf_rep, fresh_rep, hf_batch):
     """Rows for HF and for the first n_images of a fresh process, without and with a persisted table.
 
     The three are measured in turn, fresh_rep rounds (HF: hf_rep calls a round), and each row is the
@@ -152,7 +159,7 @@ def bench_fresh_process(palette, n_images, n_px, hf_rep, fresh_rep):
         os.environ["IGPT_FAST_CACHE_DIR"] = persisted
         Palette(palette.centers).build_lut()  # what `igpt-fast palette` leaves behind
         for r in range(fresh_rep):
-            seconds, ids["hf"] = time_hf(hf, images, hf_rep)
+            seconds, ids["hf"] = time_hf(hf, images, hf_rep, batch=hf_batch)
             times["hf"].append(seconds)
             for impl, cache in (("ours-fresh-no-table", os.path.join(tmp, f"empty{r}")),
                                 ("ours-fresh-persisted", persisted)):
@@ -217,6 +224,9 @@ def main():
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--fresh-images", type=int, default=2000, help="images of the fresh-process rows")
     ap.add_argument("--fresh-rep", type=int, default=3, help="fresh processes per row (median)")
+    ap.add_argument("--hf-batch", type=int, default=256,
+                    help="fresh-process rows: HF gets this many images a call (2,000 at once allocate a 4 GB "
+                         "float32 distance matrix and run slower)")
     ap.add_argument("--n-px", type=int, default=32)
     ap.add_argument("--rep", type=int, default=5)
     ap.add_argument("--hf-rep", type=int, default=3, help="timed HF runs (median) after a warm-up call")
@@ -235,9 +245,11 @@ def main():
     with tempfile.TemporaryDirectory() as cache:
         os.environ["IGPT_FAST_CACHE_DIR"] = cache  # this run's tables only: cold rows stay cold on a rerun
         rows = bench_tokenizer(palette, args.images, args.n_px, args.rep, args.workers, args.hf_rep)
-        rows += bench_fresh_process(palette, args.fresh_images, args.n_px, args.hf_rep, args.fresh_rep)
+        rows += bench_fresh_process(palette, args.fresh_images, args.n_px, args.hf_rep, args.fresh_rep,
+                                    args.hf_batch)
     rows += bench_stream(args.n_px * args.n_px, args.stream_samples, 64, args.stream_samples // 64 - 2)
     info = env_info()
+    info["blas_threads"] = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
     write_results([{**info, **r} for r in rows], "tokenize", args.out)
 
 
