@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import skimage.data
+from sources import lut_cache  # noqa: F401  (autouse fixture: tables persist to a temporary folder)
 
 from igpt_fast.palette import Palette, PaletteError
 
@@ -22,14 +23,6 @@ def brute_force(colours, centers):
 def photo_pixels():
     return np.concatenate([im.reshape(-1, 3) for im in
                            (skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea())])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def lut_cache(tmp_path_factory):
-    """Persisted lookup tables go to a temporary folder, not the user's cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IGPT_FAST_CACHE_DIR", str(tmp_path_factory.mktemp("lut-cache")))
-        yield
 
 
 @pytest.fixture(scope="module")

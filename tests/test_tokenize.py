@@ -1,49 +1,39 @@
-"""Tokenizer tests: HF ImageGPT parity on real photos, every reader on real or faithfully built files,
-the colour and resize rules, the bad-file zoo, kill -9 resume, the restricted unpickler, CLI errors.
+"""Tokenizer tests: HF ImageGPT parity on real photos, the colour and resize rules, the bad-file zoo,
+kill -9 resume and resume over a changed source, converted-input counts, progress output, CLI errors.
+The readers' formats (IDX, CIFAR, tars, folders) are tested in test_readers.py.
 
 References: transformers `ImageGPTImageProcessor` (the PIL backend is the one installed without
-torchvision); the CIFAR "python" batch layout (dict of data uint8 (N, 3072) in R, G, B planes, labels);
-the IDX format (big-endian header, magic 0x00000803 for uint8 (N, H, W)).
+torchvision); the IDX format (big-endian header, magic 0x00000803 for uint8 (N, H, W)).
 """
 import gzip
 import io
 import json
 import os
-import pickle
 import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tarfile
 import time
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from sources import lut_cache, one_line_error, png_bytes, random_palette, read_shards, tree  # noqa: F401
 
 from igpt_fast.cli import cli
 from igpt_fast.palette import Palette
 from igpt_fast.tokenize import (
-    TokenizeError, list_sources, read_idx, resize_image, restricted_loads, sample_pixels, to_rgb,
-    tokenize_dataset, tokenize_images,
+    TokenizeError, read_idx, resize_image, sample_pixels, to_rgb, tokenize_dataset, tokenize_images,
 )
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "colorwheel"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def lut_cache(tmp_path_factory):
-    """Persisted lookup tables go to a temporary folder, not the user's cache (subprocesses inherit it)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IGPT_FAST_CACHE_DIR", str(tmp_path_factory.mktemp("lut-cache")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def palette():
-    return Palette(np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32))
+    return random_palette()
 
 
 @pytest.fixture(scope="module")
@@ -57,30 +47,6 @@ def _photos():
     import skimage.data
 
     return [Image.fromarray(getattr(skimage.data, name)()) for name in PHOTOS]
-
-
-def _png_bytes(image, **kw):
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", **kw)
-    return buf.getvalue()
-
-
-def _read_shards(out, split):
-    """All samples of a split: {key: (tokens, cls or None)}, from the tars as written."""
-    samples = {}
-    for name in sorted(os.listdir(out)):
-        if name.startswith(split + "-") and name.endswith(".tar"):
-            with tarfile.open(os.path.join(out, name)) as tf:
-                for m in tf:
-                    key, _, ext = m.name.partition(".")
-                    data = tf.extractfile(m).read()
-                    tokens, cls = samples.get(key, (None, None))
-                    if ext == "tokens.npy":
-                        tokens = np.load(io.BytesIO(data))
-                    elif ext == "cls":
-                        cls = int(data)
-                    samples[key] = (tokens, cls)
-    return samples
 
 
 @pytest.mark.parametrize("n_px", [32, 48])
@@ -141,7 +107,7 @@ def test_colour_conversions():
     e8 = np.floor(v16 / 257 + 0.5).astype(np.uint8)  # nearest 8-bit value: 128 -> 0, 129 -> 1, 65535 -> 255
     assert e8.tolist() == [[0, 0, 1, 1], [255, 255, 100, 100]]
     np.testing.assert_array_equal(np.asarray(to_rgb(v16))[..., 0], e8)
-    png16 = Image.open(io.BytesIO(_png_bytes(Image.fromarray(v16))))  # a real 16-bit greyscale PNG
+    png16 = Image.open(io.BytesIO(png_bytes(Image.fromarray(v16))))  # a real 16-bit greyscale PNG
     assert png16.mode.startswith("I")
     np.testing.assert_array_equal(np.asarray(to_rgb(png16)), np.repeat(e8[..., None], 3, -1))
 
@@ -164,227 +130,6 @@ def test_resize_modes():
     assert shrunk[:6].max() == 0 and shrunk[14:].max() == 0 and (shrunk[6:14].max(-1) > 0).all()
     square = Image.fromarray(rng.integers(0, 256, (50, 50, 3), dtype=np.uint8))
     np.testing.assert_array_equal(resize_image(square, 16, "center-crop"), resize_image(square, 16, "squash"))
-
-
-def test_idx_reader_on_real_fashion_mnist(tmp_path, palette, fashion_mnist):
-    images = read_idx(f"{fashion_mnist}/t10k-images-idx3-ubyte.gz")
-    labels = read_idx(f"{fashion_mnist}/t10k-labels-idx1-ubyte.gz")
-    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
-    assert labels.shape == (10000,) and sorted(set(labels.tolist())) == list(range(10))
-    raw = tmp_path / "t10k-images-idx3-ubyte"
-    raw.write_bytes(gzip.decompress(open(f"{fashion_mnist}/t10k-images-idx3-ubyte.gz", "rb").read()))
-    np.testing.assert_array_equal(read_idx(str(raw)), images)
-
-    (tmp_path / "bad-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + struct.pack(">3I", 5, 28, 28) + b"x")
-    with pytest.raises(TokenizeError, match="header says"):
-        read_idx(str(tmp_path / "bad-images-idx3-ubyte"))
-
-    src = tmp_path / "fm"
-    src.mkdir()
-    n = 600
-    with gzip.open(src / "t10k-images-idx3-ubyte.gz", "wb") as f:
-        f.write(struct.pack(">4I", 0x803, n, 28, 28) + images[:n].tobytes())
-    with gzip.open(src / "t10k-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(struct.pack(">2I", 0x801, n) + labels[:n].tobytes())
-    out = str(tmp_path / "out")
-    meta = tokenize_dataset([str(src)], palette, out, n_px=28, workers=1, shard_size=256, progress=False)
-    assert meta["splits"]["test"]["samples"] == n and meta["splits"]["test"]["shards"] == 3
-    assert list(meta["splits"]) == ["test"] and meta["n_ctx"] == 784
-    assert meta["converted"] == {"grey": n} and meta["empty_classes"] == []
-    samples = _read_shards(out, "test")
-    expected = tokenize_images(images[:n], palette, n_px=28)  # grey batch (n, 28, 28)
-    for key, (tokens, cls) in samples.items():
-        i = int(key.split("_")[1])
-        np.testing.assert_array_equal(tokens, expected[i])
-        assert cls == labels[i]
-    order = [int(k.split("_")[1]) for k in samples]
-    assert order != sorted(order)  # shuffled
-
-
-class _Py2Pickler(pickle._Pickler):
-    """Writes bytes as Python 2 str (SHORT_BINSTRING / BINSTRING), as the original CIFAR batches are."""
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_bytes(self, obj):
-        if len(obj) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_bytes
-
-
-def _py2_pickle(obj):
-    buf = io.BytesIO()
-    _Py2Pickler(buf, protocol=2).dump(obj)
-    return buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
-
-
-def _write_cifar10(root, rng, n_train=(40, 30), n_test=25):
-    root.mkdir()
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
-    (root / "batches.meta").write_bytes(_py2_pickle({b"label_names": names, b"num_vis": 3072,
-                                                     b"num_cases_per_batch": 40}))
-    images = {}
-    for name, n in [(f"data_batch_{i + 1}", k) for i, k in enumerate(n_train)] + [("test_batch", n_test)]:
-        hwc = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        data = hwc.transpose(0, 3, 1, 2).reshape(n, 3072)  # rows: 1024 R, 1024 G, 1024 B
-        labels = rng.integers(0, 10, n).tolist()
-        (root / name).write_bytes(_py2_pickle({b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                                               b"filenames": [b"img_%d.png" % i for i in range(n)]}))
-        images[name] = (hwc, labels)
-    return [n.decode() for n in names], images
-
-
-def test_cifar10_reader_and_splits(tmp_path, palette):
-    rng = np.random.default_rng(3)
-    names, images = _write_cifar10(tmp_path / "cifar-10-batches-py", rng)
-    assert b"cnumpy.core.multiarray\n_reconstruct" in (tmp_path / "cifar-10-batches-py/test_batch").read_bytes()
-    out = str(tmp_path / "out")
-    meta = tokenize_dataset([str(tmp_path / "cifar-10-batches-py")], palette, out, n_px=32, val_fraction=0.2,
-                            workers=1, shard_size=16, seed=5, progress=False)
-    assert meta["class_names"] == names
-    assert {s: m["samples"] for s, m in meta["splits"].items()} == {"train": 56, "val": 14, "test": 25}
-    assert meta["splits"]["train"]["shards"] == 4 and meta["source"][0]["format"] == "cifar"
-    listings, _ = list_sources([str(tmp_path / "cifar-10-batches-py")])
-    by_key = {it.key: it.ref for split in listings[0].items.values() for it in split}
-    flat = {("data_batch_1", i): v for i, v in enumerate(zip(*images["data_batch_1"]))}
-    flat.update({("data_batch_2", i): v for i, v in enumerate(zip(*images["data_batch_2"]))})
-    flat.update({("test_batch", i): v for i, v in enumerate(zip(*images["test_batch"]))})
-    files = ["data_batch_1", "data_batch_2", "test_batch"]
-    seen = set()
-    for split in ("train", "val", "test"):
-        for key, (tokens, cls) in _read_shards(out, split).items():
-            ref = by_key[key]
-            hwc, label = flat[(files[ref[1]], ref[2])]
-            assert (split == "test") == (files[ref[1]] == "test_batch")
-            np.testing.assert_array_equal(tokens, palette.quantize(hwc).reshape(-1))
-            assert cls == label
-            seen.add(key)
-    assert len(seen) == 95
-    assert np.load(os.path.join(out, "palette.npy")).tobytes() == palette.centers.tobytes()
-
-
-def test_cifar100_reader(tmp_path, palette):
-    root = tmp_path / "cifar-100-python"
-    root.mkdir()
-    rng = np.random.default_rng(4)
-    fine = [b"c%d" % i for i in range(100)]
-    root.joinpath("meta").write_bytes(_py2_pickle({b"fine_label_names": fine, b"coarse_label_names": fine[:20]}))
-    for name, n in [("train", 30), ("test", 10)]:
-        hwc = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        root.joinpath(name).write_bytes(_py2_pickle({
-            b"data": hwc.transpose(0, 3, 1, 2).reshape(n, 3072), b"fine_labels": list(range(n)),
-            b"coarse_labels": [0] * n, b"filenames": [b"x"] * n, b"batch_label": name.encode()}))
-    with pytest.warns(UserWarning, match="70 class"):
-        meta = tokenize_dataset([str(root)], palette, str(tmp_path / "out"), n_px=16, workers=1, progress=False)
-    assert len(meta["class_names"]) == 100 and meta["class_names"][7] == "c7"
-    assert meta["empty_classes"] == [f"c{i}" for i in range(30, 100)]  # ids 30..99 have no image but keep their id
-    assert meta["splits"]["train"]["samples"] == 30 and meta["splits"]["test"]["samples"] == 10
-    assert sorted(c for _, c in _read_shards(str(tmp_path / "out"), "test").values()) == list(range(10))
-
-
-class _Evil:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
-
-
-def test_restricted_unpickler_rejects_malicious_globals(tmp_path):
-    marker = tmp_path / "pwned"
-    data = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [_Evil(marker)]}, protocol=2)
-    with pytest.raises(pickle.UnpicklingError, match="forbidden"):
-        restricted_loads(data)
-    assert not marker.exists()
-    with pytest.raises(pickle.UnpicklingError, match="builtins.eval"):
-        restricted_loads(b"cbuiltins\neval\n(S'1'\ntR.")
-    ok = restricted_loads(pickle.dumps({"a": [1, 2.5, b"x", np.arange(3, dtype=np.uint8)]}, protocol=2))
-    np.testing.assert_array_equal(ok["a"][3], np.arange(3))
-
-    root = tmp_path / "cifar-10-batches-py"
-    root.mkdir()
-    root.joinpath("batches.meta").write_bytes(_py2_pickle({b"label_names": [b"a"]}))
-    root.joinpath("data_batch_1").write_bytes(data)
-    hwc = np.full((2, 32, 32, 3), 7, np.uint8)
-    root.joinpath("test_batch").write_bytes(_py2_pickle({b"data": hwc.reshape(2, 3072), b"labels": [0, 0]}))
-    # the only train batch is refused: an error naming it, not a dataset without a train split
-    with pytest.raises(TokenizeError, match=r"no image could be tokenized in the train split .*data_batch_1.*forbidden"):
-        tokenize_dataset([str(root)], Palette(np.zeros((1, 3), np.float32)), str(tmp_path / "out"), n_px=32,
-                         workers=1, progress=False)
-    assert not marker.exists() and not (tmp_path / "out" / "meta.json").exists()
-    runner = CliRunner()
-    pal = str(tmp_path / "pal.npy")
-    Palette(np.zeros((1, 3), np.float32)).save(pal)
-    line = _one_line_error(runner.invoke(cli, ["tokenize", str(root), "--palette", pal, "--out", str(tmp_path / "o"),
-                                               "--workers", "1"]))
-    assert "train split" in line and "forbidden" in line and not marker.exists()
-
-
-def _tar_add(tf, name, data):
-    ti = tarfile.TarInfo(name)
-    ti.size = len(data)
-    tf.addfile(ti, io.BytesIO(data))
-
-
-def test_tar_webdataset_reader(tmp_path, palette):
-    rng = np.random.default_rng(5)
-    arrays = [rng.integers(0, 256, (20 + i, 30 - i, 3), dtype=np.uint8) for i in range(6)]
-    path = tmp_path / "shard-000000.tar"
-    with tarfile.open(path, "w") as tf:
-        for i, a in enumerate(arrays):
-            ext = "jpg" if i % 2 else "png"
-            buf = io.BytesIO()
-            Image.fromarray(a).save(buf, format="JPEG" if ext == "jpg" else "PNG")
-            _tar_add(tf, f"dir/sample{i:03d}.{ext}", buf.getvalue())
-            _tar_add(tf, f"dir/sample{i:03d}.cls", str(i % 3).encode())
-        _tar_add(tf, "dir/orphan.cls", b"1")
-        _tar_add(tf, "dir/badcls.png", _png_bytes(Image.fromarray(arrays[0])))
-        _tar_add(tf, "dir/badcls.cls", b"cat")
-    out = str(tmp_path / "out")
-    meta = tokenize_dataset([str(path)], palette, out, n_px=16, workers=1, progress=False)
-    split = meta["splits"]["train"]
-    assert split["samples"] == 6 and meta["class_names"] is None
-    assert sorted(s["reason"][:10] for s in split["skipped"]) == ["cls b'cat'", "no image m"]
-    decoded = []
-    for i, a in enumerate(arrays):
-        with tarfile.open(path) as tf:
-            data = tf.extractfile(f"dir/sample{i:03d}.{'jpg' if i % 2 else 'png'}").read()
-        decoded.append(Image.open(io.BytesIO(data)))
-    expected = tokenize_images(decoded, palette, n_px=16)
-    got = {tuple(t.tolist()): c for t, c in _read_shards(out, "train").values()}
-    assert got == {tuple(e.tolist()): i % 3 for i, e in enumerate(expected)}
-
-
-def test_image_folder_reader(tmp_path, palette):
-    rng = np.random.default_rng(6)
-    root = tmp_path / "data"
-    for split, n in (("train", 4), ("test", 2)):
-        for cls in ("zebra", "ant"):
-            d = root / split / cls / "nested"
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (12, 9, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "train" / "stray.png")
-    (root / "train" / "zebra" / ".DS_Store").write_bytes(b"\0")
-    meta = tokenize_dataset([str(root)], palette, str(tmp_path / "out"), n_px=8, workers=1, progress=False)
-    assert meta["class_names"] == ["ant", "zebra"]
-    assert meta["splits"]["train"]["samples"] == 8 and meta["splits"]["test"]["samples"] == 4
-    assert [s["reason"] for s in meta["splits"]["train"]["skipped"]] == ["not inside a class folder"]
-    listings, _ = list_sources([str(root)])
-    by_key = {it.key: it.ref[1] for items in listings[0].items.values() for it in items}
-    for split in ("train", "test"):
-        for key, (tokens, cls) in _read_shards(str(tmp_path / "out"), split).items():
-            file = by_key[key]
-            assert f"/{split}/" in file and ["ant", "zebra"][cls] in file
-            np.testing.assert_array_equal(tokens, tokenize_images([Image.open(file)], palette, n_px=8)[0])
-
-    meta2 = tokenize_dataset([str(root / "train"), str(root / "test")], palette, str(tmp_path / "out2"), n_px=8,
-                             workers=1, progress=False)
-    assert meta2["splits"]["test"]["samples"] == 4 and meta2["class_names"] == ["ant", "zebra"]
 
 
 def _bad_zoo(root):
@@ -433,11 +178,6 @@ def test_sample_pixels(tmp_path):
     assert sample_pixels([str(root)], n_px=4, max_pixels=10_000).shape == (80, 3)
 
 
-def _tree(path):
-    return {os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(path) for f in files}
-
-
 def test_kill_9_then_rerun_is_byte_identical(tmp_path, palette_path, fashion_mnist):
     images = read_idx(f"{fashion_mnist}/train-images-idx3-ubyte.gz")[:12000]
     labels = read_idx(f"{fashion_mnist}/train-labels-idx1-ubyte.gz")[:12000]
@@ -473,22 +213,14 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path, palette_path, fashion_mni
 
     again = subprocess.run(command(out), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    ref_files, out_files = _tree(ref), _tree(out)
+    ref_files, out_files = tree(ref), tree(out)
     assert sorted(ref_files) == sorted(out_files)
     assert all(ref_files[name] == out_files[name] for name in ref_files)
     assert sum(name.endswith(".tar") for name in ref_files) == 27 + 3  # 10800 train + 1200 val
 
     unchanged = subprocess.run(command(out), capture_output=True, text=True, timeout=300)
     assert unchanged.returncode == 0 and unchanged.stdout.startswith("already complete")
-    assert _tree(out) == ref_files
-
-
-def _one_line_error(result):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(errors) == 1, result.output
-    return errors[0]
+    assert tree(out) == ref_files
 
 
 def test_cli_errors(tmp_path, palette_path):
@@ -498,31 +230,31 @@ def test_cli_errors(tmp_path, palette_path):
     Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(folder / "a.png")
     out = str(tmp_path / "out")
 
-    line = _one_line_error(runner.invoke(cli, ["tokenize", str(tmp_path / "missing"), "--palette", palette_path,
+    line = one_line_error(runner.invoke(cli, ["tokenize", str(tmp_path / "missing"), "--palette", palette_path,
                                                "--out", out]))
     assert "does not exist" in line
 
     (tmp_path / "data.xyz").write_bytes(b"1234")
-    line = _one_line_error(runner.invoke(cli, ["tokenize", str(tmp_path / "data.xyz"), "--palette", palette_path,
+    line = one_line_error(runner.invoke(cli, ["tokenize", str(tmp_path / "data.xyz"), "--palette", palette_path,
                                                "--out", out]))
     assert "unknown format" in line
 
     ok = runner.invoke(cli, ["tokenize", str(folder), "--palette", palette_path, "--out", out, "--n-px", "8",
                              "--workers", "1"])
     assert ok.exit_code == 0, ok.output
-    line = _one_line_error(runner.invoke(cli, ["tokenize", str(folder), "--palette", palette_path, "--out", out,
+    line = one_line_error(runner.invoke(cli, ["tokenize", str(folder), "--palette", palette_path, "--out", out,
                                                "--n-px", "16", "--workers", "1"]))
     assert "n_px=8" in line
     other = str(tmp_path / "other.npy")
     Palette(np.zeros((2, 3), np.float32) + [[0.5], [-0.5]]).save(other)
-    line = _one_line_error(runner.invoke(cli, ["tokenize", str(folder), "--palette", other, "--out", out,
+    line = one_line_error(runner.invoke(cli, ["tokenize", str(folder), "--palette", other, "--out", out,
                                                "--n-px", "8", "--workers", "1"]))
     assert "another palette" in line
 
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "x.txt").write_text("no")
-    line = _one_line_error(runner.invoke(cli, ["tokenize", str(empty), "--palette", palette_path,
+    line = one_line_error(runner.invoke(cli, ["tokenize", str(empty), "--palette", palette_path,
                                                "--out", str(tmp_path / "o3"), "--workers", "1"]))
     assert "no image could be tokenized" in line
 
@@ -572,16 +304,16 @@ def test_resume_over_a_changed_source_is_refused_and_restart_starts_over(tmp_pat
         f.write(b"\0")  # a modified file is a change too
     with pytest.raises(TokenizeError, match=r"1 file\(s\) modified \(e\.g\. c0/000\.png\)"):
         tokenize_dataset([str(src)], palette, out, **kw)
-    line = _one_line_error(CliRunner().invoke(cli, ["tokenize", str(src), "--palette", _save(palette, tmp_path),
+    line = one_line_error(CliRunner().invoke(cli, ["tokenize", str(src), "--palette", _save(palette, tmp_path),
                                                     "--out", out, "--n-px", "8", "--shard-size", "4",
                                                     "--workers", "1"]))
     assert "changed" in line and "--restart" in line
 
     meta = tokenize_dataset([str(src)], palette, out, restart=True, **kw)
-    keys = [k for split in meta["splits"] for k in _read_shards(out, split)]
+    keys = [k for split in meta["splits"] for k in read_shards(out, split)]
     assert meta["splits"]["train"]["samples"] == 20 == len(set(keys)) == len(keys)
     tokenize_dataset([str(src)], palette, fresh, **kw)
-    assert _tree(out) == _tree(fresh)  # the restarted output is the one a first run writes
+    assert tree(out) == tree(fresh)  # the restarted output is the one a first run writes
 
     again = tokenize_dataset([str(src)], palette, out, **kw)
     assert again.already_complete and again.tokenized == 0 and again == meta
@@ -618,7 +350,7 @@ def test_interrupted_run_resumes_with_the_same_meta(tmp_path, palette, monkeypat
     assert "_elapsed_s" not in resumed and "_tokenized" not in resumed
     whole = tokenize_dataset([str(src)], palette, str(tmp_path / "whole"), **kw)
     assert whole.tokenized == 15 and resumed == whole and resumed["converted"] == {"alpha": 1}
-    assert _tree(str(tmp_path / "out")) == _tree(str(tmp_path / "whole"))
+    assert tree(str(tmp_path / "out")) == tree(str(tmp_path / "whole"))
 
 
 def test_converted_inputs_are_counted_by_kind(tmp_path, palette):
