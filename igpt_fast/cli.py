@@ -54,12 +54,11 @@ def cli():
 @click.option("--k", type=click.IntRange(1, 65535), default=512, show_default=True, help="Number of colours.")
 @click.option("--n-px", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="Images are resized to n_px first, as for tokenize.")
-@click.option("--resize", type=click.Choice(["squash", "center-crop", "pad"]), default="squash", show_default=True)
+@resize_option
 @click.option("--max-pixels", type=click.IntRange(1), default=10_000_000, show_default=True,
               help="Pixels sampled from the train images.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=click.IntRange(1), default=max(1, min(8, os.cpu_count() or 1)), show_default=True,
-              help="Decode/resize processes.")
+@workers_option
 def palette_cmd(src, out, k, n_px, resize, max_pixels, seed, workers):
     """k-means colour palette of the images in SRC... (the same sources tokenize reads)."""
     import time
@@ -98,12 +97,10 @@ def palette_cmd(src, out, k, n_px, resize, max_pixels, seed, workers):
               help="palette.npy: float (k, 3) in [-1, 1] (from `igpt-fast palette` or OpenAI's kmeans_centers.npy).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder DIR.")
 @click.option("--n-px", type=click.IntRange(1, 1024), default=32, show_default=True, help="Image side in pixels.")
-@click.option("--resize", type=click.Choice(["squash", "center-crop", "pad"]), default="squash", show_default=True,
-              help="squash = HF ImageGPT's bilinear resize; center-crop; pad (e.g. 28 -> 32, black border).")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+@resize_option
+@click.option("--val-fraction", type=FiniteFloat(0, 0.999), default=0.0, show_default=True,
               help="Fraction of train carved out as val (seeded).")
-@click.option("--workers", type=click.IntRange(1), default=max(1, min(8, os.cpu_count() or 1)), show_default=True,
-              help="Decode/resize processes.")
+@workers_option
 @click.option("--shard-size", type=click.IntRange(1), default=5000, show_default=True, help="Samples per shard.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Shuffle and val split seed.")
 @click.option("--restart", is_flag=True,

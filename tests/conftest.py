@@ -1,10 +1,14 @@
 """Shared test setup. Without CUDA, Triton kernels run under the interpreter: TRITON_INTERPRET must be
-set before anything imports triton, so it is set here, first."""
+set before anything imports triton, so it is set here, first; persisted palette lookup tables go to
+a temporary folder of the session."""
 import os
 import shutil
+import tempfile
 
 if not shutil.which("nvidia-smi"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Palette lookup tables persisted by the tests go to a folder of this session, not ~/.cache/igpt-fast.
+os.environ.setdefault("IGPT_FAST_CACHE_DIR", tempfile.mkdtemp(prefix="igpt-fast-test-cache-"))
 
 import importlib  # noqa: E402
 
