@@ -550,5 +550,7 @@ def train(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=
             on_eval(run, metrics)
     if run.master and os.path.isfile(run.log_path):
         plot_losses(run.log_path, os.path.join(tcfg.out_dir, "loss.png"))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()  # every rank done before any tears its process group down (gloo aborts otherwise)
     return {"step": run.step, "loss": loss, "val_loss": metrics.get("val_loss"), "ckpt": run.ckpt_path,
             "skipped_shards": loader.skipped_shards}
