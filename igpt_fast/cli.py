@@ -384,6 +384,7 @@ def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, impl, l2_g
     import json
 
     from .probe import format_table, plot_probe, probe
+    from .runlog import write_text_atomic
     from .sample import load_run
 
     model, _, ckpt_path, meta = load_run(run, device, impl, data_dir)
@@ -394,9 +395,7 @@ def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, impl, l2_g
     result.update(run=os.path.abspath(ckpt_path), data=os.path.abspath(data_dir), device=str(device))
     os.makedirs(out, exist_ok=True)
     json_path, png_path = os.path.join(out, "probe.json"), os.path.join(out, "probe.png")
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(json_path + ".tmp", json_path)
+    write_text_atomic(json_path, json.dumps(result, indent=2))
     plot_probe(result, png_path, title=f"linear probe: {os.path.basename(os.path.dirname(result['run']))}")
     click.echo(format_table(result))
     best = result["layers"][result["best_layer"]]

@@ -28,7 +28,7 @@ from igpt_fast.checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoi
 from igpt_fast.errors import IGPTError
 from igpt_fast.model import Classifier
 from igpt_fast.distributed import all_reduce_sum
-from igpt_fast.runlog import read_log
+from igpt_fast.runlog import read_log, write_text_atomic
 from igpt_fast.train import ARCH_FIELDS, TrainConfig, save, train
 
 __all__ = ["FinetuneError", "FINETUNE_DIR", "BEST_NAME", "RESULT_NAME", "count_classes", "accuracy",
@@ -240,10 +240,7 @@ def finetune(run, tcfg, gen_weight=1.0, patience=3, max_eval=None, n_classes=Non
               "patience": patience, "max_eval": max_eval, "objective": c["objective"],
               "pretrained": os.path.abspath(ckpt_path), "data": os.path.abspath(tcfg.data_dir),
               "best": os.path.abspath(stopper.best_path), "ckpt": os.path.abspath(state_path)}
-    tmp = result_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, result_path)
+    write_text_atomic(result_path, json.dumps(result, indent=2))
     print_fn(f"finetune | best step {result['best_step']} | val acc {result['val_acc']:.4f} | " +
              (f"test acc {result['test_acc']:.4f} | " if result["test_acc"] is not None else "") + result_path)
     return result

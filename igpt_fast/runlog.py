@@ -41,9 +41,8 @@ def write_text_atomic(path, text):
 
 def truncate_log(path, step):
     """Keep the rows of log.jsonl up to `step` (a resumed run re-logs the steps after it)."""
-    rows = read_log(path)
-    kept = [r for r in rows if r.get("step", 0) <= step]
-    if len(kept) != len(rows) or os.path.isfile(path):
+    if os.path.isfile(path):  # rewritten even when no row goes: a half-written last line must not stay
+        kept = [r for r in read_log(path) if r.get("step", 0) <= step]
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
