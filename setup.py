@@ -1,30 +1,27 @@
-"""igpt-fast: Image GPT (Chen et al. 2020) pretraining, probing, finetuning and sampling, fast."""
-from setuptools import setup
+"""igpt-fast's build hook; everything else about the package is in pyproject.toml.
 
-setup(
-    name="igpt-fast",
-    version="0.1.0",
-    description="Image GPT: palette, WebDataset tokenizer, Triton kernels, training, probe, finetune, sampling",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=["igpt_fast", "igpt_fast.kernels"],
-    package_dir={"igpt_fast": "igpt_fast", "igpt_fast.kernels": "kernels"},
-    install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
-        "webdataset>=0.2.86",
-        "numpy>=1.24",
-        "faiss-cpu>=1.8",
-        "click>=8.1",
-        "pillow>=10.0",
-        "tqdm>=4.60",
-        "matplotlib>=3.7",
-        "safetensors>=0.4",
-    ],
-    extras_require={
-        "gpu": ["faiss-gpu-cu12"],
-        "dev": ["pytest>=7.4", "scikit-image>=0.22", "transformers>=4.40"],
-    },
-    entry_points={"console_scripts": ["igpt-fast = igpt_fast.cli:main"]},
-)
+The one thing pyproject.toml cannot say: igpt_fast.kernels is igpt_fast/kernels/ (the public ops and
+their dispatch) plus the Triton modules of the top-level kernels/ folder. That folder has no
+__init__.py, so it never shadows another top-level `kernels` package; a built wheel gets its modules
+copied into igpt_fast/kernels/ here. Editable installs and source checkouts reach them through
+igpt_fast.kernels.__path__ instead.
+"""
+import glob
+import os
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPy(build_py):
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):  # an editable install reaches them through __path__
+            return
+        target = os.path.join(self.build_lib, "igpt_fast", "kernels")
+        self.mkpath(target)
+        for source in sorted(glob.glob(os.path.join("kernels", "*.py"))):
+            self.copy_file(source, os.path.join(target, os.path.basename(source)))
+
+
+setup(cmdclass={"build_py": BuildPy})

@@ -19,18 +19,30 @@ impl="triton" always the Triton kernels; a compile or launch failure raises, and
 impl="torch"  the torch path (F.scaled_dot_product_attention, torch.softmax, F.cross_entropy).
 
 The choice is logged once per (op, implementation, reason). Importing this package is cheap: the
-Triton modules (flash_attention.py, fused_softmax.py, fused_cross_entropy.py) are imported on first
+Triton modules (kernels/flash_attention.py, fused_softmax.py, fused_cross_entropy.py) are imported on first
 Triton use. They register their kernels as torch custom ops (`torch.library.custom_op`, namespace
 `igpt_fast`) with fake and autograd implementations, so the ops work inside
 `torch.compile(fullgraph=True)`. No submodule shares a name with a public op, so
 `igpt_fast.kernels.attention` is always the function. The fp32 test oracles live in reference.py.
 """
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["attention", "softmax", "cross_entropy"]
+
+# The Triton modules live in the repository's top-level kernels/ folder, which has no __init__.py, so
+# it never shadows another top-level `kernels` package (Hugging Face's, which transformers 5.x needs)
+# in a shell, build or test run started in the repository root. A built wheel copies them into this
+# package (setup.py's build_py); from a source checkout or an editable install this package reaches
+# them through __path__.
+_SOURCE_KERNELS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                               "kernels")
+if (not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "flash_attention.py"))
+        and os.path.exists(os.path.join(_SOURCE_KERNELS, "flash_attention.py"))):
+    __path__.append(_SOURCE_KERNELS)
 
 _log = logging.getLogger("igpt_fast.kernels")
 _IMPLS = ("auto", "triton", "torch")
