@@ -9,3 +9,8 @@ its traceback.
 
 class IGPTError(Exception):
     """An expected failure of igpt-fast (bad input, missing or incompatible artefact): shown as one line by the CLI."""
+
+
+class OutputError(IGPTError, OSError):
+    """A file or folder igpt-fast must write cannot be written: no space left (the message names the file
+    and the space that was free), a read-only place, a path whose parent is not a folder."""
