@@ -1,33 +1,46 @@
 # igpt-fast: `make demo`, `make test`, `make bench`, `make compile-check` (each creates .venv when missing
 # and installs first), `make data` (Fashion-MNIST), `make gpu-check` (CUDA tests and GPU benchmarks with
-# the machine's own torch; results in $(OUT)), `make gpu-wheels` / `make gpu-data` (for a GPU window).
+# the machine's own torch; results in $(OUT)), `make gpu-wheels` / `make gpu-data` (for a GPU window),
+# `make test-latest` (the suite against the newest releases, in .venv-latest) and `make lock`.
+#
+# Versions: `make install` (and so `make test`, the command CI runs) installs the exact versions of
+# constraints.txt, so an upstream release cannot break main without a commit of ours. `make test-latest`
+# tries the newest releases in a separate venv: an upstream break shows there first, as a failing
+# optional run; once it passes, `make lock` writes its versions to constraints.txt.
 #
 # Torch: a machine that already has a CUDA torch (system Python) reuses it through a venv with
-# --system-site-packages; a machine with a GPU but no torch gets the default (CUDA) wheel; a machine
-# without a GPU gets the pinned CPU build, never the multi-GB CUDA one.
+# --system-site-packages (constraints.txt's torch and triton lines are dropped there); a machine with a
+# GPU but no torch gets the default (CUDA) wheel; a machine without a GPU gets the pinned CPU build,
+# never the multi-GB CUDA one.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.igpt-fast-installed
 CPU_TORCH ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
+LATEST_VENV ?= .venv-latest
 FMNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_DIR ?= demo
 
-.PHONY: install data test demo bench gpu-check gpu-wheels gpu-data clean
+.PHONY: install data test test-latest lock demo bench gpu-check gpu-wheels gpu-data clean
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+# $(VENV)/constraints.txt: constraints.txt, less torch/triton where the venv reuses a CUDA torch.
+$(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
 	@if [ ! -x $(PY) ]; then \
 	  if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
 	    echo "using the CUDA torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
 	  else $(PYTHON) -m venv $(VENV); fi; fi
-	$(PY) -m pip install -q --upgrade pip
+	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+	  grep -v -E '^(torch|triton)==' $(CONSTRAINTS) > $(VENV)/constraints.txt; \
+	else cp $(CONSTRAINTS) $(VENV)/constraints.txt; fi
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt pip setuptools
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	    $(PY) -m pip install -q torch; \
-	  else $(PY) -m pip install -q $(CPU_TORCH); fi; fi
-	$(PY) -m pip install -q -e ".[dev]"
+	  else $(PY) -m pip install -q -c $(VENV)/constraints.txt $(CPU_TORCH); fi; fi
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
 # Fashion-MNIST (Debian's dataset-fashion-mnist) for the demo and the tests that read real data: installed
@@ -46,6 +59,24 @@ test: $(STAMP)
 	@$(MAKE) --no-print-directory data FMNIST=$(FMNIST) || echo "note: the Fashion-MNIST tests will be skipped"
 	IGPT_FAST_FMNIST=$(FMNIST) $(PY) -m pytest -q tests
 
+# The suite against the newest releases of every dependency (no constraints; CPU torch still pinned,
+# since the newest torch wheel on PyPI is the multi-GB CUDA build). Optional: main is judged by `make test`.
+test-latest:
+	@if [ ! -x $(LATEST_VENV)/bin/python ]; then $(PYTHON) -m venv $(LATEST_VENV); fi
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools
+	@$(LATEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(LATEST_VENV)/bin/python -m pip install -q $(CPU_TORCH)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	@$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -i -E '^(torch|triton|transformers|kernels|numpy|webdataset|faiss-cpu) '
+	@$(MAKE) --no-print-directory data FMNIST=$(FMNIST) || echo "note: the Fashion-MNIST tests will be skipped"
+	IGPT_FAST_FMNIST=$(FMNIST) $(LATEST_VENV)/bin/python -m pytest -q tests
+
+# constraints.txt from the versions in $(LATEST_VENV) (run after `make test-latest` passes).
+lock:
+	@test -x $(LATEST_VENV)/bin/python || { echo "no $(LATEST_VENV): run make test-latest first"; exit 1; }
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable 2>/dev/null \
+	  | grep -v -i -E '^(-e |igpt)'; } > $(CONSTRAINTS).tmp && mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	@echo "wrote $(CONSTRAINTS); review the diff and commit it"
+
 demo: $(STAMP) data
 	$(VENV)/bin/igpt-fast demo --src $(FMNIST) --out $(DEMO_DIR)
 
@@ -57,12 +88,25 @@ bench: $(STAMP)
 # No GPU needed: compile every CUDA kernel config dispatch can launch for sm_90 and sm_80 and fail on a
 # compile error, shared memory or registers over the limit, a spill, or a dot off the tensor cores;
 # table in benchmarks/results/compile_check.md/.csv. compile-check-all adds the autotune configs.
+# Both run twice: with the venv's triton, then with GPU_TRITON (what the GPU machine runs; its wheel in
+# its own folder under the venv, installed once, first on PYTHONPATH), table compile_check_triton$(GPU_TRITON).md.
+GPU_TRITON ?= 3.6.0
+GPU_TRITON_DIR := $(VENV)/triton-$(GPU_TRITON)
 .PHONY: compile-check compile-check-all
-compile-check: $(STAMP)
-	$(PY) tools/compile_check.py --jobs 2
+$(GPU_TRITON_DIR): | $(STAMP)
+	rm -rf $@.tmp
+	$(PY) -m pip install -q --no-deps --target $@.tmp triton==$(GPU_TRITON)
+	mv $@.tmp $@
 
-compile-check-all: $(STAMP)
+compile-check: $(STAMP) | $(GPU_TRITON_DIR)
+	$(PY) tools/compile_check.py --jobs 2
+	PYTHONPATH=$(GPU_TRITON_DIR) $(PY) tools/compile_check.py --jobs 2 \
+	  --out benchmarks/results/compile_check_triton$(GPU_TRITON)
+
+compile-check-all: $(STAMP) | $(GPU_TRITON_DIR)
 	$(PY) tools/compile_check.py --all --jobs 2
+	PYTHONPATH=$(GPU_TRITON_DIR) $(PY) tools/compile_check.py --all --jobs 2 \
+	  --out benchmarks/results/compile_check_triton$(GPU_TRITON)
 
 gpu-check:  # on a CUDA machine that has torch and triton: CUDA tests + every GPU benchmark
 	bash benchmarks/gpu_check.sh $(OUT)
@@ -91,4 +135,4 @@ gpu-data: $(STAMP) data
 	@du -h gpu-data/fashion-mnist-$(GPU_DATA_N_PX).tar.gz
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info
