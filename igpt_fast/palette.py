@@ -19,7 +19,7 @@ ImageGPTImageProcessor (argmin of squared Euclidean distance).
   `igpt-fast palette` call it, and so does `quantize` when one call meets many unfilled cells.
 - Persisted tables live in `lut_cache_dir()` ($IGPT_FAST_CACHE_DIR, else $XDG_CACHE_HOME/igpt-fast,
   else ~/.cache/igpt-fast) as `lut-v1-{sha256}.bin`: a 64-byte header (magic, format version, the
-  palette's sha256 digest, k) then the ids, written atomically (temp file + rename). A table is used only
+  palette's sha256 digest, k) then the ids, written atomically (igpt_fast.atomic). A table is used only
   when its header names this exact palette and a spot check against the brute force agrees; an
   unwritable cache folder only costs the persistence (one warning).
 - A loaded palette is never reordered: OpenAI/HF centres load as they are.
@@ -31,6 +31,7 @@ import warnings
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import IGPTError
 
 __all__ = ["Palette", "PaletteError", "lut_cache_dir"]
@@ -187,12 +188,9 @@ class Palette:
             raise PaletteError(f"{path}: {e}") from None
 
     def save(self, path):
-        """Write float32 (k, 3) .npy atomically (temp file, then rename)."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
+        """Write float32 (k, 3) .npy atomically (igpt_fast.atomic: OutputError when it cannot be written)."""
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, self.centers)
-        os.replace(tmp, path)
 
     def _box_candidates(self, base, side, ids):
         """The centres among `ids` that can be nearest to some colour of each box, in ascending id order.
@@ -286,19 +284,15 @@ class Palette:
 
     def _persist_lut(self):
         path = self.lut_path()
-        tmp = f"{path}.tmp{os.getpid()}"
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(tmp, "wb") as f:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 f.write(self._lut_header())
                 f.write(memoryview(np.ascontiguousarray(self._lut, dtype="<u2")))
-            os.replace(tmp, path)
-        except OSError as e:
+        except OSError as e:  # OutputError included: the table is only a cache
             warnings.warn(f"could not persist the palette's lookup table to {path} ({e}); set "
                           "IGPT_FAST_CACHE_DIR to a writable folder to skip rebuilding it in every process",
                           stacklevel=3)
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
     def _map_persisted_lut(self):
         """Memory-map this palette's persisted table if one exists and checks out; True when mapped."""
@@ -372,6 +366,5 @@ class Palette:
         grid = np.full((rows * columns, 3), 255, dtype=np.uint8)
         grid[:self.k] = self.colours()
         grid = grid.reshape(rows, columns, 3).repeat(cell, 0).repeat(cell, 1)  # (rows*cell, columns*cell, 3)
-        tmp = f"{os.fspath(path)}.tmp{os.getpid()}.png"
-        Image.fromarray(grid).save(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            Image.fromarray(grid).save(tmp, format="PNG")

@@ -1,5 +1,6 @@
 """Palette: exact quantisation against a float64 brute force, fit determinism and degenerate data,
 save/load round trip, the OpenAI/HF layout, malformed files."""
+import errno
 import os
 import shutil
 import warnings
@@ -9,6 +10,7 @@ import pytest
 import skimage.data
 from sources import lut_cache  # noqa: F401  (autouse fixture: tables persist to a temporary folder)
 
+from igpt_fast.errors import OutputError
 from igpt_fast.palette import Palette, PaletteError
 
 
@@ -204,6 +206,31 @@ def test_save_load_round_trip(tmp_path, fitted):
     fitted.save_swatch(swatch)
     from PIL import Image
     assert Image.open(swatch).size == (32 * 16, 16 * 16)
+
+
+def test_unwritable_outputs_are_one_output_error(tmp_path, fitted, monkeypatch):
+    """A parent that is a file, a read-only place, a full disk: one OutputError naming the file (and the
+    free space when the disk is full), nothing left behind."""
+    (tmp_path / "file").write_text("not a folder")
+    for write in (fitted.save, fitted.save_swatch):
+        with pytest.raises(OutputError, match=r"cannot write .*file/x: a parent is not a folder"):
+            write(tmp_path / "file" / "x")
+
+    def fail(code):
+        def write(*args, **kwargs):
+            raise OSError(code, os.strerror(code))
+        return write
+
+    monkeypatch.setattr(np, "save", fail(errno.ENOSPC))
+    with pytest.raises(OutputError, match=r"cannot write .*palette\.npy: no space left on device "
+                                          r"\([\d.]+ MiB free in .*\)$"):
+        fitted.save(tmp_path / "palette.npy")
+    from PIL import Image
+
+    monkeypatch.setattr(Image.Image, "save", fail(errno.EROFS))
+    with pytest.raises(OutputError, match=r"cannot write .*swatch\.png: read-only file system"):
+        fitted.save_swatch(tmp_path / "swatch.png")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
 def test_openai_layout_loads_unchanged(tmp_path):
