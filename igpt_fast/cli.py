@@ -125,8 +125,8 @@ def tokenize_cmd(src, palette_path, out, n_px, resize, val_fraction, workers, sh
                                     workers=workers, shard_size=shard_size, seed=seed, restart=restart)
     except (TokenizeError, PaletteError) as e:
         raise click.ClickException(str(e)) from None
-    splits = " | ".join(f"{s} {m['samples']} in {m['shards']} shards, {len(m['skipped'])} skipped"
-                        for s, m in meta["splits"].items())
+    splits = " | ".join(f"{s} {m['samples']} in {m['shards']} shards, "
+                        f"{m.get('skipped_count', len(m['skipped']))} skipped" for s, m in meta["splits"].items())
     if meta.get("converted"):
         splits += " | converted " + ", ".join(f"{n} {kind}" for kind, n in meta["converted"].items())
     if not meta.already_complete:

@@ -17,6 +17,9 @@ Each source path is detected from what it is, never from flags:
   or a folder of them.
 - uncompressed `.tar` files / WebDatasets: samples grouped by key, the first member with an image
   extension is the image, `cls` (an integer) the label; a folder holding only `.tar` files is a WebDataset.
+  Only regular members are read: links, devices and fifos, and members larger than MAX_MEMBER_BYTES
+  (env IGPT_FAST_MAX_MEMBER_BYTES; a `cls` larger than 64 bytes) are skipped from their headers alone,
+  never read, and listed with the reason.
 - a single image file.
 Split: CIFAR and IDX files carry their own (`test_batch`, `t10k-*` are test). Any other source whose
 name starts with `test` / `t10k` is test, `val` / `valid` / `validation` is val, anything else train.
@@ -41,7 +44,7 @@ from PIL import Image
 from .errors import IGPTError
 
 __all__ = [
-    "TokenizeError", "SPLITS", "IMAGE_EXTS", "IMAGE_ERRORS", "Item", "Listing", "list_sources",
+    "TokenizeError", "SPLITS", "IMAGE_EXTS", "IMAGE_ERRORS", "MAX_MEMBER_BYTES", "Item", "Listing", "list_sources",
     "read_cifar_batch", "read_idx", "restricted_loads",
 ]
 
@@ -49,6 +52,8 @@ SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".tif", ".tiff")
 # What PIL raises on corrupt, truncated, zero-byte or non-image input (UnidentifiedImageError is an OSError).
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+MAX_MEMBER_BYTES = 256 << 20  # larger tar members are skipped unread (env IGPT_FAST_MAX_MEMBER_BYTES)
+_MAX_CLS_BYTES = 64
 _SPLIT_DIRS = ("train", "val", "valid", "validation", "test")
 _SPLIT_PREFIXES = (("test", "test"), ("t10k", "test"), ("validation", "val"), ("valid", "val"),
                    ("val", "val"), ("train", "train"))
@@ -299,20 +304,56 @@ def _list_idx_file(lst, file):
     _add_arrays(lst, split, file, images, labels)
 
 
+def max_member_bytes():
+    """The size above which a tar member is skipped unread: $IGPT_FAST_MAX_MEMBER_BYTES, else MAX_MEMBER_BYTES."""
+    value = os.environ.get("IGPT_FAST_MAX_MEMBER_BYTES")
+    if not value:
+        return MAX_MEMBER_BYTES
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise TokenizeError(f"IGPT_FAST_MAX_MEMBER_BYTES={value!r} is not a positive number of bytes")
+    return limit
+
+
+def _unread(member, limit, what="a member may hold (IGPT_FAST_MAX_MEMBER_BYTES)"):
+    """Why a tar member is skipped without reading it, or None for a regular member that may be read."""
+    if member.issym():
+        return f"symbolic link to {member.linkname} (not followed)"
+    if member.islnk():
+        return f"hard link to {member.linkname} (not followed)"
+    if member.ischr() or member.isblk():
+        return f"{'character' if member.ischr() else 'block'} device"
+    if member.isfifo():
+        return "fifo"
+    if not member.isfile():
+        return f"tar member of type {member.type!r}"
+    if member.size > limit:
+        return f"{member.size} bytes, more than the {limit} bytes {what}"
+    return None
+
+
 def _list_tar(lst, path):
     split = _split_of(path)
     lst.stat(path)
-    samples = {}  # key -> {"image": member, "cls": bytes}
+    samples = {}  # key -> {"image": member, "cls": bytes, "unread": True when a member was skipped}
+    limit = max_member_bytes()
     try:
         with tarfile.open(path, "r:") as tf:
             for m in tf:
-                if not m.isfile():
+                if m.isdir():
                     continue
                 d, base = os.path.split(m.name)
                 key, dot, ext = base.partition(".")
                 s = samples.setdefault(os.path.join(d, key), {})
                 ext = ext.lower()
-                if ext == "cls":
+                reason = _unread(m, _MAX_CLS_BYTES, "a cls label may hold") if ext == "cls" else _unread(m, limit)
+                if reason is not None:
+                    lst.skipped[split].append({"file": f"{path}:{m.name}", "reason": reason})
+                    s["unread"] = True
+                elif ext == "cls":
                     s["cls"] = tf.extractfile(m).read()
                 elif "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTS and "image" not in s:
                     s["image"] = m
@@ -321,7 +362,8 @@ def _list_tar(lst, path):
     for key, s in samples.items():
         where = f"{path}:{key}"
         if "image" not in s:
-            lst.skipped[split].append({"file": where, "reason": "no image member in sample"})
+            if not s.get("unread"):  # else its skipped member is listed already
+                lst.skipped[split].append({"file": where, "reason": "no image member in sample"})
             continue
         label = None
         if "cls" in s:

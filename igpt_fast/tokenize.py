@@ -13,13 +13,18 @@ Output (`tokenize_dataset`): DIR/{split}-%06d.tar written with webdataset's Shar
 0, uid/gid 0, mode 0444, USTAR: byte-reproducible), `shard_size` samples per shard; each sample has
 `__key__` = "{source:03d}_{index:09d}" (`Item.key`: source position on the command line, item position
 in that source's sorted listing: unique, dot-free, traceable), `tokens.npy` (uint16, n_ctx) and `cls`
-when the label is known. DIR/palette.npy makes the folder self-contained; DIR/meta.json is written last.
-A split whose every image was refused is an error, not an empty split. A class with no image keeps its
-id and is listed in meta.json `empty_classes` (with a warning).
+when the label is known. DIR/palette.npy makes the folder self-contained; DIR/meta.json is written last
+(`write_meta`); per split it lists every shard file's size and sha256 (`files`, hashed as the shard is
+written; data.py checks them on every read, `igpt-fast verify` on demand) and the skipped files with
+their reasons (the first SKIPPED_LISTED; `skipped_count` counts them all). A split whose every image
+was refused is an error, not an empty split. A class with no image keeps its id and is listed in
+meta.json `empty_classes` (with a warning).
 
-Resume and atomicity: each shard is written as `*.tar.tmp`; when full, a progress record
-DIR/.tokenize/{split}-%06d.json (items consumed, samples written, skipped and converted so far) is
-written atomically, then the shard is renamed. A rerun with the same settings keeps the longest prefix of
+Resume and atomicity: every file is written through igpt_fast.atomic (a temp name beside it, then a
+rename; a full disk or a read-only place is one OutputError line naming the file and the free space).
+A shard's temp file stays open while it fills; when full, a progress record
+DIR/.tokenize/{split}-%06d.json (items consumed, samples written, skipped and converted so far, the
+shard's size and sha256) is written atomically, then the shard is renamed. A rerun with the same settings keeps the longest prefix of
 shards that have both the tar and its record and continues from there; because listing, shuffling and
 sharding are all deterministic, the result is byte-identical to an uninterrupted run.
 DIR/.tokenize/config.json holds the settings and DIR/.tokenize/listing.json.gz every source file's
@@ -30,7 +35,9 @@ tokenize left in DIR.
 Progress (stderr): a tqdm bar on a terminal; otherwise (logs, CI) a plain line every
 `PROGRESS_EVERY_S` seconds and one at the end.
 """
+import contextlib
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -44,6 +51,7 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
+from .atomic import atomic_path, output_error, write_text
 from .images import (  # noqa: F401  (to_rgb, resize_image and the readers' names: public names kept here)
     RESIZE_MODES, array_kind, fast_batch, prepare, prepare_batch, resize_image, to_rgb, to_rgb_kind,
 )
@@ -62,7 +70,8 @@ VERSION = 1
 CHUNK = 256  # items per worker task
 PROGRESS_EVERY_S = 20.0  # seconds between progress lines when stderr is not a terminal
 FULL_TABLE_PIXELS = 1 << 22  # a run quantizing this many pixels fills the palette's whole table first
-_SHARD_NAME = re.compile(r"(?:train|val|test)-\d{6}\.tar(?:\.tmp)?")
+SKIPPED_LISTED = 1000  # skipped files listed per split in meta.json (all are counted: skipped_count)
+_SHARD_NAME = re.compile(r"(?:train|val|test)-\d{6}\.tar")
 
 
 def tokenize_images(images, palette, n_px=32, resize="squash", workers=1):
@@ -245,13 +254,7 @@ class _Progress:
 
 
 def _write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
 def _read_json(path):
@@ -259,61 +262,102 @@ def _read_json(path):
         return json.load(f)
 
 
+class _Digest:
+    """The file a shard's tar stream writes to, hashed (sha256) and counted on the way."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+    def entry(self):
+        """meta.json's entry of the shard file: {"bytes", "sha256"}."""
+        return {"bytes": self.bytes, "sha256": self.sha256.hexdigest()}
+
+
+class _Abandoned(Exception):
+    """Unwinds an open shard's atomic write on an interruption (its temp file is removed)."""
+
+
+def _capped(entries):
+    return entries[:SKIPPED_LISTED]
+
+
 class _SplitWriter:
-    """webdataset ShardWriter with temp names, progress records and lazy opening (no empty shards)."""
+    """webdataset ShardWriter over atomic temp files (igpt_fast.atomic), with progress records, sha256 and
+    size of each shard, and lazy opening (no empty shards). An error while a shard is open removes its
+    temp file; an OSError a user can fix (a full disk, a read-only place) becomes one OutputError line
+    naming the shard."""
 
     def __init__(self, out, split, shard_size, start_shard, state):
         self.out, self.split, self.shard_size = out, split, shard_size
         self.start_shard = start_shard
-        self.state = state  # dict: last_pos, samples, skipped [(pos, entry)], converted, owned by the caller
+        self.state = state  # dict: last_pos, samples, skipped [(pos, entry)], converted, files, owned by the caller
         self.writer = None
-        self.file = None
+        self.open_shard = None  # ExitStack of the open shard: its atomic_path and its file
+        self.digest = None
         self.shards = start_shard
 
     def _open(self, fname):
-        self.file = open(fname + ".tmp", "wb")
-        return self.file
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(atomic_path(fname))
+            self.digest = _Digest(stack.enter_context(open(tmp, "wb")))
+            self.open_shard = stack.pop_all()
+        return self.digest
 
     def _finished(self, fname):
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
         shard = self.start_shard + self.writer_shards_done
         self.writer_shards_done += 1
         last = self.state["last_pos"]
-        record = {"items_end": last + 1, "samples": self.state["samples"],
-                  "skipped": [e for p, e in self.state["skipped"] if p <= last],
-                  "converted": _converted_counts(self.state, last)}
+        skipped = [e for p, e in self.state["skipped"] if p <= last]
+        entry = self.digest.entry()
+        self.state["files"][os.path.basename(fname)] = entry
+        record = {"items_end": last + 1, "samples": self.state["samples"], "skipped": _capped(skipped),
+                  "skipped_count": self.state["skipped_unlisted"] + len(skipped),
+                  "converted": _converted_counts(self.state, last), "file": entry}
         _write_json(os.path.join(self.out, ".tokenize", f"{self.split}-{shard:06d}.json"), record)
-        os.replace(fname + ".tmp", fname)
+        stack, self.open_shard = self.open_shard, None
+        stack.close()  # fsync, rename to fname
         self.shards = shard + 1
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:
+            self.writer = None
+            if self.open_shard is not None:
+                stack, self.open_shard = self.open_shard, None
+                stack.__exit__(type(e), e, e.__traceback__)  # removes the temp file; OutputError when user-fixable
+            raise
 
     def write(self, key, tokens, label):
         import webdataset as wds
 
-        if self.writer is None:
-            pattern = os.path.join(self.out.replace("%", "%%"), f"{self.split}-%06d.tar")
-            self.writer_shards_done = 0
-            self.writer = wds.ShardWriter(pattern, maxcount=self.shard_size, maxsize=float("inf"),
-                                          post=self._finished, start_shard=self.start_shard, verbose=0,
-                                          opener=self._open, mtime=0, user="igpt-fast",
-                                          group="igpt-fast", mode=0o444)
         sample = {"__key__": key, "tokens.npy": tokens}
         if label is not None:
             sample["cls"] = int(label)
-        self.writer.write(sample)
+        if self.writer is None:
+            pattern = os.path.join(self.out.replace("%", "%%"), f"{self.split}-%06d.tar")
+            self.writer_shards_done = 0
+            self.writer = self._call(wds.ShardWriter, pattern, maxcount=self.shard_size, maxsize=float("inf"),
+                                     post=self._finished, start_shard=self.start_shard, verbose=0,
+                                     opener=self._open, mtime=0, user="igpt-fast", group="igpt-fast", mode=0o444)
+        self._call(self.writer.write, sample)
 
     def close(self):
         if self.writer is not None:
-            self.writer.close()
+            self._call(self.writer.close)
             self.writer = None
 
     def abandon(self):
-        """On an interruption: close the open shard's .tar.tmp unfinished and unrecorded (a rerun removes it)."""
-        if self.writer is not None and self.writer.tarstream is not None:
-            self.writer.tarstream.close()
-            self.file.close()
+        """On an interruption: the open shard's temp file is removed unfinished and unrecorded."""
         self.writer = None
+        if self.open_shard is not None:
+            stack, self.open_shard = self.open_shard, None
+            stack.__exit__(_Abandoned, _Abandoned(), None)
 
 
 def _converted_counts(state, last_pos=None):
@@ -359,18 +403,30 @@ def _clear(out):
     """Remove what an earlier tokenize left in `out`: shards, meta.json, .tokenize/ (palette.npy, maybe the
     palette being used, stays until the end of the run overwrites it)."""
     for name in os.listdir(out):
-        if _SHARD_NAME.fullmatch(name) or name in ("meta.json", "meta.json.tmp"):
+        final = re.sub(r"\.tmp(?:\.\d+\.\d+)?$", "", name)  # an atomic temp name, or an older .tmp one
+        if _SHARD_NAME.fullmatch(final) or final == "meta.json":
             os.remove(os.path.join(out, name))
     shutil.rmtree(os.path.join(out, ".tokenize"), ignore_errors=True)
+
+
+def _makedirs(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise output_error(e, path) or e from None
+
+
+def write_meta(out, meta):
+    """Write out/meta.json atomically (the reader is igpt_fast.data.read_meta)."""
+    _write_json(os.path.join(out, "meta.json"), meta)
 
 
 def _write_listing(path, listing):
     """Gzipped JSON with a zero mtime and no file name in the header: the same listing, the same bytes."""
     data = json.dumps(listing, separators=(",", ":")).encode()
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", filename="", mtime=0) as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", filename="",
+                                                                        mtime=0) as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def _listing_change(old, new):
@@ -387,23 +443,36 @@ def _listing_change(old, new):
     return ""
 
 
+def file_entry(path):
+    """meta.json's entry of a shard file: {"bytes": size, "sha256": hex digest}."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
 def _resume_state(out, split):
-    """Longest prefix of complete shards (tar + record) -> (start_shard, record or None); clean the rest."""
-    k, record = 0, None
+    """Longest prefix of complete shards (tar + record) -> (start_shard, record or None, {name: file entry});
+    clean the rest."""
+    k, record, files = 0, None, {}
     while True:
-        tar = os.path.join(out, f"{split}-{k:06d}.tar")
+        name = f"{split}-{k:06d}.tar"
+        tar = os.path.join(out, name)
         rec = os.path.join(out, ".tokenize", f"{split}-{k:06d}.json")
         if not (os.path.exists(tar) and os.path.exists(rec)):
             break
         record = _read_json(rec)
+        files[name] = record.get("file") or file_entry(tar)  # records written before shard digests lack it
         k += 1
     prefix = f"{split}-"
     for name in os.listdir(out):
         number = name[len(prefix):-4]
-        if name.startswith(prefix) and (name.endswith(".tar.tmp") or (
+        if name.startswith(prefix) and (".tar.tmp" in name or (
                 name.endswith(".tar") and number.isdigit() and int(number) >= k)):
             os.remove(os.path.join(out, name))
-    return k, record
+    return k, record, files
 
 
 def _split_items(listings, val_fraction, seed):
@@ -453,7 +522,7 @@ def tokenize_dataset(sources, palette, out, n_px=32, resize="squash", val_fracti
     settings = _settings(sources, palette, n_px, resize, val_fraction, shard_size, seed)
     if os.path.exists(out) and not os.path.isdir(out):
         raise TokenizeError(f"--out {out} exists and is not a folder")
-    os.makedirs(out, exist_ok=True)
+    _makedirs(out)
     if restart:
         _clear(out)
     complete = _check_existing(out, settings)
@@ -468,7 +537,7 @@ def tokenize_dataset(sources, palette, out, n_px=32, resize="squash", val_fracti
                                 f"(what {out} holds is discarded), or restore the source")
     if complete:
         return Tokenized(_read_json(os.path.join(out, "meta.json")), already_complete=True)
-    os.makedirs(os.path.join(out, ".tokenize"), exist_ok=True)
+    _makedirs(os.path.join(out, ".tokenize"))
     _write_json(os.path.join(out, ".tokenize", "config.json"), settings)
     if not os.path.exists(listing_path):
         _write_listing(listing_path, listing)
@@ -488,7 +557,7 @@ def tokenize_dataset(sources, palette, out, n_px=32, resize="squash", val_fracti
         if not splits[split]:
             _refuse_empty_split(split, listed_skips[split])
         plans[split] = _resume_state(out, split)
-    remaining = sum(len(splits[s]) - (rec["items_end"] if rec else 0) for s, (_, rec) in plans.items())
+    remaining = sum(len(splits[s]) - (rec["items_end"] if rec else 0) for s, (_, rec, _) in plans.items())
     if remaining * n_px * n_px >= FULL_TABLE_PIXELS:
         palette.build_lut()
 
@@ -497,12 +566,14 @@ def tokenize_dataset(sources, palette, out, n_px=32, resize="squash", val_fracti
     t0 = time.perf_counter()
     split_meta, converted, writer = {}, Counter(), None
     try:
-        for split, (start_shard, record) in plans.items():
+        for split, (start_shard, record, files) in plans.items():
             items = splits[split]
-            begin = record["items_end"] if record else 0
-            state = {"last_pos": begin - 1, "samples": record["samples"] if record else 0,
-                     "skipped": [(-1, e) for e in record["skipped"]] if record else [],
-                     "converted_before": record.get("converted", {}) if record else {}, "converted": []}
+            record = record or {"items_end": 0, "samples": 0, "skipped": []}
+            begin = record["items_end"]
+            state = {"last_pos": begin - 1, "samples": record["samples"], "files": files,
+                     "skipped": [(-1, e) for e in record["skipped"]],
+                     "skipped_unlisted": record.get("skipped_count", len(record["skipped"])) - len(record["skipped"]),
+                     "converted_before": record.get("converted", {}), "converted": []}
             writer = _SplitWriter(out, split, shard_size, start_shard, state)
             bar.describe(f"tokenize {split}")
             pos = begin
@@ -526,7 +597,8 @@ def tokenize_dataset(sources, palette, out, n_px=32, resize="squash", val_fracti
             skipped = listed_skips[split] + [e for _, e in state["skipped"]]
             if state["samples"] == 0:
                 _refuse_empty_split(split, skipped)
-            split_meta[split] = {"samples": state["samples"], "shards": writer.shards, "skipped": skipped}
+            split_meta[split] = {"samples": state["samples"], "shards": writer.shards, "skipped": _capped(skipped),
+                                 "skipped_count": len(skipped) + state["skipped_unlisted"], "files": state["files"]}
             converted.update(_converted_counts(state))
     finally:
         if writer is not None:
@@ -540,7 +612,7 @@ def tokenize_dataset(sources, palette, out, n_px=32, resize="squash", val_fracti
                        for lst in listings],
             "splits": split_meta}
     palette.save(os.path.join(out, "palette.npy"))
-    _write_json(os.path.join(out, "meta.json"), meta)
+    write_meta(out, meta)
     for name in os.listdir(os.path.join(out, ".tokenize")):
         if name not in ("config.json", "listing.json.gz"):
             os.remove(os.path.join(out, ".tokenize", name))

@@ -253,6 +253,54 @@ def test_tar_webdataset_reader(tmp_path, palette):
     assert got == {tuple(e.tolist()): i % 3 for i, e in enumerate(expected)}
 
 
+def test_tar_members_that_are_not_read_are_listed(tmp_path, palette, monkeypatch):
+    """Links, devices, fifos and a member larger than the cap (a 1 GiB header over a sparse hole: a few
+    KiB on disk) are never read; each is listed in meta.json with its reason, the good samples around
+    them are tokenized; the list of skipped files is capped and the count kept."""
+    import igpt_fast.readers as readers
+
+    img = png_bytes(Image.fromarray(np.full((5, 5, 3), 40, np.uint8)))
+    path = tmp_path / "mixed.tar"
+    with open(path, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tf:
+            tar_add(tf, "a.png", img)
+            for name, kind in (("b.png", tarfile.SYMTYPE), ("c.png", tarfile.LNKTYPE), ("d.png", tarfile.CHRTYPE),
+                               ("e.png", tarfile.BLKTYPE), ("f.png", tarfile.FIFOTYPE)):
+                ti = tarfile.TarInfo(name)
+                ti.type, ti.linkname = kind, "a.png" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+                tf.addfile(ti)
+            big = tarfile.TarInfo("g.png")
+            big.size = 1 << 30
+            f.write(big.tobuf(tarfile.GNU_FORMAT))
+            f.seek(big.size, os.SEEK_CUR)  # a hole: the member's bytes are never written
+            tf.offset = f.tell()
+            tar_add(tf, "h.png", img)
+            tar_add(tf, "h.cls", b"1")
+    assert os.stat(path).st_blocks * 512 < 1 << 20
+    import igpt_fast.tokenize as tk
+
+    read, real_load = [], tk._load
+    monkeypatch.setattr(tk, "_load", lambda entry, *a: read.append(entry[1:]) or real_load(entry, *a))
+    meta = tokenize_dataset([str(path)], palette, str(tmp_path / "out"), n_px=4, workers=1, progress=False)
+    split = meta["splits"]["train"]
+    assert split["samples"] == 2 and split["skipped_count"] == 6
+    reasons = {s["file"].rsplit(":", 1)[1]: s["reason"] for s in split["skipped"]}
+    assert reasons == {"b.png": "symbolic link to a.png (not followed)", "c.png": "hard link to a.png (not followed)",
+                       "d.png": "character device", "e.png": "block device", "f.png": "fifo",
+                       "g.png": f"{1 << 30} bytes, more than the {readers.MAX_MEMBER_BYTES} bytes a member may hold "
+                                "(IGPT_FAST_MAX_MEMBER_BYTES)"}
+    assert [size for _, _, size in read] == [len(img)] * 2  # a.png and h.png only
+
+    monkeypatch.setattr(readers, "MAX_MEMBER_BYTES", 10)  # every image is too large now
+    monkeypatch.setattr("igpt_fast.tokenize.SKIPPED_LISTED", 4)
+    with pytest.raises(TokenizeError, match="no image could be tokenized in the train split .8 refused"):
+        tokenize_dataset([str(path)], palette, str(tmp_path / "out2"), n_px=4, workers=1, progress=False)
+    monkeypatch.setenv("IGPT_FAST_MAX_MEMBER_BYTES", str(len(img)))
+    meta = tokenize_dataset([str(path)], palette, str(tmp_path / "out3"), n_px=4, workers=1, progress=False)
+    split = meta["splits"]["train"]
+    assert split["samples"] == 2 and split["skipped_count"] == 6 and len(split["skipped"]) == 4
+
+
 def test_image_folder_reader(tmp_path, palette):
     rng = np.random.default_rng(6)
     root = tmp_path / "data"

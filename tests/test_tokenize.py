@@ -5,10 +5,12 @@ The readers' formats (IDX, CIFAR, tars, folders) are tested in test_readers.py.
 References: transformers `ImageGPTImageProcessor` (the PIL backend is the one installed without
 torchvision); the IDX format (big-endian header, magic 0x00000803 for uint8 (N, H, W)).
 """
+import errno
 import gzip
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -23,6 +25,7 @@ from PIL import Image
 from sources import lut_cache, one_line_error, png_bytes, random_palette, read_shards, tree  # noqa: F401
 
 from igpt_fast.cli import cli
+from igpt_fast.errors import OutputError
 from igpt_fast.palette import Palette
 from igpt_fast.tokenize import (
     TokenizeError, read_idx, resize_image, sample_pixels, to_rgb, tokenize_dataset, tokenize_images,
@@ -351,6 +354,66 @@ def test_interrupted_run_resumes_with_the_same_meta(tmp_path, palette, monkeypat
     whole = tokenize_dataset([str(src)], palette, str(tmp_path / "whole"), **kw)
     assert whole.tokenized == 15 and resumed == whole and resumed["converted"] == {"alpha": 1}
     assert tree(str(tmp_path / "out")) == tree(str(tmp_path / "whole"))
+
+
+def test_full_disk_and_unwritable_output_are_one_line(tmp_path, palette, monkeypatch):
+    """A disk that fills while a shard is written, an --out below a file, a read-only --out: one
+    OutputError line naming the file (and the free space), no temp file left; a rerun with space
+    completes the output."""
+    import igpt_fast.tokenize as tk
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    _folder(src, 8, np.random.default_rng(3))
+    kw = dict(n_px=8, workers=1, shard_size=3, progress=False)
+    real_open = open
+
+    class Full:
+        def __init__(self, f, code):
+            self.f, self.code = f, code
+
+        def write(self, data):
+            raise OSError(self.code, os.strerror(self.code))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def failing_open(code, after=0):
+        opened = []
+
+        def fake(path, mode="r", *args, **kwargs):
+            f = real_open(path, mode, *args, **kwargs)
+            if ".tar" in os.path.basename(path) and "w" in mode:
+                opened.append(path)
+                if len(opened) > after:
+                    return Full(f, code)
+            return f
+        return fake
+
+    monkeypatch.setattr(tk, "open", failing_open(errno.ENOSPC, after=1), raising=False)
+    with pytest.raises(OutputError, match=rf"cannot write {re.escape(str(out))}/train-000001\.tar: no space left on "
+                                          r"device \([\d.]+ MiB free in "):
+        tokenize_dataset([str(src)], palette, str(out), **kw)
+    assert sorted(os.listdir(out)) == [".tokenize", "train-000000.tar"]
+    line = one_line_error(CliRunner().invoke(cli, ["tokenize", str(src), "--palette", _save(palette, tmp_path),
+                                                    "--out", str(out), "--n-px", "8", "--shard-size", "3",
+                                                    "--workers", "1"]))
+    assert "train-000001.tar: no space left on device" in line and "MiB free" in line
+    monkeypatch.setattr(tk, "open", failing_open(errno.EROFS), raising=False)
+    with pytest.raises(OutputError, match=r"train-000000\.tar: read-only file system"):
+        tokenize_dataset([str(src)], palette, str(tmp_path / "ro"), **kw)
+    monkeypatch.setattr(tk, "open", real_open, raising=False)
+    for folder in (out, tmp_path / "ro"):
+        assert tokenize_dataset([str(src)], palette, str(folder), **kw)["splits"]["train"]["samples"] == 8
+    assert tree(str(out)) == tree(str(tmp_path / "ro"))
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OutputError, match=r"cannot write .*file/out: a parent is not a folder"):
+        tokenize_dataset([str(src)], palette, str(tmp_path / "file" / "out"), **kw)
 
 
 def test_converted_inputs_are_counted_by_kind(tmp_path, palette):
