@@ -495,7 +495,8 @@ def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, sa
 
     Unconditional by default (a grid of --n-samples); with --data DIR or `--images a.png b.png`,
     completions of the first --rows rows: a grid original | masked input | --samples-per-image
-    completions. Writes the PNG grid and the token arrays (.npy, uint16) to --out.
+    completions. Writes the PNG grid and the token arrays (.npy, uint16) to --out. On CUDA the model
+    runs under bf16 autocast, as in training (draws stay fp32); elsewhere in fp32.
     """
     import time
 

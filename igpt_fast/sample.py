@@ -11,6 +11,13 @@ then one cached decode step per token; temperature and top-k on the last logits)
   `compile=True` runs each decode step as one torch.compile graph of the static-shape
   `model.decode_static` (gpt-fast's compiled decode_one_token; CUDA graphs on CUDA); sampling stays
   eager, so the generator's draws are the same.
+- Precision (`autocast`): on CUDA the model runs under bf16 autocast, as `train` runs it (the Triton
+  attention takes bf16, not fp32), with the KV cache in bf16; elsewhere in the model's own dtype
+  (fp32). Prefill, decode, the compiled decode and BERT unmasking all run under it; the sampling
+  rule always works on fp32 logits. A user's own autocast around `generate` is kept, the cache
+  follows its dtype. impl="triton" where the kernels cannot run (the CPU without TRITON_INTERPRET=1,
+  bf16 under the interpreter, head dim > 128) is refused with a SampleError before sampling starts;
+  the one-query decode step takes the torch path under every impl (model.Attention).
 - Sampling rule (`sample_logits`): temperature 0 is greedy (argmax); otherwise logits / temperature,
   top-k keeps the k largest logits (top_k=1 is greedy), then one multinomial draw per row.
 - BERT-objective models cannot decode left to right; `generate` fills the missing pixels by
@@ -25,14 +32,15 @@ then one cached decode step per token; temperature and top-k on the last logits)
 import math
 import os
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from igpt_fast.errors import IGPTError
 
-__all__ = ["SampleError", "load_run", "load_originals", "sample_logits", "generate", "complete", "unconditional",
-           "image_grid", "completion_grid", "samples_grid", "save_png"]
+__all__ = ["SampleError", "load_run", "load_originals", "autocast", "sample_logits", "generate", "complete",
+           "unconditional", "image_grid", "completion_grid", "samples_grid", "save_png"]
 
 GREY = 128  # colour of the pixels a completion did not condition on, in the masked-input column
 
@@ -88,14 +96,42 @@ def load_originals(model, palette, ckpt_path, data_dir=None, meta=None, split="t
     return torch.from_numpy(ids.astype(np.int64)), palette
 
 
+def autocast(device):
+    """The context generate runs the model in on `device`: bf16 autocast on CUDA, as `train` runs
+    (the Triton attention takes bf16, not fp32); nothing elsewhere (the model's dtype, fp32)."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _check_impl(model, device, dtype):
+    """SampleError when impl="triton" cannot run the model's attention in `dtype` on `device`: refused
+    in one line before sampling rather than by the kernels mid-sample."""
+    if model.impl != "triton":
+        return
+    head_dim = model.config.n_embd // model.config.n_head
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpret:
+        why = f"on {device.type} the Triton kernels need the interpreter (start with TRITON_INTERPRET=1)"
+    elif interpret and dtype == torch.bfloat16:
+        why = "the Triton interpreter has no bf16"
+    elif head_dim > 128:
+        why = f"the Triton attention takes head dims up to 128, this model's is {head_dim}"
+    else:
+        return
+    raise SampleError(f"impl 'triton' cannot sample here: {why}; use --impl auto or --impl torch")
+
+
 def sample_logits(logits, temperature=1.0, top_k=None, generator=None):
-    """One token per row of logits (B, V): greedy at temperature 0, else a draw from
-    softmax(logits / temperature) restricted to the top_k largest logits (None or 0: all)."""
+    """One token per row of logits (B, V), in fp32 whatever the logits' dtype: greedy at temperature
+    0, else a draw from softmax(logits / temperature) restricted to the top_k largest logits (None or
+    0: all)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    logits = logits.float()
     if temperature == 0 or top_k == 1:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -166,7 +202,8 @@ def generate(model, prefix=None, n=None, temperature=1.0, top_k=None, generator=
     """Sample images token by token. prefix: int tokens (B, t) with 0 <= t < n_ctx (the first t pixels
     of each image, kept as they are), or None with n for n unconditional samples. Returns int64
     tokens (B, n_ctx) on the model's device. AR models use the KV cache (use_cache=False: recompute
-    every prefix); BERT models use iterative unmasking in bert_steps forwards (default n_px).
+    every prefix); BERT models use iterative unmasking in bert_steps forwards (default n_px). The model
+    runs under `autocast(device)` (bf16 on CUDA); SampleError when its impl cannot run here.
 
     compile=True (AR, with the cache): the decode step is `compiled_decode_step` (torch.compile of
     model.decode_static; CUDA graphs on CUDA); the first call per model, batch size and dtype pays
@@ -190,31 +227,35 @@ def generate(model, prefix=None, n=None, temperature=1.0, top_k=None, generator=
         raise SampleError(f"prefix tokens must lie in [0, {c.n_vocab})")
     if compile and (c.objective != "ar" or not use_cache):
         raise SampleError("compile=True compiles the KV-cache decode step: it needs an AR model and use_cache=True")
-    model.eval()
-    out = torch.zeros(B, c.n_ctx, dtype=torch.long, device=device)
-    out[:, :t0] = prefix
-    bar = tqdm(total=c.n_ctx - t0, unit="px", desc="sample", file=sys.stderr, disable=not progress,
-               dynamic_ncols=True)
-    try:
-        if c.objective == "bert":
-            return _bert_fill(model, out, t0, temperature, top_k, generator, bert_steps or c.n_px, bar)
-        if use_cache:
-            had_cache = model.h[0].attn.kv_cache is not None
-            model.setup_cache(B)
-            try:
-                logits = model.prefill(prefix)  # (B, V): logits for x_{t0}
-                _decode_loop(model, logits, out, t0, temperature, top_k, generator, bar, compile)
-            finally:
-                if not (compile or had_cache):
-                    model.clear_cache()
-        else:
-            for t in range(t0, c.n_ctx):
-                logits, _ = model(out[:, :t + 1])  # (B, t + 1, V); position t predicts x_t
-                out[:, t] = sample_logits(logits[:, -1], temperature, top_k, generator)
-                bar.update(1)
-        return out
-    finally:
-        bar.close()
+    with autocast(device):
+        amp = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if amp else next(model.parameters()).dtype
+        _check_impl(model, device, dtype)
+        model.eval()
+        out = torch.zeros(B, c.n_ctx, dtype=torch.long, device=device)
+        out[:, :t0] = prefix
+        bar = tqdm(total=c.n_ctx - t0, unit="px", desc="sample", file=sys.stderr, disable=not progress,
+                   dynamic_ncols=True)
+        try:
+            if c.objective == "bert":
+                return _bert_fill(model, out, t0, temperature, top_k, generator, bert_steps or c.n_px, bar)
+            if use_cache:
+                had_cache = model.h[0].attn.kv_cache is not None
+                model.setup_cache(B, dtype=dtype)  # under autocast, k and v come out of c_attn in its dtype
+                try:
+                    logits = model.prefill(prefix)  # (B, V): logits for x_{t0}
+                    _decode_loop(model, logits, out, t0, temperature, top_k, generator, bar, compile)
+                finally:
+                    if not (compile or had_cache):
+                        model.clear_cache()
+            else:
+                for t in range(t0, c.n_ctx):
+                    logits, _ = model(out[:, :t + 1])  # (B, t + 1, V); position t predicts x_t
+                    out[:, t] = sample_logits(logits[:, -1], temperature, top_k, generator)
+                    bar.update(1)
+            return out
+        finally:
+            bar.close()
 
 
 def _batched(model, prefix, batch_size, progress, **kw):

@@ -1,8 +1,16 @@
 """Sampling tests: the KV-cache path draws exactly the tokens of the full-recompute path under the
 same generator, temperature / top-k semantics (top-k 1 is greedy, the sampled distribution is
 softmax(logits / T) over the top k), completions keep their prefix, BERT runs fill by unmasking, and
-`igpt-fast sample` writes its grids and token arrays (unconditional, from shards, from image files)."""
+`igpt-fast sample` writes its grids and token arrays (unconditional, from shards, from image files).
+
+Precision and --impl: generate runs the model under `autocast(device)` (bf16 on CUDA) and every impl
+draws the tokens of impl="torch"; on a faked GPU (kernels._is_cuda patched, as in
+test_kernels_dispatch.py, with a CPU fp16 autocast standing in for CUDA's bf16 one) impl="triton"
+samples on every path; where Triton cannot run, `igpt-fast sample --impl triton` fails in one line."""
 import os
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -13,9 +21,14 @@ from PIL import Image
 from igpt_fast.checkpoint import CheckpointError
 from igpt_fast.cli import cli
 from igpt_fast.model import GPTConfig, IGPT
-from igpt_fast.sample import (SampleError, complete, completion_grid, generate, image_grid, load_run,
+import igpt_fast.sample as sample
+from igpt_fast.sample import (SampleError, autocast, complete, completion_grid, generate, image_grid, load_run,
                               sample_logits, unconditional)
+from test_kernels_dispatch import fake_cuda, launches  # noqa: F401 (fixtures)
 from test_probe import N_PX, PALETTE, make_dataset, make_run
+
+interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs the Triton kernels under the interpreter")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -210,3 +223,81 @@ def test_cli_sample_errors(tmp_path):
     assert res.exit_code == 2 and "--images needs image files" in res.output
     res = runner.invoke(cli, ["sample", run, "--rows", str(N_PX)])
     assert res.exit_code == 2 and "--rows" in res.output
+
+
+def test_autocast_by_device():
+    """CUDA: bf16 autocast, as train runs; the CPU: no autocast, the model's fp32."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a CPU-only torch warns that it disables CUDA autocast
+        ctx = autocast(torch.device("cuda", 0))
+    assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
+    x = torch.randn(2, 3)
+    with autocast("cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+        assert (x @ x.T).dtype == torch.float32
+
+
+@interpreter
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_generate_with_every_impl_draws_the_torch_tokens(impl):
+    """On the CPU impl="triton" runs the Triton attention (interpreter) in prefill and every BERT
+    forward, the one-query decode step takes the torch path: the same tokens as impl="torch"."""
+    ar, bert = tiny_model(dtype=torch.float32), tiny_model("bert", dtype=torch.float32)
+    prefix = torch.randint(0, PALETTE.k, (2, 3 * N_PX), generator=gen(4))
+
+    def draws(model_impl):
+        ar.impl = bert.impl = model_impl
+        return (generate(ar, n=2, generator=gen(1)),
+                generate(ar, prefix, temperature=0.7, top_k=5, generator=gen(2)),
+                generate(bert, prefix, generator=gen(3), bert_steps=3))
+
+    for got, want in zip(draws(impl), draws("torch")):
+        assert torch.equal(got, want)
+
+
+@interpreter
+@pytest.mark.parametrize("impl", ["auto", "triton", "torch"])
+def test_generate_on_fake_cuda_runs_every_path_under_autocast(impl, fake_cuda, launches, monkeypatch):
+    """A faked GPU, where Triton attention refuses fp32: generate's autocast (a CPU fp16 one stands in
+    for CUDA's bf16, which the interpreter lacks) makes prefill, the cached decode, the compiled
+    decode, the recompute path and BERT unmasking run under every impl, with the cache in fp16 and
+    the Triton kernels launched unless impl="torch"."""
+    monkeypatch.setattr(sample, "autocast", lambda device: torch.autocast("cpu", dtype=torch.float16))
+    names = launches()
+    ar, bert = tiny_model(dtype=torch.float32), tiny_model("bert", dtype=torch.float32)
+    ar.impl = bert.impl = impl
+    prefix = torch.randint(0, PALETTE.k, (2, 3 * N_PX), generator=gen(4))
+    outs = [generate(ar, n=2, generator=gen(1)),
+            generate(ar, prefix, top_k=5, generator=gen(2)),
+            generate(ar, prefix[:, :-2], use_cache=False, generator=gen(2)),
+            generate(bert, prefix, generator=gen(3), bert_steps=2),
+            generate(ar, prefix, generator=gen(2), compile=True)]
+    assert ar.h[0].attn.kv_cache.k_cache.dtype == torch.float16  # the compiled step keeps its cache
+    for out in outs:
+        assert out.dtype == torch.long and out.min() >= 0 and out.max() < PALETTE.k
+    for out in outs[1:]:
+        assert torch.equal(out[:, :3 * N_PX - 2], prefix[:, :-2])
+    assert ("_attn_fwd_kernel" in names) == (impl != "torch")
+    ar.clear_cache()
+
+
+@interpreter
+def test_impl_triton_refused_before_sampling_where_it_cannot_run():
+    model = tiny_model(dtype=torch.bfloat16)
+    model.impl = "triton"
+    with pytest.raises(SampleError, match="no bf16"):
+        generate(model, n=1)
+    wide = IGPT(GPTConfig(n_px=2, n_vocab=4, n_layer=1, n_head=1, n_embd=136), impl="triton")
+    with pytest.raises(SampleError, match="head dims up to 128, this model's is 136"):
+        generate(wide, n=1)
+
+
+def test_cli_sample_impl_triton_without_interpreter_fails_in_one_line(tmp_path):
+    """--impl triton on the CPU without TRITON_INTERPRET=1: exit status 1, one line naming the fix, no traceback."""
+    run, _ = make_run(str(tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "igpt_fast.cli", "sample", run, "--impl", "triton", "--device", "cpu",
+                          "--n-samples", "1"], capture_output=True, text=True, env=env, timeout=300)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and res.stdout == "" and len(lines) == 1, res.stderr
+    assert lines[0].startswith("Error: ") and "TRITON_INTERPRET=1" in lines[0] and "--impl auto" in lines[0]
