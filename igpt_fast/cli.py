@@ -13,8 +13,8 @@ import click
 
 from . import __version__
 from .errors import IGPTError
-from .options import (NON_NEGATIVE, POSITIVE, FiniteFloat, FloatList, device_option, impl_option, overwrite_option,
-                      resize_option, workers_option)
+from .options import (NON_NEGATIVE, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, FiniteFloat, FloatList, OutputPath,
+                      device_option, impl_option, overwrite_option, resize_option, workers_option)
 
 
 class _Group(click.Group):
@@ -49,7 +49,7 @@ def cli():
 
 @cli.command("palette")
 @click.argument("src", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--out", default="palette.npy", show_default=True, type=click.Path(dir_okay=False),
+@click.option("--out", default="palette.npy", show_default=True, type=OUTPUT_FILE,
               help="Output .npy, float32 (k, 3) in [-1, 1]; a swatch PNG is written beside it.")
 @click.option("--k", type=click.IntRange(1, 65535), default=512, show_default=True, help="Number of colours.")
 @click.option("--n-px", type=click.IntRange(1, 1024), default=32, show_default=True,
@@ -95,7 +95,7 @@ def palette_cmd(src, out, k, n_px, resize, max_pixels, seed, workers):
 @click.argument("src", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--palette", "palette_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="palette.npy: float (k, 3) in [-1, 1] (from `igpt-fast palette` or OpenAI's kmeans_centers.npy).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder DIR.")
+@click.option("--out", required=True, type=OUTPUT_DIR, help="Output folder DIR.")
 @click.option("--n-px", type=click.IntRange(1, 1024), default=32, show_default=True, help="Image side in pixels.")
 @resize_option
 @click.option("--val-fraction", type=FiniteFloat(0, 0.999), default=0.0, show_default=True,
@@ -138,7 +138,7 @@ def tokenize_cmd(src, palette_path, out, n_px, resize, val_fraction, workers, sh
 
 @cli.command("train")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder RUN (config, log, ckpt).")
+@click.option("--out", required=True, type=OUTPUT_DIR, help="Run folder RUN (config, log, ckpt).")
 @click.option("--preset", type=click.Choice(["tiny", "igpt-s", "igpt-m", "igpt-l", "igpt-xl"]), default="tiny",
               show_default=True, help="Model size; n_vocab always comes from the data's palette.")
 @click.option("--objective", type=click.Choice(["ar", "bert"]), default="ar", show_default=True)
@@ -231,7 +231,7 @@ def train_cmd(ctx, data_dir, out, preset, objective, n_px, n_layer, n_head, n_em
 
 @cli.command("export")
 @click.argument("run", type=click.Path(exists=True))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output checkpoint file, e.g. model.pt.")
+@click.option("--out", required=True, type=OUTPUT_FILE, help="Output checkpoint file, e.g. model.pt.")
 def export_cmd(run, out):
     """Write the latest checkpoint of RUN (a run folder, a ckpt.pt, or an FSDP run's ckpt.dcp folder) as one
     ckpt.pt-format file: full model weights, config, palette, step and training config, no optimizer.
@@ -252,7 +252,7 @@ def export_cmd(run, out):
 
 @cli.command("convert")
 @click.argument("source", type=click.Path(exists=True))
-@click.option("--out", required=True, type=click.Path(),
+@click.option("--out", required=True, type=OutputPath(),
               help="Output: a checkpoint file (--to igpt, e.g. igpt-s.pt) or a folder (--to hf).")
 @click.option("--to", "to", type=click.Choice(["igpt", "hf"]), default="igpt", show_default=True,
               help="igpt: Hugging Face ImageGPT -> igpt-fast checkpoint; hf: igpt-fast run -> Hugging Face folder.")
@@ -326,7 +326,7 @@ def convert_cmd(source, out, to, n_head, palette_path, head):
 @cli.command("demo")
 @click.option("--src", default="/usr/share/datasets/fashion-mnist", show_default=True, type=click.Path(),
               help="Fashion-MNIST IDX files (Debian's dataset-fashion-mnist) or any source tokenize reads.")
-@click.option("--out", default="demo", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", default="demo", show_default=True, type=OUTPUT_DIR,
               help="Demo folder; completed stages found there are reused.")
 @click.option("--n-px", type=click.IntRange(1, 1024), default=14, show_default=True,
               help="Image side (14: Fashion-MNIST halved, so two CPU cores train in minutes).")
@@ -373,7 +373,7 @@ def demo_cmd(ctx, src, out, **options):
               help="L2 strengths tried per layer (comma-separated); the best on val is kept.")
 @click.option("--max-iter", type=click.IntRange(1), default=200, show_default=True, help="L-BFGS iterations.")
 @click.option("--no-pixels", is_flag=True, help="Skip the raw-pixel baseline.")
-@click.option("--out", type=click.Path(file_okay=False), help="Folder for probe.json and probe.png (default: RUN).")
+@click.option("--out", type=OUTPUT_DIR, help="Folder for probe.json and probe.png (default: RUN).")
 def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, impl, l2_grid, max_iter, no_pixels, out):
     """Linear probe of every layer of RUN (a run folder or ckpt.pt) on the labelled shards in --data.
 
@@ -409,7 +409,7 @@ def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, impl, l2_g
 @click.argument("run", type=click.Path(exists=True))
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Tokenized, labelled dataset with train and val splits (test is scored when present).")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: RUN/finetune).")
+@click.option("--out", type=OUTPUT_DIR, help="Output folder (default: RUN/finetune).")
 @click.option("--steps", type=click.IntRange(1), default=500, show_default=True, help="Optimizer steps (at most).")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--lr", type=POSITIVE, help="Peak LR (default: the pretraining LR / 10).")
@@ -486,7 +486,7 @@ def finetune_cmd(ctx, run, data_dir, out, gen_weight, patience, max_eval, n_clas
 @resize_option
 @click.option("--bert-steps", type=click.IntRange(1), help="BERT runs: unmasking forwards (default n_px).")
 @click.option("--scale", type=click.IntRange(1), help="Upscale factor of the grid (default: cells >= 64 px).")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: RUN/samples).")
+@click.option("--out", type=OUTPUT_DIR, help="Output folder (default: RUN/samples).")
 @click.option("--compile", "compile_decode", is_flag=True,
               help="AR runs: torch.compile the decode step (CUDA graphs on CUDA); compiling takes a while first.")
 def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, samples_per_image, n_samples,

@@ -22,13 +22,30 @@ its stream at that same micro-batch, and the streams of ranks >= M are left. The
 an uninterrupted run's but is as valid (training shards are resampled, there is no epoch to finish).
 The global batch becomes batch_size x grad_accum x M; samples_seen keeps the true total. RNG states
 are restored only when the world size is unchanged; otherwise each rank starts from seed + rank.
+
+Workers outlive no launcher: torchrun starts each worker as a child of its agent (the `torchrun`
+process itself), in a session of its own, and forwards SIGTERM / SIGINT to it on shutdown; when the
+agent is killed outright (kill -9, OOM killer) nothing tells the workers, which used to train on as
+orphans. `watch_launcher` (started by setup_distributed under torchrun) is a daemon thread that polls
+os.getppid() twice a second (portable, and unlike prctl's PR_SET_PDEATHSIG not fooled by the exit of
+the agent thread that spawned the worker): once the parent is gone it sends its own process SIGTERM,
+so the training loop finishes its step, saves and exits as on torchrun's own shutdown (train.py), and
+if the process still lives LAUNCHER_GRACE_S later (a collective waiting for a rank that is gone) it
+exits at once with status 143. A launcher that died before the worker's first getppid is not seen.
 """
 import os
+import signal
+import threading
+import time
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["setup_distributed", "cleanup_distributed", "is_main_process", "all_reduce_sum", "shard_model"]
+__all__ = ["setup_distributed", "cleanup_distributed", "is_main_process", "all_reduce_sum", "shard_model",
+           "watch_launcher", "LAUNCHER_GRACE_S"]
+
+LAUNCHER_GRACE_S = 60  # after the launcher is gone: time to finish the step and save before a hard exit
+_watching = []
 
 
 def setup_distributed(group_of_one=False):
@@ -46,7 +63,27 @@ def setup_distributed(group_of_one=False):
     elif group_of_one and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    watch_launcher()
     return rank, world_size, local_rank, device
+
+
+def watch_launcher(grace_s=LAUNCHER_GRACE_S, interval_s=0.5):
+    """Under torchrun (TORCHELASTIC_RUN_ID set), once per process: a daemon thread that sends this process
+    SIGTERM when its parent, the torchrun agent, is gone, and ends it with status 143 grace_s later if it
+    still runs (see the module docstring). Outside torchrun: nothing."""
+    if _watching or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(128 + signal.SIGTERM)
+
+    _watching.append(threading.Thread(target=watch, name="igpt-fast-launcher-watch", daemon=True))
+    _watching[0].start()
 
 
 def cleanup_distributed():

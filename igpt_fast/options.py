@@ -3,12 +3,17 @@ stays instant.
 
 --impl, --resize, --workers, --device, --overwrite, and the parameter types: a finite float for every
 numeric flag (`--lr nan` or `--lr inf` is a usage error, not a run that diverges at its first step),
-a comma-separated list of them, and a torch device checked against what the machine has.
+a comma-separated list of them, a torch device checked against what the machine has, and an output
+path (`OUTPUT_DIR`, `OUTPUT_FILE`, `OutputPath`) checked before any work: a parent that is a file, a
+read-only place or a folder without write permission is a one-line usage error of the verb, not a
+traceback after minutes of work.
 """
 import math
 import os
 
 import click
+
+from igpt_fast.atomic import output_error
 
 IMPLS = ("auto", "triton", "torch")
 RESIZE_MODES = ("squash", "center-crop", "pad")
@@ -93,3 +98,45 @@ class Device(click.ParamType):
 
 device_option = click.option("--device", type=Device(), default="", show_default=False,
                              help="cuda, cuda:1, cpu (default: cuda when present).")
+
+
+def output_problem(path):
+    """Why `path` cannot be written as an output (file or folder, made if missing), or None: its nearest
+    existing ancestor (itself when it exists) must be a folder that a file can be created in. The check
+    creates and removes a temp-named file there (`.write-check.tmp.PID.0`, skipped by folder scans)."""
+    place = os.path.abspath(path)
+    if os.path.exists(place) and not os.path.isdir(place):
+        place = os.path.dirname(place)  # an existing file is replaced: its folder is what is written
+    while not os.path.exists(place):
+        place = os.path.dirname(place)
+    if not os.path.isdir(place):
+        return f"{place} is not a folder"
+    probe = os.path.join(place, f".write-check.tmp.{os.getpid()}.0")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return None  # another check of this process is under way there: the folder is writable
+    except OSError as e:
+        err = output_error(e, place)
+        return str(err) if err else f"cannot write {place}: {e.strerror}"
+    os.remove(probe)
+    return None
+
+
+class OutputPath(click.Path):
+    """click.Path for what a verb writes: a file or folder that need not exist yet, in a place that can be
+    written (output_problem); file_okay / dir_okay as click.Path's."""
+
+    def __init__(self, file_okay=True, dir_okay=True):
+        super().__init__(file_okay=file_okay, dir_okay=dir_okay)
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        problem = output_problem(path)
+        if problem:
+            self.fail(f"{path}: {problem}", param, ctx)
+        return path
+
+
+OUTPUT_DIR = OutputPath(file_okay=False)
+OUTPUT_FILE = OutputPath(dir_okay=False)

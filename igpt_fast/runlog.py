@@ -1,19 +1,124 @@
-"""A run folder's log.jsonl (one JSON object per log or eval step) and its loss plot.
+"""A run folder's log.jsonl (one JSON object per log or eval step), its loss plot, and its lock.
 
 The training loop appends rows as it goes; `read_log` skips a half-written last line (a run killed
 mid-write) and refuses damage anywhere else; `truncate_log` cuts the log back to a checkpoint's
 step when a run resumes (atomic rewrite), so each step appears once; `plot_losses` draws loss.png.
+
+One writer per run folder: `RunLock` is an advisory lock (`fcntl.flock`) on RUN/.lock, taken by the
+process that writes the folder (train and finetune, rank 0 under torchrun) before it reads or writes
+anything there, and held to its end. The file names the holder (pid, host, start time, command), so
+a second run into the folder fails with `RunInUse` naming it. The lock goes on any exit: the file is
+removed on release, and the kernel drops a flock when its process dies, however it dies (kill -9,
+power cut on a local disk). So a stale lock -- left by a killed run -- is a file that exists but is
+not locked; the next run takes it over and says whose it was. The holder's details are written into
+the locked file in place (atomic.py's replace-by-rename would swap the inode under the lock, so a
+second process would lock another file). flock works between processes of one machine, and over
+NFS where the client maps it to byte-range locks (Linux does since 2.6.12); on Windows there is no
+lock (fcntl is missing) and the folder is not guarded.
 """
+import datetime
 import json
 import os
+import socket
+import sys
 
-from igpt_fast.errors import IGPTError
+from igpt_fast.atomic import output_error, write_text
+from igpt_fast.errors import IGPTError, OutputError
 
-__all__ = ["RunLogError", "read_log", "write_text_atomic", "truncate_log", "plot_losses"]
+__all__ = ["RunLogError", "RunInUse", "LOCK_NAME", "RunLock", "read_log", "write_text_atomic", "truncate_log",
+           "plot_losses"]
+
+LOCK_NAME = ".lock"
 
 
 class RunLogError(IGPTError, ValueError):
     """A log.jsonl damaged before its last line."""
+
+
+class RunInUse(IGPTError, RuntimeError):
+    """The run folder is held by another running process (its RUN/.lock is locked)."""
+
+
+def _holder(info):
+    """'pid P on HOST (started T: COMMAND)' from a lock file's JSON (what is known of it)."""
+    try:
+        h = json.loads(info)
+    except ValueError:
+        return "an unknown process"
+    text = f"pid {h.get('pid', '?')} on {h.get('host', '?')}"
+    if h.get("started"):
+        text += f", started {h['started']}"
+    return text + (f": {h['command']}" if h.get("command") else "")
+
+
+class RunLock:
+    """The advisory lock of one run folder (see the module docstring). `acquire()` creates the folder if
+    needed, then locks RUN/.lock or raises RunInUse naming the holder (OutputError when the folder cannot
+    be made or written); `stale` is then the holder description of a lock a dead run left, else None.
+    `release()` (or leaving the `with` block) removes and unlocks it. A held lock is refused to a second
+    RunLock of the same folder in the same process too."""
+
+    def __init__(self, out_dir):
+        self.out_dir = os.fspath(out_dir)
+        self.path = os.path.join(self.out_dir, LOCK_NAME)
+        self.file = None
+        self.stale = None
+
+    def acquire(self):
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; the folder is not guarded
+            return self
+        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise OutputError(f"cannot write {self.out_dir}: it is a file, not a folder")
+        while True:
+            try:
+                os.makedirs(self.out_dir, exist_ok=True)
+                f = open(self.path, "a+")
+            except OSError as e:
+                raise (output_error(e, self.path) or e) from None
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = _holder(f.read())
+                f.close()
+                raise RunInUse(f"{self.out_dir} is in use by another run ({holder}); wait for it to end or stop "
+                               "it, or write to another --out") from None
+            try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+                same = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()
+        f.seek(0)
+        previous = f.read()
+        self.stale = _holder(previous) if previous.strip() else None
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started,
+                            "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:500]}) + "\n")
+        f.flush()
+        self.file = f
+        return self
+
+    def release(self):
+        if self.file is None:
+            return
+        try:
+            os.remove(self.path)  # removed while still locked: a waiting run then locks a fresh file
+        except OSError:
+            pass
+        self.file.close()  # closing the last descriptor unlocks
+        self.file = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def read_log(path):
@@ -32,11 +137,7 @@ def read_log(path):
     return rows
 
 
-def write_text_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+write_text_atomic = write_text  # the one atomic writer is atomic.write_text; this name stays for its callers
 
 
 def truncate_log(path, step):

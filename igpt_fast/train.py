@@ -29,6 +29,10 @@ fsdp, loss.png. Rules:
   weights that produced the blow-up (saved on the step before), the previous one (ckpt.prev.pt or
   ckpt.prev.dcp) takes its place, so the latest checkpoint is always the last good state.
 - The checkpoint of a step is written before that step's evaluation, so a failing eval loses nothing.
+- One writer: `train` (and finetuning, which runs it) holds the folder's lock (runlog.RunLock on
+  RUN/.lock; rank 0 under torchrun) from before it looks at the folder to its end; a second run into
+  a held folder fails on every rank with RunInUse naming the holder. A lock a killed run left is taken
+  over with a note.
 
 Determinism: the data position is the number of micro-batches each rank consumed (data.train_loader
 is deterministic in seed, rank and step); every rank's RNG state is saved, so N steps straight and
@@ -54,7 +58,7 @@ from igpt_fast.checkpoint import (CKPT_NAME, DCP_NAME, checkpoint_step, is_shard
 from igpt_fast.distributed import all_reduce_sum, setup_distributed, shard_model
 from igpt_fast.errors import IGPTError
 from igpt_fast.model import GPTConfig, IGPT
-from igpt_fast.runlog import plot_losses, truncate_log, write_text_atomic
+from igpt_fast.runlog import RunLock, plot_losses, truncate_log, write_text_atomic
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 PARALLEL = ("ddp", "fsdp")
@@ -500,18 +504,51 @@ def _evaluate_and_log(run, evaluate):
     return metrics
 
 
+def _lock_run_folder(out_dir, parallel, print_fn):
+    """Rank 0 locks RUN (runlog.RunLock) before anything reads or writes it; under torchrun the other ranks
+    get its outcome, so every rank fails alike when the folder is in use. The lock (None off rank 0)."""
+    rank, world_size, _, _ = setup_distributed(group_of_one=parallel == "fsdp")
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(out_dir).acquire()
+        except IGPTError as e:
+            error = e
+    if world_size > 1:
+        message = [None if error is None else str(error)]
+        dist.broadcast_object_list(message, src=0)
+        if error is None and message[0] is not None:
+            error = TrainError(message[0])
+    if error is not None:
+        raise error
+    if lock is not None and lock.stale:
+        print_fn(f"note: {lock.path} was left by {lock.stale}, which ended without releasing it; taking it over")
+    return lock
+
+
 def train(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=False, impl="auto",
           grad_checkpoint=False, compile=False, loss_fn=lm_loss, evaluate=evaluate_lm, on_eval=None,
           classifier=False, parallel="ddp", mixed_precision=None, print_fn=print):
     """Train; returns {"step", "loss", "val_loss", "ckpt", "skipped_shards"}. Setup arguments as `start`.
+    Holds the run folder's lock throughout.
 
     loss_fn(module, tokens, labels) -> (loss, metrics) gets the wrapped module (so DDP syncs);
     evaluate(run) -> metrics; on_eval(run, metrics) -> True stops the run early."""
+    lock = _lock_run_folder(tcfg.out_dir, parallel, print_fn)
+    try:
+        run = start(model_config, tcfg, resume=resume, model=model, explicit=explicit, overwrite=overwrite,
+                    impl=impl, grad_checkpoint=grad_checkpoint, compile=compile, classifier=classifier,
+                    parallel=parallel, mixed_precision=mixed_precision, print_fn=print_fn)
+        return _loop(run, loss_fn, evaluate, on_eval)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _loop(run, loss_fn, evaluate, on_eval):
+    """train's loop over a Run set up by `start`."""
     from igpt_fast.data import train_loader
 
-    run = start(model_config, tcfg, resume=resume, model=model, explicit=explicit, overwrite=overwrite, impl=impl,
-                grad_checkpoint=grad_checkpoint, compile=compile, classifier=classifier, parallel=parallel,
-                mixed_precision=mixed_precision, print_fn=print_fn)
     tcfg = run.tcfg
     loader = train_loader(tcfg.data_dir, tcfg.batch_size, split="train", seed=tcfg.seed, rank=run.rank,
                           world_size=run.world_size, num_workers=tcfg.num_workers, start_step=run.data_step,
