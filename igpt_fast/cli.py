@@ -136,6 +136,31 @@ def tokenize_cmd(src, palette_path, out, n_px, resize, val_fraction, workers, sh
         click.echo(f"already complete {out} | {splits} | n_px {n_px}")
 
 
+@cli.command("verify")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+def verify_cmd(data_dir):
+    """Read every shard of DATA_DIR once and check it against meta.json (structure, samples, size, sha256).
+
+    Prints one line per split and one per bad shard; exit status 1 when a shard is bad.
+    """
+    from .data import verify_data
+
+    reports = verify_data(data_dir)
+    for r in reports:
+        expected = "" if r.expected is None else f" of {r.expected}"
+        state = f"{len(r.bad)} bad" if r.bad else "ok"
+        click.echo(f"{r.split}: {r.shards} shards, {r.samples}{expected} samples | {state}"
+                   + (f" | {r.unchecked} without sha256 in meta.json" if r.unchecked else ""))
+        for url, reason in r.bad.items():
+            click.echo(f"  bad {os.path.basename(url) or r.split}: {reason}")
+    if any(r.unchecked for r in reports):
+        click.echo("note: meta.json lists no sha256 for some shards (tokenized before shard digests): those are "
+                   "checked for structure and counts only; re-run `igpt-fast tokenize` to add them", err=True)
+    n_bad = sum(len(r.bad) for r in reports)
+    if n_bad:
+        raise click.ClickException(f"{n_bad} bad shard(s) or split(s) in {data_dir}; see above")
+
+
 @cli.command("train")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=OUTPUT_DIR, help="Run folder RUN (config, log, ckpt).")

@@ -12,12 +12,24 @@ boundary, so the block is checked), every file member a `KEY.EXT` field, no key 
 sample, and every sample `tokens.npy` uint16 of shape (n_ctx,) with every token < n_vocab, and an
 integer `cls` (in [0, len(class_names)) when meta.json names the classes). Anything else is one
 DataError naming the shard and the sample key, raised before a batch of that shard reaches a model.
-Local shards (paths, file://) are read once. Remote shards (http(s):// with urllib, `pipe:` and
-other schemes with webdataset's gopen) get FETCH_ATTEMPTS tries with exponential backoff
-(FETCH_BACKOFF_S, 2x, ...) and a FETCH_TIMEOUT_S socket timeout; a transfer cut short (fewer bytes
-than Content-Length) is retried from the start of the shard and its partial bytes are dropped; an
-HTTP 4xx other than 408/429 is not retried. The last failure becomes a DataError naming the URL and
-the last error.
+Then the shard's sha256 is compared with the one meta.json lists for its file name (`files` of each
+split, written by tokenize): a shard changed after tokenize, even one that still parses (a flipped
+token bit), is a DataError naming the shard. This runs on every read (hashing costs a few percent of
+reading); meta.json written before shard digests has none, and such shards are checked as above only.
+
+Bounds (`ShardCheck`, from meta.json). A shard may hold at most the size meta.json lists for it; for a
+shard meta.json does not list, at most $IGPT_FAST_SHARD_MAX_BYTES, else twice what the largest split's
+samples per shard need (2 * n_ctx + 4 KiB of tar and .npy headers a sample, at least 16 MiB); a
+gzipped shard decompresses to at most that much too. A larger local file is refused from its size; a
+remote one as soon as its Content-Length, or the bytes it sends, pass the bound (never read whole,
+never retried). Local shards (paths, file://) are read once. Remote shards (http(s):// with urllib,
+`pipe:` and other schemes with webdataset's gopen) get FETCH_ATTEMPTS tries with exponential backoff
+(FETCH_BACKOFF_S, 2x, ...), a FETCH_TIMEOUT_S socket timeout, and one deadline per shard over all its
+tries ($IGPT_FAST_SHARD_DEADLINE_S, else FETCH_DEADLINE_S; checked between reads of at most 1 MiB,
+each waiting at most FETCH_TIMEOUT_S, so a server that trickles bytes is cut off); a transfer cut
+short (fewer bytes than Content-Length) is retried from the start of the shard and its partial bytes
+are dropped; an HTTP 4xx other than 408/429 is not retried. The last failure becomes a DataError
+naming the URL and the last error.
 
 Training stream. Each rank splits its batches over `num_workers` DataLoader workers round-robin:
 step t of rank r comes from the virtual stream v = t % W of that rank, as its (t // W)-th batch.
@@ -50,13 +62,16 @@ Sources: a tokenized directory (`DIR`, shards found as DIR/{split}-*.tar) or any
 webdataset understands -- a local path, a glob, a brace pattern `train-{000000..000009}.tar`, or URLs
 (`http://`, `pipe:`) -- with meta.json beside the first shard or given with `meta=`.
 
+`verify_data` (CLI `igpt-fast verify DIR`) reads every shard of every split once, as above, and reports
+per split the bad shards and the samples against meta.json.
+
 Checks: `check_data` compares meta.json with a model's config (n_px, n_vocab) and a checkpoint's
 palette; `load_data_palette` reads DIR/palette.npy and checks it against meta.json. A command reads
 meta.json once (`read_meta`) and passes it down (`meta=` everywhere).
 """
 import ast
 import glob
-import gzip
+import hashlib
 import http.client
 import io
 import json
@@ -69,7 +84,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -82,14 +97,17 @@ from webdataset.gopen import gopen
 from igpt_fast.errors import IGPTError
 
 __all__ = ["DataError", "DataMismatchError", "META_VERSION", "read_meta", "check_data", "load_data_palette",
-           "shard_urls", "train_loader", "eval_loader", "decode_tokens", "read_shard", "SampleSpec",
-           "ON_BAD_SHARD"]
+           "shard_urls", "train_loader", "eval_loader", "decode_tokens", "read_shard", "SampleSpec", "ShardCheck",
+           "verify_data", "ON_BAD_SHARD"]
 
 META_VERSION = 1
 ON_BAD_SHARD = ("error", "skip")
 FETCH_ATTEMPTS = 3  # tries per remote shard or meta.json
 FETCH_BACKOFF_S = 0.5  # wait before try k + 1: FETCH_BACKOFF_S * 2 ** (k - 1)
 FETCH_TIMEOUT_S = 60.0  # http(s): connect and per-read socket timeout
+FETCH_DEADLINE_S = 600.0  # all tries of one remote shard (env IGPT_FAST_SHARD_DEADLINE_S)
+META_MAX_BYTES = 64 << 20  # a meta.json larger than this is refused
+_READ_BLOCK = 1 << 20
 
 
 class DataError(IGPTError, ValueError):
@@ -123,12 +141,40 @@ def _meta_location(data, meta):
     return first.rsplit("/", 1)[0] + "/meta.json" if "/" in first else "meta.json"
 
 
-def _fetch_once(url):
+class _Deadline(Exception):
+    """A remote read ran past its shard's deadline."""
+
+
+def _read_bounded(read, url, max_bytes, deadline, what):
+    """Blocks of read(n) up to EOF: DataError past max_bytes, _Deadline past the deadline (monotonic)."""
+    blocks, n = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise _Deadline(n)
+        block = read(_READ_BLOCK)
+        if not block:
+            return b"".join(blocks)
+        n += len(block)
+        if n > max_bytes:
+            raise DataError(f"cannot read {url}: it sends more than {what}")
+        blocks.append(block)
+
+
+def _fetch_once(url, max_bytes, deadline, what):
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _Deadline(0)
     if url.startswith(("http://", "https://")):
-        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:
-            return response.read()  # http.client raises IncompleteRead below Content-Length
+        with urllib.request.urlopen(url, timeout=min(FETCH_TIMEOUT_S, left)) as response:
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > max_bytes:
+                raise DataError(f"cannot read {url}: its Content-Length {length} is more than {what}")
+            data = _read_bounded(response.read1, url, max_bytes, deadline, what)
+            if length.isdigit() and len(data) < int(length):
+                raise http.client.IncompleteRead(data, int(length) - len(data))
+            return data
     with gopen(url, "rb") as f:  # pipe: and other schemes; a failed command raises on close
-        return f.read()
+        return _read_bounded(getattr(f, "read1", f.read), url, max_bytes, deadline, what)
 
 
 def _describe(e):
@@ -136,12 +182,17 @@ def _describe(e):
     return text if text.startswith(name) else f"{name}: {text}"
 
 
-def _fetch(url):
-    """The bytes at a remote URL: FETCH_ATTEMPTS tries with exponential backoff, each from the start;
-    DataError naming the URL and the last error."""
+def _fetch(url, max_bytes=META_MAX_BYTES, deadline_s=None, what=None):
+    """The bytes at a remote URL (at most max_bytes, all tries within deadline_s): FETCH_ATTEMPTS tries
+    with exponential backoff, each from the start; DataError naming the URL and the last error."""
+    deadline_s = _deadline_s() if deadline_s is None else deadline_s
+    deadline = time.monotonic() + deadline_s
+    what = what or f"{max_bytes} bytes"
     for attempt in range(1, FETCH_ATTEMPTS + 1):
         try:
-            return _fetch_once(url)
+            return _fetch_once(url, max_bytes, deadline, what)
+        except _Deadline:
+            last = None
         except urllib.error.HTTPError as e:
             e.close()
             last = f"HTTP {e.code} {e.reason}"
@@ -151,9 +202,31 @@ def _fetch(url):
             last = _describe(e.reason) if isinstance(e.reason, OSError) else str(e.reason)
         except (OSError, http.client.HTTPException) as e:
             last = _describe(e)
+        wait = FETCH_BACKOFF_S * 2 ** (attempt - 1)
+        if last is None or time.monotonic() + (wait if attempt < FETCH_ATTEMPTS else 0) >= deadline:
+            raise DataError(f"cannot read {url}: not read within its deadline of {deadline_s:g} s "
+                            f"(IGPT_FAST_SHARD_DEADLINE_S; {attempt} of {FETCH_ATTEMPTS} tries"
+                            + (f", the last: {last})" if last else ")"))
         if attempt < FETCH_ATTEMPTS:
-            time.sleep(FETCH_BACKOFF_S * 2 ** (attempt - 1))
+            time.sleep(wait)
     raise DataError(f"cannot read {url}: {last} ({attempt} of {FETCH_ATTEMPTS} tries)")
+
+
+def _env_number(name, kind, default):
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = kind(value)
+    except ValueError:
+        number = 0
+    if not number > 0 or not math.isfinite(number):
+        raise DataError(f"{name}={value!r} is not a positive number")
+    return number
+
+
+def _deadline_s():
+    return _env_number("IGPT_FAST_SHARD_DEADLINE_S", float, FETCH_DEADLINE_S)
 
 
 def read_meta(data, meta=None):
@@ -243,6 +316,32 @@ class SampleSpec:
     @classmethod
     def from_meta(cls, meta):
         return cls(meta["n_ctx"], meta.get("n_vocab"), len(meta["class_names"]) if meta.get("class_names") else None)
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    """What each shard file must be, from meta.json: `files` {name: {"bytes", "sha256"}} (every split's),
+    else at most `max_bytes`; remote shards read within `deadline_s` (see the module docstring)."""
+
+    max_bytes: int
+    deadline_s: float = FETCH_DEADLINE_S
+    files: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_meta(cls, meta):
+        splits = meta.get("splits") or {}
+        files = {name: entry for s in splits.values() for name, entry in (s.get("files") or {}).items()}
+        per_shard = max((-(-s["samples"] // s["shards"]) for s in splits.values()
+                         if s.get("samples") and s.get("shards")), default=10_000)
+        default = max(2 * per_shard * (2 * meta.get("n_ctx", 4096) + 4096), 16 << 20)
+        return cls(_env_number("IGPT_FAST_SHARD_MAX_BYTES", int, default), _deadline_s(), files)
+
+    def expect(self, url):
+        """(max bytes, what that bound is in words, sha256 or None) of the shard at url."""
+        entry = self.files.get(url.rstrip("/").rsplit("/", 1)[-1]) or {}
+        if entry.get("bytes") is not None:
+            return entry["bytes"], f"the {entry['bytes']} bytes meta.json lists", entry.get("sha256")
+        return self.max_bytes, f"{self.max_bytes} bytes (IGPT_FAST_SHARD_MAX_BYTES)", entry.get("sha256")
 
 
 _NPY_HEADER_LENGTH = {1: "<H", 2: "<I", 3: "<I"}  # .npy format version -> header length field
@@ -340,33 +439,55 @@ def _tar_samples(fileobj, url, data=None):
     return samples
 
 
-def _shard_bytes(url):
+def _gunzip(data, url, max_bytes):
+    unzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = unzip.decompress(data, max_bytes + 1)
+        if len(out) > max_bytes:
+            raise DataError(f"shard {url} decompresses to more than {max_bytes} bytes (IGPT_FAST_SHARD_MAX_BYTES)")
+        if not unzip.eof:
+            raise DataError(f"shard {url} is not a readable gzip stream: it ends before the gzip end")
+    except zlib.error as e:
+        raise DataError(f"shard {url} is not a readable gzip stream: {e}") from None
+    return out
+
+
+def _shard_bytes(url, check):
+    """The bytes of a shard as stored, at most check's bound (DataError naming the shard)."""
+    max_bytes, what, _ = check.expect(url)
     path = _local_path(url)
     if path is None:
-        data = _fetch(url)
-    else:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise DataError(f"cannot read shard {url}: {e.strerror or e}") from None
-    if data[:2] == b"\x1f\x8b":  # a .tar.gz shard
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"shard {url} is not a readable gzip stream: {e}") from None
-    return data
+        return _fetch(url, max_bytes, check.deadline_s, what)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise DataError(f"shard {url} is {size} bytes, more than {what}")
+            return f.read(max_bytes + 1)
+    except OSError as e:
+        raise DataError(f"cannot read shard {url}: {e.strerror or e}") from None
 
 
-def read_shard(url, spec):
+def read_shard(url, spec, check=None):
     """Every sample of one shard as (tokens uint16 (n_ctx,), label or -1), in stored order, validated
-    whole against spec (a SampleSpec, e.g. SampleSpec.from_meta(meta)): a DataError names the shard
-    (and the sample key) of the first fault; nothing is returned from a bad shard."""
-    data = _shard_bytes(url)
-    return [_check_sample(s, url, spec) for s in _tar_samples(io.BytesIO(data), url, data)]
+    whole against spec (a SampleSpec, e.g. SampleSpec.from_meta(meta)) and check (a ShardCheck, e.g.
+    ShardCheck.from_meta(meta): the shard's size bound and sha256): a DataError names the shard (and
+    the sample key) of the first fault; nothing is returned from a bad shard."""
+    check = check or ShardCheck.from_meta({"n_ctx": spec.n_ctx})
+    data = _shard_bytes(url, check)
+    tar = _gunzip(data, url, check.max_bytes) if data[:2] == b"\x1f\x8b" else data  # a .tar.gz shard
+    samples = [_check_sample(s, url, spec) for s in _tar_samples(io.BytesIO(tar), url, tar)]
+    _, _, sha256 = check.expect(url)
+    if sha256 is not None:
+        got = hashlib.sha256(data).hexdigest()
+        if got != sha256:
+            raise DataError(f"shard {url} does not match meta.json: its sha256 is {got[:12]}, meta.json lists "
+                            f"{sha256[:12]} (changed or damaged since tokenize): restore it or re-run "
+                            "`igpt-fast tokenize`")
+    return samples
 
 
-def _count_samples(url, spec):
+def _count_samples(url, spec, check):
     """Samples in a shard: from its tar headers for a local uncompressed tar, else by reading it."""
     path = _local_path(url)
     if path is not None:
@@ -377,7 +498,7 @@ def _count_samples(url, spec):
                     return len(_tar_samples(f, url))
         except OSError as e:
             raise DataError(f"cannot read shard {url}: {e.strerror or e}") from None
-    return len(read_shard(url, spec))
+    return len(read_shard(url, spec, check))
 
 
 def _collate(items):
@@ -399,8 +520,8 @@ class TrainStream(IterableDataset):
     """Endless, resampled, seeded batches of one rank; see the module docstring for the schedule."""
 
     def __init__(self, urls, batch_size, spec, seed=0, rank=0, world_size=1, start_step=0, mix=4,
-                 on_bad_shard="error"):
-        self.urls, self.batch_size, self.spec = list(urls), batch_size, spec
+                 on_bad_shard="error", check=None):
+        self.urls, self.batch_size, self.spec, self.check = list(urls), batch_size, spec, check
         self.seed, self.rank, self.world_size, self.start_step = seed, rank, world_size, start_step
         self.mix = max(1, min(mix, len(self.urls)))
         self.on_bad_shard = on_bad_shard
@@ -415,7 +536,7 @@ class TrainStream(IterableDataset):
         if url in self._bad:
             return []
         try:
-            samples = read_shard(url, self.spec)
+            samples = read_shard(url, self.spec, self.check)
         except DataError as e:
             if self.on_bad_shard != "skip":
                 raise
@@ -432,7 +553,7 @@ class TrainStream(IterableDataset):
             if self.on_bad_shard == "skip":
                 self._read(url)  # a bad shard counts 0, as when its round was read
             else:
-                self._counts[url] = _count_samples(url, self.spec)
+                self._counts[url] = _count_samples(url, self.spec, self.check)
         return self._counts[url]
 
     def samples(self, stream, skip=0):
@@ -473,8 +594,8 @@ class TrainStream(IterableDataset):
 class EvalStream(IterableDataset):
     """Each sample of the shards once across world_size ranks x DataLoader workers."""
 
-    def __init__(self, urls, batch_size, spec, rank=0, world_size=1):
-        self.urls, self.batch_size, self.spec = list(urls), batch_size, spec
+    def __init__(self, urls, batch_size, spec, rank=0, world_size=1, check=None):
+        self.urls, self.batch_size, self.spec, self.check = list(urls), batch_size, spec, check
         self.rank, self.world_size = rank, world_size
 
     def __iter__(self):
@@ -483,7 +604,7 @@ class EvalStream(IterableDataset):
         batch = []
         for url in self.urls[self.rank::self.world_size][worker::n_workers]:
             try:
-                samples = read_shard(url, self.spec)
+                samples = read_shard(url, self.spec, self.check)
             except DataError as e:
                 yield _Item(None, error=str(e))
                 return
@@ -586,7 +707,7 @@ def train_loader(data, batch_size, split="train", seed=0, rank=0, world_size=1, 
     meta = meta if isinstance(meta, dict) else read_meta(data, meta)
     urls, _ = _split_shards(data, split, meta)
     stream = TrainStream(urls, batch_size, SampleSpec.from_meta(meta), seed, rank, world_size, start_step, mix,
-                         on_bad_shard)
+                         on_bad_shard, ShardCheck.from_meta(meta))
     return TrainLoader(stream, num_workers, on_skip)
 
 
@@ -606,5 +727,39 @@ def eval_loader(data, split, batch_size, rank=0, world_size=1, num_workers=0, me
     if rank >= world_size:
         return []
     num_workers = min(num_workers, len(urls[rank::world_size]))
-    stream = EvalStream(urls, batch_size, SampleSpec.from_meta(meta), rank, world_size)
+    stream = EvalStream(urls, batch_size, SampleSpec.from_meta(meta), rank, world_size, ShardCheck.from_meta(meta))
     return EvalLoader(stream, num_workers, expected, f"split {split!r} of {os.fspath(data)}")
+
+
+class SplitReport(NamedTuple):
+    """What verify_data found in one split."""
+
+    split: str
+    shards: int  # shard files read
+    samples: int  # samples in the good ones
+    expected: int | None  # meta.json's sample count
+    bad: dict  # {shard: reason}, or {"": reason} for the split as a whole
+    unchecked: int  # shards meta.json lists no sha256 for
+
+
+def verify_data(data, meta=None):
+    """Read every shard of every split of a tokenized folder once (structure, samples, size and sha256
+    against meta.json) -> [SplitReport]; nothing is raised for a bad shard."""
+    meta = meta if isinstance(meta, dict) else read_meta(data, meta)
+    spec, check, reports = SampleSpec.from_meta(meta), ShardCheck.from_meta(meta), []
+    for split, entry in (meta.get("splits") or {}).items():
+        bad, n, urls = {}, 0, []
+        try:
+            urls, _ = _split_shards(data, split, meta)
+        except DataError as e:
+            bad[""] = str(e)
+        for url in urls:
+            try:
+                n += len(read_shard(url, spec, check))
+            except DataError as e:
+                bad[url] = str(e)
+        if not bad and entry.get("samples") is not None and n != entry["samples"]:
+            bad[""] = f"read {n} samples, meta.json says {entry['samples']}"
+        unchecked = sum(check.expect(u)[2] is None for u in urls)
+        reports.append(SplitReport(split, len(urls), n, entry.get("samples"), bad, unchecked))
+    return reports

@@ -21,16 +21,16 @@ was refused is an error, not an empty split. A class with no image keeps its id 
 meta.json `empty_classes` (with a warning).
 
 Resume and atomicity: every file is written through igpt_fast.atomic (a temp name beside it, then a
-rename; a full disk or a read-only place is one OutputError line naming the file and the free space).
-A shard's temp file stays open while it fills; when full, a progress record
+rename; a full disk or a read-only place is one OutputError line naming the file and the free space). A
+shard's temp file stays open while it fills; when full, a progress record
 DIR/.tokenize/{split}-%06d.json (items consumed, samples written, skipped and converted so far, the
-shard's size and sha256) is written atomically, then the shard is renamed. A rerun with the same settings keeps the longest prefix of
-shards that have both the tar and its record and continues from there; because listing, shuffling and
-sharding are all deterministic, the result is byte-identical to an uninterrupted run.
-DIR/.tokenize/config.json holds the settings and DIR/.tokenize/listing.json.gz every source file's
-name, size and mtime: a rerun with other settings or over a changed source (files added, deleted or
-modified) is refused with the reason, unless `restart` (CLI `--restart`) first clears what an earlier
-tokenize left in DIR.
+shard's size and sha256) is written atomically, then the shard is renamed. A rerun with the same
+settings keeps the longest prefix of shards that have both the tar and its record and continues from
+there; because listing, shuffling and sharding are all deterministic, the result is byte-identical to an
+uninterrupted run. DIR/.tokenize/config.json holds the settings and DIR/.tokenize/listing.json.gz every
+source file's name, size and mtime: a rerun with other settings or over a changed source (files added,
+deleted or modified) is refused with the reason, unless `restart` (CLI `--restart`) first clears what an
+earlier tokenize left in DIR.
 
 Progress (stderr): a tqdm bar on a terminal; otherwise (logs, CI) a plain line every
 `PROGRESS_EVERY_S` seconds and one at the end.
@@ -62,7 +62,7 @@ from .readers import (  # noqa: F401
 
 __all__ = [
     "RESIZE_MODES", "TokenizeError", "Tokenized", "to_rgb", "resize_image", "tokenize_images", "list_sources",
-    "sample_pixels", "tokenize_dataset", "read_cifar_batch", "read_idx", "restricted_loads", "Item",
+    "sample_pixels", "tokenize_dataset", "write_meta", "read_cifar_batch", "read_idx", "restricted_loads", "Item",
     "IMAGE_EXTS", "SPLITS",
 ]
 
@@ -416,9 +416,21 @@ def _makedirs(path):
         raise output_error(e, path) or e from None
 
 
-def write_meta(out, meta):
-    """Write out/meta.json atomically (the reader is igpt_fast.data.read_meta)."""
+def write_meta(out, palette, n_px, splits, class_names=None, resize="squash", source=(), empty_classes=(),
+               converted=None):
+    """Write out/meta.json atomically (read by igpt_fast.data.read_meta) and return its content.
+
+    `splits`: {split: {"samples", "shards", "skipped", ...}}; a split without `files` gets the size and
+    sha256 of its shards out/{split}-%06d.tar read from disk."""
+    splits = {split: {**entry, "files": entry.get("files") or {
+        f"{split}-{k:06d}.tar": file_entry(os.path.join(out, f"{split}-{k:06d}.tar")) for k in range(entry["shards"])}}
+        for split, entry in splits.items()}
+    meta = {"version": VERSION, "n_px": n_px, "n_ctx": n_px * n_px, "n_vocab": palette.k,
+            "palette_sha256": palette.sha256, "resize": resize, "class_names": class_names,
+            "empty_classes": list(empty_classes), "converted": dict(sorted((converted or {}).items())),
+            "source": list(source), "splits": splits}
     _write_json(os.path.join(out, "meta.json"), meta)
+    return meta
 
 
 def _write_listing(path, listing):
@@ -605,14 +617,10 @@ def tokenize_dataset(sources, palette, out, n_px=32, resize="squash", val_fracti
             writer.abandon()
         bar.close()
         decoder.close()
-    meta = {"version": VERSION, "n_px": n_px, "n_ctx": n_px * n_px, "n_vocab": palette.k,
-            "palette_sha256": palette.sha256, "resize": resize, "class_names": class_names,
-            "empty_classes": empty_classes, "converted": dict(sorted(converted.items())),
-            "source": [{"path": os.path.abspath(lst.path), "format": lst.format, "items": lst.count}
-                       for lst in listings],
-            "splits": split_meta}
     palette.save(os.path.join(out, "palette.npy"))
-    write_meta(out, meta)
+    meta = write_meta(out, palette, n_px, split_meta, class_names, resize, empty_classes=empty_classes,
+                      converted=converted, source=[{"path": os.path.abspath(lst.path), "format": lst.format,
+                                                    "items": lst.count} for lst in listings])
     for name in os.listdir(os.path.join(out, ".tokenize")):
         if name not in ("config.json", "listing.json.gz"):
             os.remove(os.path.join(out, ".tokenize", name))

@@ -1,11 +1,12 @@
 """Test helper: write a tokenized dataset the way igpt_fast.tokenize lays it out (shards of
 `tokens.npy` + `cls`, palette.npy, meta.json), from tokens the test makes, so model-side tests need
 no images."""
-import json
 import os
 
 import numpy as np
 import webdataset as wds
+
+from igpt_fast import tokenize
 
 
 def write_split(out, split, samples, per_shard):
@@ -20,10 +21,7 @@ def write_split(out, split, samples, per_shard):
 
 
 def write_meta(out, palette, n_px, splits, class_names=None):
-    """palette.npy and meta.json for the splits written by write_split."""
+    """palette.npy and meta.json (the library's writer: shard sizes and sha256 from the files) for the
+    splits written by write_split."""
     palette.save(os.path.join(out, "palette.npy"))
-    meta = {"version": 1, "n_px": n_px, "n_ctx": n_px * n_px, "n_vocab": palette.k,
-            "palette_sha256": palette.sha256, "resize": "squash", "class_names": class_names,
-            "source": ["synthetic"], "splits": splits}
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    return tokenize.write_meta(out, palette, n_px, splits, class_names, source=["synthetic"])

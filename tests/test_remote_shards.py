@@ -1,7 +1,9 @@
 """Shards over HTTP: a server on 127.0.0.1 (http.server in a thread, port 0) serves a tokenized
 folder, with faults injected per file (a connection dropped mid-shard, a 404, a delay before the first
-byte). Training and evaluation read http:// shard specs; retries are bounded, backed off
-exponentially, restart a shard from its first byte, and end in a DataError naming the URL."""
+byte, a body that never ends, a huge Content-Length, bytes trickling in). Training and evaluation read
+http:// shard specs; retries are bounded, backed off exponentially, restart a shard from its first
+byte, and end in a DataError naming the URL; a shard is never read past its size bound nor past its
+deadline, and its sha256 is checked."""
 import http.server
 import os
 import threading
@@ -36,6 +38,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault == "slow":
             time.sleep(server.delay)
         try:
+            if fault in ("endless", "huge", "trickle"):
+                self._bad_body(fault, body)
+                return
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -43,6 +48,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting (timeout tests)
             pass
         self.close_connection = True  # after a "drop", half the body and the connection closes
+
+    def _bad_body(self, fault, body):
+        """endless: no Content-Length, zeros for up to 64 MiB; huge: a Content-Length of 1 TB; trickle: the
+        body a byte every 20 ms for at most 3 s, then the connection closes."""
+        self.send_response(200)
+        if fault != "endless":
+            self.send_header("Content-Length", str(10 ** 12 if fault == "huge" else len(body)))
+        self.end_headers()
+        if fault == "endless":
+            for _ in range(64):
+                self.wfile.write(bytes(1 << 20))
+        elif fault == "trickle":
+            t0 = time.monotonic()
+            for i in range(len(body)):
+                if time.monotonic() - t0 > 3:
+                    break
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.02)
+        self.close_connection = True
 
     def log_message(self, *args):
         pass
@@ -174,3 +199,61 @@ def test_remote_shard_cut_on_a_member_boundary(shards, serve, tmp_path):
     with pytest.raises(DataError, match=r"val-000002\.tar is truncated or damaged"):
         list(eval_loader(f"{url}/val-{{000000..000003}}.tar", "val", 6))
     assert server.requests["val-000002.tar"] == 1
+
+
+def _meta_without_digests(shards, tmp_path):
+    import json
+
+    meta = json.loads((shards / "meta.json").read_text())
+    for entry in meta["splits"].values():
+        del entry["files"]
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    return tmp_path / "meta.json"
+
+
+def test_a_shard_is_never_read_past_its_size_bound(shards, serve, tmp_path, monkeypatch):
+    """A body that never ends and a Content-Length of 1 TB stop at the size meta.json lists (or at
+    IGPT_FAST_SHARD_MAX_BYTES where it lists none), without a retry."""
+    url, server = serve(shards, faults={"val-000001.tar": ["endless"] * 3, "val-000002.tar": ["huge"] * 3})
+    listed = (shards / "val-000001.tar").stat().st_size
+    spec = f"{url}/val-{{000000..000003}}.tar"
+    with pytest.raises(DataError, match=rf"cannot read {url}/val-000001\.tar: it sends more than the {listed} bytes "
+                                        r"meta.json lists$"):
+        list(eval_loader(spec, "val", 40))
+    with pytest.raises(DataError, match=rf"val-000002\.tar: its Content-Length 1000000000000 is more than the "
+                                        rf"{listed} bytes meta.json lists$"):
+        list(eval_loader(f"{url}/val-000002.tar", "val", 40, meta=shards / "meta.json"))
+    assert server.requests["val-000001.tar"] == 1 and server.requests["val-000002.tar"] == 1
+    monkeypatch.setenv("IGPT_FAST_SHARD_MAX_BYTES", "60000")
+    with pytest.raises(DataError, match=r"val-000001\.tar: it sends more than 60000 bytes "
+                                        r"\(IGPT_FAST_SHARD_MAX_BYTES\)"):
+        list(eval_loader(spec, "val", 40, meta=_meta_without_digests(shards, tmp_path)))
+    monkeypatch.setenv("IGPT_FAST_SHARD_MAX_BYTES", "lots")
+    with pytest.raises(DataError, match="IGPT_FAST_SHARD_MAX_BYTES='lots' is not a positive number"):
+        eval_loader(spec, "val", 40, meta=shards / "meta.json")
+
+
+def test_a_shard_that_trickles_in_is_cut_off_at_its_deadline(shards, serve, monkeypatch):
+    url, server = serve(shards, faults={"val-000001.tar": ["trickle"] * 3})
+    monkeypatch.setenv("IGPT_FAST_SHARD_DEADLINE_S", "0.5")
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match=rf"cannot read {url}/val-000001\.tar: not read within its deadline of 0\.5 s "
+                                        r"\(IGPT_FAST_SHARD_DEADLINE_S; 1 of 3 tries\)"):
+        list(eval_loader(f"{url}/val-{{000000..000003}}.tar", "val", 40))
+    assert time.monotonic() - t0 < 2.5 and server.requests["val-000001.tar"] == 1
+
+
+def test_a_remote_shard_that_differs_from_meta_fails_its_sha256(shards, serve, tmp_path):
+    for name in os.listdir(shards):
+        os.symlink(shards / name, tmp_path / name)
+    import tarfile
+
+    with tarfile.open(shards / "val-000002.tar") as tar:
+        offset = tar.getmember("val00021.tokens.npy").offset_data + 128 + 2 * 5  # token 5: 3 -> 2, still valid
+    data = bytearray((shards / "val-000002.tar").read_bytes())
+    data[offset] ^= 1
+    os.remove(tmp_path / "val-000002.tar")
+    (tmp_path / "val-000002.tar").write_bytes(bytes(data))
+    url, server = serve(tmp_path)
+    with pytest.raises(DataError, match=rf"shard {url}/val-000002\.tar does not match meta.json: its sha256"):
+        list(eval_loader(f"{url}/val-{{000000..000003}}.tar", "val", 6))

@@ -243,9 +243,70 @@ def test_skip_all_bad_is_an_error(data):
         train_loader(data, 4, on_bad_shard="ignore")
 
 
+def _drop_digests(data):
+    """meta.json as written before shard digests: no `files` in any split."""
+    meta = json.loads((data / "meta.json").read_text())
+    for entry in meta["splits"].values():
+        del entry["files"]
+    (data / "meta.json").write_text(json.dumps(meta))
+
+
+def _flip_token_bit(path, key, position):
+    """Flip the lowest bit of token `position` of sample `key` in place: a token that stays valid."""
+    with tarfile.open(path) as tar:
+        offset = tar.getmember(f"{key}.tokens.npy").offset_data + 128 + 2 * position  # .npy header: 128 bytes
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_a_changed_shard_that_still_parses_fails_its_sha256(data):
+    """A flipped token bit (5 -> 4, still below n_vocab): evaluation raises naming the shard, training
+    raises (or skips and counts it), `igpt-fast verify` lists it; with a meta.json written before
+    shard digests the same shard reads (that is what the digests are for) and verify says so."""
+    url = data / "train-000001.tar"
+    _flip_token_bit(url, "train00013", 14)
+    _flip_token_bit(data / "val-000002.tar", "val00021", 3)
+    assert len(read_shard(str(url), SampleSpec(N_CTX, N_VOCAB, len(CLASSES)))) == 10  # no digest given: parses
+    sha = rf"shard {re.escape(str(url))} does not match meta.json: its sha256 is [0-9a-f]{{12}}, meta.json lists"
+    with pytest.raises(DataError, match=sha):
+        _take(train_loader(data, 4, seed=0), 60)
+    loader = train_loader(data, 4, seed=0, on_bad_shard="skip", on_skip=lambda *a: None)
+    assert not set(_ids(_take(loader, 30))) & set(range(10, 20)) and list(loader.skipped) == [str(url)]
+    with pytest.raises(DataError, match=r"val-000002\.tar does not match meta.json"):
+        list(eval_loader(data, "val", 8, num_workers=2))
+
+    res = CliRunner().invoke(cli, ["verify", str(data)])
+    assert res.exit_code == 1
+    lines = res.output.splitlines()
+    assert lines[0] == "train: 6 shards, 50 of 60 samples | 1 bad"
+    assert re.fullmatch(r"  bad train-000001\.tar: shard .* does not match meta.json: .*", lines[1])
+    assert lines[2] == "val: 4 shards, 30 of 40 samples | 1 bad"
+    assert lines[-1] == f"Error: 2 bad shard(s) or split(s) in {data}; see above"
+
+    _drop_digests(data)
+    assert len(_ids(eval_loader(data, "val", 8))) == 40
+    res = CliRunner().invoke(cli, ["verify", str(data)])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[:2] == ["train: 6 shards, 60 of 60 samples | ok | 6 without sha256 in meta.json",
+                                           "val: 4 shards, 40 of 40 samples | ok | 4 without sha256 in meta.json"]
+    assert "tokenized before shard digests" in res.output
+
+
+def test_verify_a_clean_folder_and_a_missing_shard(data):
+    res = CliRunner().invoke(cli, ["verify", str(data)])
+    assert res.exit_code == 0 and res.output.splitlines() == ["train: 6 shards, 60 of 60 samples | ok",
+                                                              "val: 4 shards, 40 of 40 samples | ok"]
+    os.remove(data / "val-000003.tar")
+    res = CliRunner().invoke(cli, ["verify", str(data)])
+    assert res.exit_code == 1 and "  bad val: meta.json lists 4 'val' shards but" in res.output
+
+
 def test_eval_compares_its_count_with_meta(data):
-    """A well-formed shard with 4 samples fewer: one process reading the whole split says so; a loop
-    stopped early does not; several ranks check per shard only (the total is not known to one)."""
+    """A well-formed shard with 4 samples fewer (its sha256 no longer matches: meta.json without digests
+    here): one process reading the whole split says so; a loop stopped early does not; several ranks
+    check per shard only (the total is not known to one)."""
+    _drop_digests(data)
     _rewrite(data / "val-000003.tar", lambda k, e, v: None if k in {f"val0003{i}" for i in range(4)} else v)
     with pytest.raises(DataError, match=f"split 'val' of {re.escape(str(data))}: read 36 samples, meta.json says 40"):
         list(eval_loader(data, "val", 8))
