@@ -6,11 +6,13 @@
 #   bash benchmarks/gpu_check.sh --dry-run OUT_DIR   # the same steps on CPU, tiny shapes (1-2 minutes)
 #
 # Needs gpu-wheels/ (`make gpu-wheels`) carried with the working tree: the install step puts those
-# wheels and the project in (pip --no-index --no-deps, nothing fetched). Steps, most valuable first,
-# each under a time limit (the plan table in summary.md; 445 s in all): install, CUDA tests of the
-# three kernels (bf16, T = 4096 / 16384, torch.compile vs eager; JUnit XML), attention vs the SDPA
-# backends at D = 64, the igpt-s training step (tok/s, MFU, the longest n_px that fits), attention at
-# D = 96 / 128, softmax and cross-entropy GB/s against copy bandwidth, naive / math attention.
+# wheels and the project into a throwaway venv that sees python3's packages (pip --no-index --no-deps,
+# nothing fetched; the dry run installs the project too), and every step runs that venv's python.
+# Steps, most valuable first, each under a time limit (the plan table in summary.md; 445 s in all):
+# install, CUDA tests of the three kernels (bf16, T = 4096 / 16384, torch.compile vs eager; JUnit XML),
+# attention vs the SDPA backends at D = 64, the igpt-s training step (tok/s, MFU, the longest n_px that
+# fits), attention at D = 96 / 128, softmax and cross-entropy GB/s against copy bandwidth, naive / math
+# attention.
 # OUT_DIR receives summary.md (every table and each step's status, rewritten after each step),
 # results.tar.gz (logs, CSVs, markdown, plots, JUnit XML) and four plots: six files.
 # A failed or timed-out step is recorded and the next one runs; the exit status is 1 if any failed.
@@ -37,7 +39,7 @@ ATTN=(benchmarks/bench_attention.py --providers ours sdpa-flash sdpa-efficient s
 PUBLISH=(attention_d64/attention.png:attention_d64.png attention_d96_128/attention.png:attention_d96_128.png
          softmax/softmax.png:softmax.png cross_entropy/cross_entropy.png:cross_entropy.png)
 
-gpu_plan install 40 "carried wheels + pip install -e . (offline)" \
+gpu_plan install 40 "carried wheels + pip install -e . into a venv over the python (offline)" \
   tests 110 "tests/test_attention.py, test_softmax.py, test_cross_entropy.py on CUDA" \
   attention_d64 70 "attention vs SDPA flash / efficient / cuDNN, T 1024-16384, D 64, fwd / bwd / fwd+bwd" \
   train 85 "bench_train --gpu: igpt-s 32x32 tok/s and MFU; longest n_px with activation checkpointing" \

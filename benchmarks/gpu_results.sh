@@ -198,7 +198,7 @@ EOF
 export -f has_flag both data_step train_one timing_step train_step on_run probe_step
 mkdir -p "$PACK/timing" "$PACK/runs"
 
-gpu_plan install 40 "carried wheels + pip install -e . (offline)" \
+gpu_plan install 40 "carried wheels + pip install -e . into a venv over the python (offline)" \
   data 20 "$([ "$DRY_RUN" = 1 ] && echo 'synthetic IDX, palette, tokenize at n_px 4' || echo "unpack ${DATA_DIR:-$GPU_DATA}")" \
   timing 60 "$TIMING_STEPS steps of each model, both at once: ms/step -> steps for TRAIN_SECONDS" \
   train $((TRAIN_SECONDS + 50)) "AR and BERT ($MODEL_ARGS, batch $BATCH_SIZE, --impl $IMPL) for $TRAIN_SECONDS s each, at once" \

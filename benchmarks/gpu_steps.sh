@@ -11,9 +11,16 @@
 # --dry-run (or DRY_RUN=1) runs the same steps on CPU with tiny shapes: CUDA is hidden
 # (CUDA_VISIBLE_DEVICES=) and Triton kernels run under the interpreter (TRITON_INTERPRET=1).
 #
-# Functions: gpu_args USAGE "$@" (DRY_RUN, OUT_DIR), gpu_begin TITLE (WORK, PACK, PY, summary
-# header), gpu_plan NAME LIMIT... (the plan table), step NAME LIMIT CMD... (run, record, publish),
-# gpu_install (offline install of the carried wheels and of the project), gpu_end (exit status).
+# Every step runs the python of a throwaway venv, $WORK/venv, made over $PYTHON (python3) so that it
+# sees $PYTHON's packages (torch, triton, pip, setuptools); the install step puts the carried wheels
+# and the project into it, offline, with the same commands in a dry run as on the GPU. The base stays
+# untouched (a system Python may refuse pip installs outright, PEP 668).
+#
+# Functions: gpu_args USAGE "$@" (DRY_RUN, OUT_DIR), gpu_begin TITLE (WORK, PACK, the venv and PY,
+# summary header), gpu_plan NAME LIMIT... (the plan table), step NAME LIMIT CMD... (run, record,
+# publish), gpu_venv DIR (a venv over "$PY"; PY becomes its python), gpu_install_project (pip install
+# -e . offline), gpu_install (the install step: carried wheels, the project, checks), gpu_end (exit
+# status). tests/test_packaging.py sources this file and installs the project with the last two.
 # A shell function runs under a step as `step NAME LIMIT bash -c FUNC` after `export -f FUNC`;
 # gpu_begin exports DRY_RUN, WORK, PACK and PY for that.
 
@@ -40,15 +47,22 @@ gpu_args() {  # gpu_args USAGE "$@": --dry-run / DRY_RUN=1, and the output folde
   fi
 }
 
-gpu_begin() {  # gpu_begin TITLE: folders, Python, environment variables, summary header
+gpu_begin() {  # gpu_begin TITLE: folders, the venv (PY), environment variables, summary header
   mkdir -p "$OUT_DIR" && OUT_DIR="$(cd "$OUT_DIR" && pwd)" || exit 2
   WORK="$(mktemp -d "${TMPDIR:-/tmp}/igpt-gpu.XXXXXX")"
   PACK="$WORK/results"  # packed into results.tar.gz; heavy files (shards, checkpoints) live beside it
   mkdir -p "$PACK/logs"
-  PY="${PYTHON:-python3}"
-  export DRY_RUN WORK PACK PY
   FAILED=()
   T_START=$SECONDS
+  local base="${PYTHON:-python3}" venv_line
+  base="$(command -v "$base" || echo "$base")"
+  PY="$base"
+  if gpu_venv "$WORK/venv" > "$PACK/logs/venv.log" 2>&1; then
+    venv_line="python: $PY, a venv over $base that sees its packages (the versions below are the venv's)"
+  else  # the install step then fails; the other steps still run, on the base python
+    venv_line="python: $PY; no venv over it (logs/venv.log), so the install step fails"
+  fi
+  export DRY_RUN WORK PACK PY
   export PYTHONUNBUFFERED=1
   if [ "$DRY_RUN" = 1 ]; then
     export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -59,6 +73,8 @@ gpu_begin() {  # gpu_begin TITLE: folders, Python, environment variables, summar
     echo "mode: $([ "$DRY_RUN" = 1 ] && echo 'dry run (CPU, tiny shapes, CUDA hidden, TRITON_INTERPRET=1)' || echo GPU)," \
       "started $(date -u +%Y-%m-%dT%H:%M:%SZ), git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
       "$([ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo '(+ uncommitted changes)')"
+    echo
+    echo "$venv_line"
     echo
     echo '```'
     if [ "$DRY_RUN" != 1 ] && command -v nvidia-smi >/dev/null; then
@@ -114,7 +130,7 @@ step() {  # step NAME LIMIT CMD...: run CMD under a time limit, log to PACK/logs
   [ "$DRY_RUN" = 1 ] && limit=$((limit * 4))  # a loaded CPU, not the step, should never fail a dry run
   mkdir -p "$PACK/$name"
   echo "== $name (limit ${limit}s)"
-  { printf '$'; printf ' %q' "$@"; echo; } > "$log"
+  { printf '$'; printf ' %q' "$@"; echo; echo "# python: $PY"; } > "$log"
   timeout -k 10 "$limit" "$@" >> "$log" 2>&1
   rc=$?
   case $rc in
@@ -138,7 +154,7 @@ step() {  # step NAME LIMIT CMD...: run CMD under a time limit, log to PACK/logs
     if [ $rc -ne 0 ] || [ $tables -eq 0 ]; then
       echo
       echo '```'
-      tail -n +2 "$log" | tr '\r' '\n' | grep -v '^ *$' | tail -n "$([ $rc -eq 0 ] && echo 6 || echo 25)" | cut -c1-300
+      tail -n +3 "$log" | tr '\r' '\n' | grep -v '^ *$' | tail -n "$([ $rc -eq 0 ] && echo 6 || echo 25)" | cut -c1-300
       echo '```'
     fi
   } >> "$PACK/summary.md"
@@ -146,34 +162,75 @@ step() {  # step NAME LIMIT CMD...: run CMD under a time limit, log to PACK/logs
   publish
 }
 
-gpu_install() {  # offline: the carried wheels (required ones, fallbacks only where missing), then the project
+gpu_venv() {  # gpu_venv DIR: a venv at DIR that sees the packages of "$PY"; PY becomes its python
+  # What `python -m venv --system-site-packages` does, but through a .pth file of lines
+  # `import site; site.addsitedir(DIR)`, one per site-packages folder of "$PY": the base's own .pth
+  # files are read too (editable installs, distutils shims), and it also works when "$PY" is itself a
+  # venv (a developer's .venv), whose packages --system-site-packages would skip. The file is named to
+  # sort after the venv's own .pth files (site reads them in name order), so what is installed in the
+  # venv, an editable igpt-fast included, comes before the base's. No pip in the venv: the base's runs.
+  local dir="$1" sites
+  sites="$("$PY" - <<'EOF'
+import os, site
+dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+print("\n".join(d for d in dict.fromkeys(dirs) if os.path.isdir(d)))
+EOF
+)" || return 1
+  "$PY" -m venv --without-pip "$dir" || return 1
+  "$dir/bin/python" - "$sites" <<'EOF' || return 1
+import os, sys, sysconfig
+path = os.path.join(sysconfig.get_path("purelib"), "zz-base-site-packages.pth")
+with open(path, "w") as f:
+    f.writelines(f"import site; site.addsitedir({d!r})\n" for d in sys.argv[1].splitlines())
+print(f"{sys.prefix} over {sys.argv[1].splitlines()}, through {path}")
+EOF
+  PY="$dir/bin/python"
+}
+
+gpu_install_project() {  # the project in the current folder, editable, into the environment of "$PY"
+  # --no-build-isolation: the build uses the environment's own setuptools, as pyproject.toml allows;
+  # --no-index (PIP_NO_INDEX too, for any pip the build starts): nothing is fetched, even with a network.
+  PIP_NO_INDEX=1 "$PY" -m pip install --no-index --no-deps --no-build-isolation --no-cache-dir -e .
+}
+export -f gpu_install_project
+
+gpu_install() {  # offline, into the venv: carried wheels (required, fallbacks where missing), the project
   local required=(webdataset braceexpand faiss-cpu)  # the device image lacks these
   local fallback=(click:click tqdm:tqdm packaging:packaging yaml:pyyaml)  # module:wheel, for an image without them
-  local missing=() pair
+  local missing=() pair rc=0
+  if [ "$PY" != "$WORK/venv/bin/python" ]; then
+    echo "no venv at $WORK/venv (logs/venv.log): nothing installed, the steps run $PY as it is" >&2
+    return 1
+  fi
+  "$PY" -m pip --version
   for pair in "${fallback[@]}"; do
     "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair##*:}")
   done
   echo "fallback wheels needed: ${missing[*]:-none}"
-  if [ "$DRY_RUN" = 1 ]; then  # check that the wheels are there and resolve; install nothing
-    if [ -d "$GPU_WHEELS_DIR" ]; then
-      "$PY" -m pip install --dry-run --no-deps --no-index --find-links "$GPU_WHEELS_DIR" \
-        --target "$WORK/site" "${required[@]}" || return 1
-    else
-      echo "no $GPU_WHEELS_DIR/ here (make gpu-wheels); checking imports only"
-    fi
-    "$PY" -c "import igpt_fast.kernels, igpt_fast.data, webdataset, braceexpand; print('imports ok')"
-    return
-  fi
-  local rc=0  # without the wheels the project still goes in: the kernel steps need torch and triton only
-  if [ ! -d "$GPU_WHEELS_DIR" ]; then
+  if [ ! -d "$GPU_WHEELS_DIR" ]; then  # the project still goes in: the kernel steps need torch and triton only
     echo "no $GPU_WHEELS_DIR/: run \`make gpu-wheels\` before the GPU window and carry the folder" >&2
-    rc=1
+    [ "$DRY_RUN" = 1 ] || rc=1
+  elif [ "$DRY_RUN" = 1 ]; then  # py3.12 wheels: check that they are there and resolve; install none
+    PIP_NO_INDEX=1 "$PY" -m pip install --dry-run --no-deps --no-index --find-links "$GPU_WHEELS_DIR" \
+      --target "$WORK/site" "${required[@]}" || return 1
   else
-    "$PY" -m pip install -q --no-deps --no-index --no-cache-dir --find-links "$GPU_WHEELS_DIR" \
+    PIP_NO_INDEX=1 "$PY" -m pip install -q --no-deps --no-index --no-cache-dir --find-links "$GPU_WHEELS_DIR" \
       "${required[@]}" "${missing[@]}" || rc=1
   fi
-  "$PY" -m pip install -q --no-deps --no-build-isolation --no-cache-dir -e . || return 1
-  "$PY" -c "import igpt_fast.kernels, igpt_fast.data, faiss; print('imports ok')" || return 1
+  gpu_install_project || return 1
+  # From $WORK, not the checkout, so that igpt_fast comes from the venv's install, not the current folder.
+  (cd "$WORK" && "$PY" - <<'EOF') || return 1
+import importlib.metadata, sys
+import braceexpand, faiss, webdataset
+import igpt_fast, igpt_fast.data, igpt_fast.kernels
+where = importlib.metadata.distribution("igpt-fast").locate_file("")
+print(f"python {sys.executable}, venv {sys.prefix}")
+print(f"igpt_fast {igpt_fast.__file__}, installed in {where}")
+if sys.prefix == sys.base_prefix or not str(where).startswith(sys.prefix + "/"):
+    sys.exit(f"igpt-fast is not installed in the venv {sys.prefix}")
+print("imports ok")
+EOF
+  "${PY%/python}/igpt-fast" --help > /dev/null && echo "igpt-fast --help ok" || return 1
   return $rc
 }
 export -f gpu_install

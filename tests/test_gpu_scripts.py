@@ -3,7 +3,9 @@
 benchmarks/gpu_check.sh and benchmarks/gpu_results.sh are run as a person runs them, with tiny
 shapes, the Triton interpreter / torch path and CUDA hidden; each must exit 0, record every step of
 its plan as ok in summary.md, and leave at most 8 plain files in OUT_DIR (what the GPU machine
-hands back), the results in results.tar.gz. About a minute each on two idle cores.
+hands back), the results in results.tar.gz. Their install step really installs the project, offline,
+into the run's venv over this interpreter, as on the GPU, and every later step runs that venv's python.
+About a minute each on two idle cores.
 """
 import os
 import re
@@ -51,9 +53,29 @@ def _assert_steps_ok(summary, steps):
     assert re.search(r"^## end: \d+ s, every step ok$", summary, flags=re.M)
 
 
+def _assert_installed_in_venv(summary, members, tmp_path, steps):
+    """The install step put igpt-fast into the run's venv over PYTHON; every later step ran its python."""
+    header = re.search(r"^python: (\S+), a venv over (\S+) ", summary, flags=re.M)
+    assert header and header[2] == sys.executable, summary[:800]
+    python = header[1]
+    venv = os.path.dirname(os.path.dirname(python))
+    assert re.fullmatch(re.escape(str(tmp_path)) + r"/igpt-gpu\.\w+/venv", venv), venv
+    assert re.search(r"^## install: ok, \d+ s of \d+ s$", summary, flags=re.M), summary
+    install = members["results/logs/install.log"].decode()
+    assert re.search(rf"^igpt_fast \S+, installed in {re.escape(venv)}/lib/python3\.\d+/site-packages$", install,
+                     flags=re.M), install
+    assert "Successfully installed igpt-fast" in install and "igpt-fast --help ok" in install, install
+    for name in steps[steps.index("install") + 1:]:
+        log = members[f"results/logs/{name}.log"].decode()
+        assert log.splitlines()[1] == f"# python: {python}", (name, log[:400])
+    return python
+
+
 def test_gpu_check_dry_run(tmp_path):
     summary, members = _dry_run("gpu_check.sh", tmp_path)
     _assert_steps_ok(summary, CHECK_STEPS)
+    python = _assert_installed_in_venv(summary, members, tmp_path, CHECK_STEPS)
+    assert f"`{python} -m pytest " in summary  # the tests step's command line
     assert "dry run (CPU" in summary
     junit = members["results/tests/junit.xml"].decode()
     assert re.search(r'tests="[1-9]', junit) and 'failures="0"' in junit and 'errors="0"' in junit
@@ -69,6 +91,7 @@ def test_gpu_check_dry_run(tmp_path):
 def test_gpu_results_dry_run(tmp_path):
     summary, members = _dry_run("gpu_results.sh", tmp_path)
     _assert_steps_ok(summary, RESULTS_STEPS)
+    _assert_installed_in_venv(summary, members, tmp_path, RESULTS_STEPS)
     for obj in ("ar", "bert"):
         for name in ("config.json", "log.jsonl", "loss.png", "probe.json", "probe.png", "samples/completions.png"):
             assert f"results/runs/{obj}/{name}" in members, (obj, name)
