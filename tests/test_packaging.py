@@ -92,3 +92,39 @@ def test_wheel_holds_the_kernels_and_the_license(source_copy, tmp_path):
     expected = {f"igpt_fast/kernels/{m}.py" for m in KERNEL_MODULES} | {"igpt_fast/py.typed"}
     assert expected <= names, sorted(expected - names)
     assert not [n for n in names if n.startswith("kernels/")], sorted(names)
+
+
+def _distribution_version(name):
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@pytest.mark.skipif(not (_distribution_version("kernels") and (_distribution_version("transformers") or "0")[0] >= "5"),
+                    reason="needs transformers 5.x and Hugging Face's `kernels` package (constraints.txt has both)")
+def test_repository_root_never_shadows_the_kernels_package(source_copy, tmp_path):
+    """From the repository root, with Hugging Face's `kernels` installed: the editable install (whose
+    build imports `kernels` through a setuptools entry point), transformers' ImageGPT, `make test`'s
+    pytest collecting every test module, and the CLI all work, and `kernels` is never our folder."""
+    venv = tmp_path / "venv"
+    _run(["bash", "-c", 'source benchmarks/gpu_steps.sh && PY="$1" && gpu_venv "$2"', "bash", sys.executable, venv],
+         cwd=source_copy)
+    python = venv / "bin" / "python"
+    _run([python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], cwd=source_copy)
+    found = json.loads(_run([python, "-c", textwrap.dedent("""
+        import json
+        import kernels, transformers
+        transformers.ImageGPTForCausalImageModeling
+        print(json.dumps({"kernels": kernels.__file__}))
+        """)], cwd=source_copy))
+    assert found["kernels"] and not os.path.samefile(os.path.dirname(found["kernels"]), source_copy / "kernels"), found
+    collected = _run([python, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "tests"],
+                     cwd=source_copy)
+    modules = {os.path.basename(line.split("::")[0]) for line in collected.splitlines() if "::" in line}
+    expected = {os.path.basename(p) for p in os.listdir(source_copy / "tests") if p.startswith("test_")}
+    assert modules == expected, sorted(expected ^ modules)
+    assert "error" not in collected.splitlines()[-1], collected[-2000:]
+    usage = _run([venv / "bin" / "igpt-fast", "--help"], cwd=source_copy)
+    assert "Usage: igpt-fast" in usage, usage
