@@ -18,13 +18,20 @@ from .options import (NON_NEGATIVE, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, FiniteFlo
 
 
 class _Group(click.Group):
-    """The igpt-fast group: an IGPTError from any verb becomes a one-line error (exit status 1)."""
+    """The igpt-fast group: an IGPTError from any verb becomes a one-line error (exit status 1); one with an
+    exit_code (train.RunStopped: a run stopped by SIGTERM or Ctrl-C after saving) is its one line on
+    stderr, from the main process, and that exit status (143, 130)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except IGPTError as e:
-            raise click.ClickException(str(e)) from None
+            code = getattr(e, "exit_code", None)
+            if code is None:
+                raise click.ClickException(str(e)) from None
+            if _main_process():
+                click.echo(str(e), err=True)
+            ctx.exit(code)
 
 
 def _explicit(ctx, names):

@@ -33,6 +33,15 @@ fsdp, loss.png. Rules:
   RUN/.lock; rank 0 under torchrun) from before it looks at the folder to its end; a second run into
   a held folder fails on every rank with RunInUse naming the holder. A lock a killed run left is taken
   over with a note.
+- Stopping: SIGTERM (preemption, torchrun's shutdown, a launcher that died: distributed.py) or SIGINT
+  (Ctrl-C) while the loop runs lets the current step finish, logs it, writes its checkpoint and raises
+  RunStopped (the CLI prints its one line, naming the checkpoint, and exits 128 + signal: 143, 130);
+  `--resume auto` continues from that step. A second Ctrl-C aborts at once, without saving. Under
+  torchrun the ranks agree on the step to stop after: each rank's signal flags ride on the step's loss
+  all-reduce (no extra collective), so every rank saves the same step (the FSDP save is collective)
+  and exits with the same code. torchrun gives its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s by
+  default) between its SIGTERM and a SIGKILL: a step plus a save must fit in it. Before the loop and
+  after its last checkpoint the signals keep their usual effect (nothing is lost there).
 
 Determinism: the data position is the number of micro-batches each rank consumed (data.train_loader
 is deterministic in seed, rank and step); every rank's RNG state is saved, so N steps straight and
@@ -42,7 +51,9 @@ import json
 import math
 import os
 import random
+import signal
 import statistics
+import threading
 import time
 from collections import deque
 from contextlib import nullcontext
@@ -75,6 +86,14 @@ class TrainError(IGPTError, ValueError):
 
 class TrainingDiverged(IGPTError, RuntimeError):
     """The loss (or gradient norm) became non-finite or blew up."""
+
+
+class RunStopped(IGPTError):
+    """The run stopped on SIGTERM or SIGINT after saving its last step; exit_code is 128 + the signal."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum, self.exit_code = signum, 128 + signum
 
 
 @dataclass
@@ -129,6 +148,8 @@ class Run:
     losses: deque = field(default_factory=lambda: deque(maxlen=50))  # recent step losses (blow-up test)
     rng_state: object = None  # this rank's RNG state from the checkpoint, set once the data loader exists
     print_fn: object = print
+    signal_received: int = 0  # SIGTERM or SIGINT as this process got it (_StopOnSignal), 0 before
+    stop_signal: int = 0  # the signal every rank agreed to stop on after the current step (train_step), 0 if none
 
     @property
     def master(self):
@@ -392,7 +413,12 @@ def train_step(run, batches, loss_fn=lm_loss):
                 loss, extra = loss_fn(run.module, tokens, labels)
             (loss / tcfg.grad_accum).backward()
         loss_sum += loss.detach().float()
-    loss_value = all_reduce_sum(loss_sum / (tcfg.grad_accum * run.world_size)).item()
+    # the ranks' stop flags ride on the loss all-reduce: every rank learns of a signal any rank got, after this step
+    flags = torch.tensor([run.signal_received == signal.SIGTERM, run.signal_received == signal.SIGINT],
+                         dtype=loss_sum.dtype, device=run.device)
+    reduced = all_reduce_sum(torch.cat([(loss_sum / (tcfg.grad_accum * run.world_size)).view(1), flags]))
+    loss_value, term, interrupt = reduced.tolist()
+    run.stop_signal = signal.SIGTERM if term else signal.SIGINT if interrupt else 0
     grad_norm = None
     if tcfg.grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.grad_clip)
@@ -504,6 +530,31 @@ def _evaluate_and_log(run, evaluate):
     return metrics
 
 
+class _StopOnSignal:
+    """While the loop runs: SIGTERM and SIGINT set run.signal_received (the loop finishes its step, saves and
+    stops; see the module docstring); a second SIGINT aborts at once (KeyboardInterrupt). Handlers are
+    installed from the main thread only (Python's rule); the previous ones come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, run):
+        self.run, self.previous = run, {}
+
+    def _handle(self, signum, frame):
+        if self.run.signal_received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.run.signal_received = self.run.signal_received or signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 def _lock_run_folder(out_dir, parallel, print_fn):
     """Rank 0 locks RUN (runlog.RunLock) before anything reads or writes it; under torchrun the other ranks
     get its outcome, so every rank fails alike when the folder is in use. The lock (None off rank 0)."""
@@ -530,7 +581,7 @@ def train(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=
           grad_checkpoint=False, compile=False, loss_fn=lm_loss, evaluate=evaluate_lm, on_eval=None,
           classifier=False, parallel="ddp", mixed_precision=None, print_fn=print):
     """Train; returns {"step", "loss", "val_loss", "ckpt", "skipped_shards"}. Setup arguments as `start`.
-    Holds the run folder's lock throughout.
+    Holds the run folder's lock throughout; raises RunStopped after saving when SIGTERM or SIGINT stopped it.
 
     loss_fn(module, tokens, labels) -> (loss, metrics) gets the wrapped module (so DDP syncs);
     evaluate(run) -> metrics; on_eval(run, metrics) -> True stops the run early."""
@@ -559,28 +610,34 @@ def _loop(run, loss_fn, evaluate, on_eval):
     run.module.train()
     loss, metrics, stopped = float("nan"), {}, False
     t0, timed = time.perf_counter(), 0
-    while run.step < tcfg.steps and not stopped:
-        loss, grad_norm, extra = train_step(run, batches, loss_fn)
-        if tcfg.on_bad_shard == "skip":
-            extra["skipped_shards"] = loader.skipped_shards  # this process's bad shards so far
-        timed += 1
-        if run.step % tcfg.log_every == 0 or run.step == tcfg.steps:
-            log_step(run, loss, grad_norm, extra, (time.perf_counter() - t0) / timed)
-            t0, timed = time.perf_counter(), 0
-        if run.step == tcfg.steps:
-            break
-        if tcfg.ckpt_every and run.step % tcfg.ckpt_every == 0:
+    with _StopOnSignal(run):
+        while run.step < tcfg.steps and not stopped:
+            loss, grad_norm, extra = train_step(run, batches, loss_fn)
+            if tcfg.on_bad_shard == "skip":
+                extra["skipped_shards"] = loader.skipped_shards  # this process's bad shards so far
+            timed += 1
+            if run.step % tcfg.log_every == 0 or run.step == tcfg.steps or run.stop_signal:
+                log_step(run, loss, grad_norm, extra, (time.perf_counter() - t0) / timed)
+                t0, timed = time.perf_counter(), 0
+            if run.step == tcfg.steps or run.stop_signal:
+                break
+            if tcfg.ckpt_every and run.step % tcfg.ckpt_every == 0:
+                save(run)
+                t0, timed = time.perf_counter(), 0
+            if tcfg.eval_every and run.step % tcfg.eval_every == 0:
+                metrics = _evaluate_and_log(run, evaluate)
+                stopped = bool(on_eval(run, metrics)) if on_eval is not None else False
+                if stopped:
+                    run.say(f"stopped early at step {run.step}")
+                t0, timed = time.perf_counter(), 0
+        if run.saved_step != run.step:
             save(run)
-            t0, timed = time.perf_counter(), 0
-        if tcfg.eval_every and run.step % tcfg.eval_every == 0:
-            metrics = _evaluate_and_log(run, evaluate)
-            stopped = bool(on_eval(run, metrics)) if on_eval is not None else False
-            if stopped:
-                run.say(f"stopped early at step {run.step}")
-            t0, timed = time.perf_counter(), 0
-
-    if run.saved_step != run.step:
-        save(run)
+    if run.stop_signal:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        name = signal.Signals(run.stop_signal).name
+        raise RunStopped(f"stopped by {name} after step {run.step}: checkpoint {run.ckpt_path} (step {run.step}); "
+                         "continue with --resume auto", run.stop_signal)
     if not stopped:
         metrics = _evaluate_and_log(run, evaluate)
         if on_eval is not None:
