@@ -19,23 +19,42 @@ torch.distributed.checkpoint.state_dict.get_state_dict), plus `info.json`, writt
 other entry above (the palette and RNG states as base64 tensors). DCP stores global tensor shapes,
 so the folder loads on any number of ranks, with FSDP or DDP (`load_sharded_state`), and without
 torch.distributed at all (`load_checkpoint`: the model's full tensors, no optimizer). `igpt-fast
-export` (`export_checkpoint`) turns either kind into one ckpt.pt-style file. DCP's own metadata is a
-pickle: load sharded folders you trust, hand others the exported file.
+export` (`export_checkpoint`) turns either kind into one ckpt.pt-style file.
 
-Writes are atomic: a file goes to PATH.tmp (fsynced), a DCP folder to PATH.tmp/ (each rank's file
-fsynced, then info.json), and is renamed over PATH, so a crash leaves the previous checkpoint or the
-new one, never half of one. `keep_previous` first renames the run's current checkpoint, of either
-kind, to ckpt.prev.pt / ckpt.prev.dcp (dropping the older one), so a run always has its last two
-checkpoints and at most one of each name pair, even when it switches between DDP and FSDP.
+DCP's own metadata (`.metadata`) is a pickle. It is read with a restricted unpickler that builds only
+the classes torch.distributed.checkpoint writes there (its metadata dataclasses, _StorageInfo,
+torch.Size, dtypes, layouts, paths): a planted pickle that names anything else is refused, never run.
+Before any tensor is read, every shard file the metadata names must exist and be long enough, so a
+missing or truncated shard is one CheckpointError line. ckpt.pt files load with weights_only=True.
+
+Replacing a checkpoint leaves no moment in which no complete checkpoint sits under a name a resume
+looks at (a kill -9 may land anywhere). A file is written to a temp name (atomic.atomic_path: fsynced,
+renamed over ckpt.pt); with keep_previous the current ckpt.pt is first hard-linked to ckpt.prev.pt
+(replacing the older one), so ckpt.pt names a complete checkpoint throughout. A DCP folder is written
+to ckpt.dcp.tmp/ (every rank's files fsynced, then info.json, the mark of a complete folder), then
+ckpt.dcp is renamed to ckpt.prev.dcp and ckpt.dcp.tmp to ckpt.dcp: between those two renames the
+newest complete checkpoint is the temp folder. `recover_checkpoint` (run by `train --resume auto`)
+therefore looks at the current, the previous and any temp checkpoint, verifies each (it loads; for DCP:
+info.json and .metadata readable and every shard present and long enough), takes the newest complete
+one by step, puts it under its current name, and clears what a killed save left. Switching kinds (DDP
+<-> FSDP) keeps the last two checkpoints and at most one of each name pair.
+Disk full during a save is one OutputError line; the previous checkpoint stays as it was.
+
+Refusals, each one CheckpointError line: weights holding NaN or inf (model_from_checkpoint, naming the
+tensor), a weights-only file given to a resume (check_resumable: exported and converted files have no
+optimizer or data position), and an export or conversion aimed at a run's own files (check_output).
 
 Version 1 files (before the architecture/runtime split) saved `impl` and `grad_checkpoint` in
 model_config; they are dropped on load with a note, and a `scheduler` entry is ignored (the
 learning rate is a function of the step and the training config).
 """
 import base64
+import errno
+import functools
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
 import zipfile
@@ -43,13 +62,15 @@ from dataclasses import asdict, fields
 
 import torch
 
+from igpt_fast.atomic import atomic_path, fsync_dir, output_error
 from igpt_fast.errors import IGPTError
 
 __all__ = ["CKPT_NAME", "PREV_NAME", "DCP_NAME", "DCP_PREV_NAME", "FORMAT_VERSION", "CheckpointError",
            "is_sharded", "latest_checkpoint", "resolve_checkpoint", "save_checkpoint", "save_sharded_checkpoint",
            "load_checkpoint", "load_sharded_state", "load_full_optimizer_state", "checkpoint_step",
            "restore_previous", "remove_checkpoints", "model_state", "run_info", "model_from_checkpoint",
-           "palette_from_checkpoint", "export_checkpoint"]
+           "palette_from_checkpoint", "export_checkpoint", "recover_checkpoint", "run_files", "RUN_FILES",
+           "check_resumable", "check_output"]
 
 CKPT_NAME = "ckpt.pt"
 PREV_NAME = "ckpt.prev.pt"
@@ -59,6 +80,7 @@ INFO_NAME = "info.json"  # inside a DCP folder: everything but the model and opt
 FORMAT_VERSION = 2
 _RUNTIME_KEYS = ("impl", "grad_checkpoint")  # version 1 kept these in model_config
 _PREVIOUS = {CKPT_NAME: PREV_NAME, DCP_NAME: DCP_PREV_NAME}  # a run's latest checkpoint -> the one before
+_PREVIOUS_KIND = {**{n: n for n in _PREVIOUS}, **{p: n for n, p in _PREVIOUS.items()}}  # any of the four -> its kind
 _ONE_PROCESS_NOTE = "torch.distributed is disabled, unavailable or uninitialized"  # DCP's warning, start
 
 
@@ -75,16 +97,125 @@ def _sharded_twin(name):
     return os.path.splitext(name)[0] + ".dcp"  # ckpt.pt -> ckpt.dcp
 
 
+_TEMP = re.compile(r"^(ckpt\.(?:prev\.)?(?:pt|dcp))\.(tmp(?:\.\d+\.\d+)?|old|damaged)$")  # killed saves' leftovers
+RUN_FILES = ("config.json", "log.jsonl")  # with any ckpt* entry: what makes a folder a run
+
+
+def _candidates(run_dir):
+    """{name: role} of the run's checkpoint entries: "current" (ckpt.pt, ckpt.dcp), "previous"
+    (ckpt.prev.*), "temp" (ckpt.pt.tmp*, ckpt.dcp.tmp*: a save that may have finished) and "junk"
+    (other leftovers of a killed save, and damaged checkpoints set aside)."""
+    found = {}
+    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else ():
+        m = _TEMP.match(name)
+        if name in _PREVIOUS:
+            found[name] = "current"
+        elif name in _PREVIOUS.values():
+            found[name] = "previous"
+        elif m and m.group(1) in _PREVIOUS and m.group(2).startswith("tmp"):
+            found[name] = "temp"
+        elif m:
+            found[name] = "junk"
+    return found
+
+
+def _verified_step(path):
+    """The step of a complete checkpoint file or DCP folder; CheckpointError saying what is wrong otherwise."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise CheckpointError(f"{path} has no .metadata (an unfinished save)")
+        info = _read_info(path)
+        _read_metadata(path)
+        return int(info["step"])
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is incomplete or damaged: {first[:200]}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
+        raise CheckpointError(f"{path} is not an igpt-fast checkpoint")
+    return int(ckpt["step"])
+
+
+_RANK = {"current": 0, "temp": 1, "previous": 2}  # among checkpoints of one step, the name preferred
+
+
+def _complete_checkpoints(run_dir):
+    """([(step, name, role)] of the complete checkpoints, newest first; {name: why} of the others)."""
+    good, bad = [], {}
+    for name, role in _candidates(run_dir).items():
+        if role == "junk":
+            continue
+        try:
+            good.append((_verified_step(os.path.join(run_dir, name)), name, role))
+        except CheckpointError as e:
+            bad[name] = str(e)
+    good.sort(key=lambda c: (-c[0], _RANK[c[2]], c[1]))
+    return good, bad
+
+
+def run_files(run_dir):
+    """The names in run_dir that belong to a run (config.json, log.jsonl, any ckpt* entry), sorted."""
+    if not os.path.isdir(run_dir):
+        return []
+    return sorted(n for n in os.listdir(run_dir) if n in RUN_FILES or n.startswith("ckpt"))
+
+
 def latest_checkpoint(run_dir, name=CKPT_NAME):
-    """RUN/name or its sharded twin (ckpt.pt / ckpt.dcp), whichever exists (the newer if both); None."""
+    """RUN/name or its sharded twin (ckpt.pt / ckpt.dcp), whichever exists (the newer if both); when
+    neither does (a run killed mid-save, before `recover_checkpoint`), the newest complete previous or
+    temp checkpoint; None when there is no complete one. Changes nothing."""
     candidates = [p for p in (os.path.join(run_dir, name), os.path.join(run_dir, _sharded_twin(name)))
                   if os.path.isfile(p) or is_sharded(p)]
-    return max(candidates, key=os.path.getmtime) if candidates else None
+    if candidates:
+        return max(candidates, key=os.path.getmtime)
+    if name != CKPT_NAME:
+        return None
+    good, _ = _complete_checkpoints(run_dir)
+    return os.path.join(run_dir, good[0][1]) if good else None
+
+
+def recover_checkpoint(run_dir):
+    """After a crash (main process, before a resume): the newest complete checkpoint among the current,
+    previous and temp ones (each verified) takes its current name, as the interrupted save or rollback
+    would have left it, and what a killed save left is cleared. Returns (its path, notes: one line per
+    thing changed), or (None, why each checkpoint found is incomplete) leaving the folder as it was."""
+    if not os.path.isdir(run_dir):
+        return None, []
+    good, bad = _complete_checkpoints(run_dir)
+    notes = []
+    chosen = None
+    if good:
+        step, name, role = good[0]
+        kind = _PREVIOUS_KIND[name.split(".tmp")[0]]
+        target = os.path.join(run_dir, kind)
+        if role != "current":
+            for damaged in (n for n in (kind, _other_kind(kind)) if n in bad):
+                os.replace(os.path.join(run_dir, damaged), os.path.join(run_dir, damaged + ".damaged"))
+                notes.append(f"{damaged} set aside as {damaged}.damaged: {bad.pop(damaged)}")
+            if role == "temp":  # the save was killed after its checkpoint was complete: finish it
+                kept = _before_install(target, keep_previous=True)
+                os.replace(os.path.join(run_dir, name), target)
+                _after_install(target, True, kept)
+            else:  # a rollback or a folder save killed between its renames: the previous one is the latest
+                if os.path.lexists(target):
+                    _discard(target)
+                os.replace(os.path.join(run_dir, name), target)
+                _after_install(target, True, False)
+            fsync_dir(run_dir)
+            notes.append(f"{name} (step {step}) is the newest complete checkpoint: now {kind}")
+        chosen = target
+    else:  # nothing to resume: say why each candidate is not one, and leave them all in place
+        return None, [why for name, why in bad.items()]
+    for name, role in _candidates(run_dir).items():
+        if role in ("temp", "junk") and not name.endswith(".damaged"):
+            _discard(os.path.join(run_dir, name))
+    return chosen, notes
 
 
 def resolve_checkpoint(run, name=CKPT_NAME):
-    """RUN folder (RUN/name or RUN/ckpt.dcp), checkpoint file or DCP folder -> the checkpoint path;
-    CheckpointError if missing."""
+    """RUN folder (RUN/name or RUN/ckpt.dcp; see latest_checkpoint), checkpoint file or DCP folder -> the
+    checkpoint path; CheckpointError if missing."""
     run = os.fspath(run)
     if is_sharded(run):
         return run
@@ -96,9 +227,32 @@ def resolve_checkpoint(run, name=CKPT_NAME):
     return path
 
 
+def check_resumable(ckpt):
+    """CheckpointError, one line, unless the checkpoint dict holds a training state (optimizer, data
+    position, training config): an exported or converted file holds weights only."""
+    if ckpt.get("sharded") or all(k in ckpt for k in ("optimizer", "data_step", "train_config", "rng")):
+        return
+    source = f" (made from {ckpt['source']})" if ckpt.get("source") else ""
+    raise CheckpointError(
+        f"{ckpt.get('path', 'the checkpoint')} holds model weights only{source}, no optimizer, data position or "
+        "training config (an exported or converted file), so it cannot be resumed: resume the run it was exported "
+        "from, or start a new run from these weights in Python with train(..., model=model_from_checkpoint(PATH))")
+
+
+def check_output(out):
+    """Refuse to write an export or conversion over a run's own files (ckpt*, config.json, log.jsonl inside
+    a folder that holds a run): CheckpointError naming the file."""
+    out = os.path.abspath(os.fspath(out))
+    folder, name = os.path.split(out)
+    if (name in RUN_FILES or name.startswith("ckpt") or name == "best.pt") and run_files(folder):
+        raise CheckpointError(f"{out} is a name of the run in {folder} (its checkpoints and log); writing there "
+                              "would replace its training state: choose another --out, e.g. "
+                              f"{os.path.join(folder, 'model.pt')}")
+
+
 def _discard(path):
     """Remove a file or folder; a folder is renamed away first, so no half-deleted one keeps its name."""
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not os.path.islink(path):
         trash = path + ".old"
         if os.path.isdir(trash):
             shutil.rmtree(trash)
@@ -108,33 +262,95 @@ def _discard(path):
         os.remove(path)
 
 
-def _install(tmp, path, keep_previous):
-    """Rename the finished tmp (file or folder) to path. keep_previous: the run's current checkpoint (of
-    either kind) becomes its ckpt.prev.* first and the older ckpt.prev.* goes."""
-    folder = os.path.dirname(path)
-    current = [n for n in _PREVIOUS if os.path.lexists(os.path.join(folder, n))] if keep_previous else []
-    if current:
-        for prev in _PREVIOUS.values():
-            if not (prev == PREV_NAME and current == [CKPT_NAME]):  # a file replaces a file atomically below
-                _discard(os.path.join(folder, prev))
-        for name in current:
-            os.replace(os.path.join(folder, name), os.path.join(folder, _PREVIOUS[name]))
+def _link_or_copy(src, dst):
+    """dst becomes a second name of the file src (a copy where hard links are not supported), atomically."""
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            shutil.copyfile(src, tmp)
+
+
+def _other_kind(name):
+    return DCP_NAME if name == CKPT_NAME else CKPT_NAME
+
+
+def _before_install(path, keep_previous):
+    """Make way for a finished temp checkpoint to be renamed to path (ckpt.pt or ckpt.dcp). keep_previous:
+    the run's current checkpoint of the same kind becomes its previous one (a file by a hard link, so
+    ckpt.pt never goes missing; a folder by a rename, the temp folder then being the newest complete
+    checkpoint). Returns whether it did (then _after_install leaves the other kind's previous alone)."""
+    folder, name = os.path.split(path)
+    if not (keep_previous and name in _PREVIOUS and os.path.lexists(path)):
+        if os.path.isdir(path) and not os.path.islink(path):
+            _discard(path)  # a folder is not renamed over
+        return False
+    _discard(os.path.join(folder, _PREVIOUS[_other_kind(name)]))
     if os.path.isdir(path):
-        _discard(path)
-    os.replace(tmp, path)
+        _discard(os.path.join(folder, _PREVIOUS[name]))
+        os.replace(path, os.path.join(folder, _PREVIOUS[name]))
+    else:
+        _link_or_copy(path, os.path.join(folder, _PREVIOUS[name]))
+    return True
+
+
+def _after_install(path, keep_previous, kept):
+    """After the new checkpoint took its name: the other kind's current checkpoint (a run that switched
+    between DDP and FSDP) becomes the previous one, or goes when the same kind's was kept."""
+    folder, name = os.path.split(path)
+    if not (keep_previous and name in _PREVIOUS):
+        return
+    other = os.path.join(folder, _other_kind(name))
+    if os.path.lexists(other):
+        if not kept:
+            _discard(os.path.join(folder, _PREVIOUS[name]))
+            _discard(os.path.join(folder, _PREVIOUS[_other_kind(name)]))
+            os.replace(other, os.path.join(folder, _PREVIOUS[_other_kind(name)]))
+        else:
+            _discard(other)
+    fsync_dir(folder)
+
+
+class _RecordingFile:
+    """A file that remembers the first OSError its write raised: torch.save reports a failed write as a
+    RuntimeError ("unexpected pos"), which would hide a full disk."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 def save_checkpoint(path, state, keep_previous=False):
-    """torch.save(state) to path.tmp, fsync, rename over path. keep_previous: the run's current checkpoint
-    (ckpt.pt or ckpt.dcp beside path) becomes ckpt.prev.pt / ckpt.prev.dcp first."""
+    """torch.save(state) to a temp file beside path (atomic.atomic_path: fsynced, then renamed over path).
+    keep_previous: the run's current checkpoint (ckpt.pt or ckpt.dcp beside path) becomes ckpt.prev.pt /
+    ckpt.prev.dcp first (see the module docstring). A full disk is an OutputError naming the file; the
+    previous checkpoint is untouched."""
     path = os.fspath(path)
     state = {"version": FORMAT_VERSION, **state}
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _install(tmp, path, keep_previous)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            out = _RecordingFile(f)
+            try:
+                torch.save(state, out)
+            except RuntimeError:
+                if out.error is not None:
+                    raise out.error from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        kept = _before_install(path, keep_previous)
+    _after_install(path, keep_previous, kept)
 
 
 def _to_json(obj):
@@ -164,29 +380,52 @@ def _from_json(obj):
     return obj
 
 
+def _first_os_error(err):
+    """The OSError behind a torch.distributed.checkpoint failure (any rank's), or None."""
+    for failure in getattr(err, "failures", {}).values():
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, OSError):
+            return exc
+    return err if isinstance(err, OSError) else None
+
+
 def save_sharded_checkpoint(path, model, optimizer, info, keep_previous=False):
     """Collective (every rank calls it): the model's and optimizer's shards to the DCP folder path.tmp/,
-    `info` (run_info's dict) to path.tmp/info.json by rank 0, then the folder renamed to path (see
-    save_checkpoint for keep_previous). Every rank must see the same path (a shared filesystem)."""
+    `info` (run_info's dict) to path.tmp/info.json by rank 0 (the folder is complete once it is there),
+    then the folder renamed to path (see save_checkpoint for keep_previous). Every rank must see the
+    same path (a shared filesystem). A full disk on any rank is an OutputError naming the folder."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     path = os.fspath(path)
     tmp = path + ".tmp"
     rank0 = dist.get_rank() == 0
-    if rank0:
-        _discard(tmp)  # what a crashed save left
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
-    dist.barrier()
-    if rank0:
-        with open(os.path.join(tmp, INFO_NAME), "w") as f:
-            json.dump(_to_json({"version": FORMAT_VERSION, **info}), f)
-            f.flush()
-            os.fsync(f.fileno())
-        _install(tmp, path, keep_previous)
+    try:
+        if rank0:
+            _discard(tmp)  # what a crashed save left (a complete one was taken up by recover_checkpoint)
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
+        dist.barrier()
+        if rank0:
+            with open(os.path.join(tmp, INFO_NAME), "w") as f:
+                json.dump(_to_json({"version": FORMAT_VERSION, **info}), f)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(tmp)
+            kept = _before_install(path, keep_previous)
+            os.replace(tmp, path)
+            fsync_dir(os.path.dirname(path))
+            _after_install(path, keep_previous, kept)
+    except (OSError, CheckpointException) as err:
+        friendly = output_error(_first_os_error(err), path)
+        if friendly is None:
+            raise
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise friendly from None
     dist.barrier()
 
 
@@ -205,15 +444,84 @@ def _read_info(path):
     return info
 
 
+# What torch.distributed.checkpoint pickles into .metadata (torch/distributed/checkpoint/metadata.py and
+# filesystem.py): the only globals the restricted unpickler builds, besides torch dtypes.
+_DCP_GLOBALS = {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
+    "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata: any global outside _DCP_GLOBALS and torch's dtypes is refused, not imported."""
+
+    def find_class(self, module, name):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _DCP_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which torch.distributed.checkpoint never writes")
+
+
+def _read_metadata(path):
+    """The DCP Metadata of the folder `path`, read with the restricted unpickler and checked against the
+    shard files (each one present and long enough for the entries it holds); CheckpointError, one line."""
+    where = os.path.join(path, ".metadata")
+    try:
+        with open(where, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{where} is not DCP metadata and was not loaded ({str(e)[:200]}); "
+                              "the file may have been planted: use a checkpoint you trust") from None
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise CheckpointError(f"{where} is damaged or truncated: {str(e)[:200] or type(e).__name__}") from None
+    entries, storage = getattr(metadata, "state_dict_metadata", None), getattr(metadata, "storage_data", None)
+    if not isinstance(entries, dict) or not isinstance(storage, dict):
+        raise CheckpointError(f"{where} is not the metadata of a DCP checkpoint")
+    needed = {}
+    for info in storage.values():
+        rel, end = getattr(info, "relative_path", None), getattr(info, "offset", 0) + getattr(info, "length", 0)
+        if not isinstance(rel, str) or os.path.basename(rel) != rel:
+            raise CheckpointError(f"{where} names a shard outside its folder ({rel!r})")
+        needed[rel] = max(needed.get(rel, 0), end)
+    for rel, end in sorted(needed.items()):
+        shard = os.path.join(path, rel)
+        if not os.path.isfile(shard):
+            raise CheckpointError(f"{shard} is missing: the sharded checkpoint {path} is incomplete (copied in part?); "
+                                  "resume from the previous one or copy the whole folder again")
+        size = os.path.getsize(shard)
+        if size < end:
+            raise CheckpointError(f"{shard} is truncated ({size} of at least {end} bytes): the sharded checkpoint "
+                                  f"{path} is incomplete; resume from the previous one or copy the whole folder again")
+    return metadata
+
+
+@functools.cache
+def _safe_reader_class():
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        """DCP's FileSystemReader whose metadata goes through _read_metadata (no arbitrary unpickling)."""
+
+        def read_metadata(self, *args, **kwargs):
+            metadata = _read_metadata(os.fspath(self.path))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader
+
+
 def _load_sharded_model(path):
     """The full tensors of a DCP folder's model, read in this process alone (no process group)."""
     import torch.distributed.checkpoint as dcp
 
-    reader = dcp.FileSystemReader(path)
-    try:
-        entries = reader.read_metadata().state_dict_metadata
-    except (OSError, EOFError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"{path}: cannot read the DCP metadata: {str(e)[:200]}") from None
+    reader = _safe_reader_class()(path)
+    entries = reader.read_metadata().state_dict_metadata
     model = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
              if k.startswith("model.") and hasattr(m, "size")}
     with warnings.catch_warnings():
@@ -269,11 +577,12 @@ def load_sharded_state(path, model, optimizer):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    _read_metadata(path)  # on every rank: a bad folder is the same one-line error everywhere
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_ONE_PROCESS_NOTE)  # a single process without a group: intended
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, storage_reader=_safe_reader_class()(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -309,10 +618,9 @@ def restore_previous(run_dir):
 
 
 def remove_checkpoints(run_dir):
-    """Remove a run's checkpoints of both kinds and any unfinished temporary ones."""
-    for name in (*_PREVIOUS, *_PREVIOUS.values()):
-        for suffix in ("", ".tmp"):
-            _discard(os.path.join(run_dir, name + suffix))
+    """Remove a run's checkpoints of both kinds, temporary ones and what killed saves left."""
+    for name in _candidates(run_dir):
+        _discard(os.path.join(run_dir, name))
 
 
 def run_info(config, palette, step=0, **training):
@@ -331,8 +639,8 @@ def model_state(model, palette, step=0, **training):
 
 def model_from_checkpoint(ckpt, impl="auto", grad_checkpoint=False):
     """The IGPT a checkpoint (dict, run folder, file or DCP folder) describes, built from its own config,
-    with the run-time choices given here. A missing, unexpected or misshapen key raises CheckpointError
-    naming it."""
+    with the run-time choices given here. A missing, unexpected or misshapen key, or a tensor holding NaN
+    or inf, raises CheckpointError naming it."""
     from igpt_fast.model import GPTConfig, IGPT
 
     if not isinstance(ckpt, dict):
@@ -354,6 +662,10 @@ def model_from_checkpoint(ckpt, impl="auto", grad_checkpoint=False):
                                      f"unexpected {', '.join(extra[:5])}" if extra else "",
                                      f"shape {', '.join(bad[:5])}" if bad else "") if s)
         raise CheckpointError(f"{ckpt.get('path', 'the checkpoint')}: weights do not fit its config: {what}")
+    for k, v in got.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{ckpt.get('path', 'the checkpoint')}: {k} holds non-finite values (NaN or inf): "
+                                  "these weights are broken; use an earlier checkpoint of the run")
     model.load_state_dict(got)
     return model
 
@@ -373,6 +685,7 @@ def export_checkpoint(run, out):
     out = os.fspath(out)
     if os.path.isdir(out):
         raise CheckpointError(f"{out} is a folder; export writes one checkpoint file (e.g. {out}/model.pt)")
+    check_output(out)
     ckpt = load_checkpoint(run)
     model = model_from_checkpoint(ckpt)  # checks that the weights fit the config
     keep = {k: ckpt[k] for k in ("model_config", "palette", "palette_sha256", "step", "samples_seen",

@@ -306,7 +306,8 @@ def convert_cmd(source, out, to, n_head, palette_path, head):
     unless --head classifier (then ImageGPTForImageClassification, without the LM head). BERT-objective
     runs have no HF counterpart.
     """
-    from .checkpoint import load_checkpoint, model_from_checkpoint, model_state, palette_from_checkpoint, save_checkpoint
+    from .checkpoint import (check_output, load_checkpoint, model_from_checkpoint, model_state, palette_from_checkpoint,
+                             save_checkpoint)
     from .convert import from_hf_imagegpt, read_hf_palette, source_format, to_hf_imagegpt
     from .palette import Palette
 
@@ -316,6 +317,7 @@ def convert_cmd(source, out, to, n_head, palette_path, head):
                                "pass --to hf")
     if to == "hf" and kind == "hf":
         raise click.UsageError(f"{source} is a Hugging Face ImageGPT checkpoint; to import it leave out --to hf")
+    check_output(out)  # never over a run's checkpoint or log
     if to == "hf" and n_head is not None:
         raise click.UsageError("--n-head is for --to igpt (a bare HF weights file); a checkpoint knows its heads")
     if to == "igpt" and head is not None:

@@ -53,17 +53,30 @@ class ConversionError(IGPTError, ValueError):
 
 
 def _load_weights_file(path):
+    """The tensors of a .safetensors, sharded .index.json or pytorch_model.bin file; ConversionError, one
+    line naming the file, for a truncated or damaged one."""
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ConversionError(f"{path} is truncated or damaged: {str(e).splitlines()[0][:200]}") from None
     if path.endswith(".index.json"):
-        with open(path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(path) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConversionError(f"{path} is not a valid weights index: {str(e)[:200]}") from None
         sd = {}
         for shard in shards:
             sd.update(_load_weights_file(os.path.join(os.path.dirname(path), shard)))
         return sd
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"{path} is truncated or not a weights file: {first}") from None
 
 
 def load_hf_state_dict(source):
@@ -77,8 +90,13 @@ def load_hf_state_dict(source):
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise ConversionError(f"{path} has no config.json; pass the weights file and n_head instead")
-        with open(cfg_path) as f:
-            hf_config = json.load(f)
+        try:
+            with open(cfg_path) as f:
+                hf_config = json.load(f)
+        except ValueError as e:
+            raise ConversionError(f"{cfg_path} is not valid JSON: {e}") from None
+        if not isinstance(hf_config, dict):
+            raise ConversionError(f"{cfg_path} is not an ImageGPT config (a JSON object)")
         for name in _WEIGHT_FILES:
             if os.path.isfile(os.path.join(path, name)):
                 return _load_weights_file(os.path.join(path, name)), hf_config
@@ -123,9 +141,10 @@ def from_hf_imagegpt(source, n_head=None):
     sd = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in sd.items()}
     if hf_config is not None:
         _check_hf_config(hf_config)
-        if n_head is not None and n_head != hf_config["n_head"]:
-            raise ConversionError(f"n_head={n_head} disagrees with the checkpoint's config (n_head={hf_config['n_head']})")
-        n_head = hf_config["n_head"]
+        if n_head is not None and n_head != hf_config.get("n_head"):
+            raise ConversionError(f"n_head={n_head} disagrees with the checkpoint's config "
+                                  f"(n_head={hf_config.get('n_head')})")
+        n_head = hf_config.get("n_head")
     if n_head is None:
         raise ConversionError("this source has no config.json: pass n_head (e.g. 8 for imagegpt-small)")
     if "wte.weight" not in sd or "wpe.weight" not in sd:
@@ -141,6 +160,17 @@ def from_hf_imagegpt(source, n_head=None):
     if layers != set(range(n_layer)):
         raise ConversionError(f"layer indices are not contiguous: {sorted(layers)}")
     n_classes = sd["score.weight"].shape[0] if "score.weight" in sd else 0
+    if hf_config is not None:  # the config must describe these tensors: a disagreement is refused, naming the key
+        where = (os.path.join(os.fspath(source), "config.json") if isinstance(source, (str, os.PathLike))
+                 else "the HF config")
+        for key, actual in (("vocab_size", n_vocab + 1), ("n_positions", n_ctx), ("n_embd", n_embd),
+                            ("n_layer", n_layer)):
+            if key in hf_config and hf_config[key] != actual:
+                raise ConversionError(f"{where} has {key}={hf_config[key]!r} but the weights have {actual}: the "
+                                      "config and the weights do not belong together")
+    if not isinstance(n_head, int) or n_head < 1 or n_embd % n_head:
+        raise ConversionError(f"{where if hf_config is not None else 'n_head'} has n_head={n_head!r}, which does not "
+                              f"divide the weights' n_embd {n_embd}")
     config = GPTConfig(n_px=n_px, n_vocab=n_vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                        objective="ar", n_classes=n_classes)
 

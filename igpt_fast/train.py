@@ -18,8 +18,11 @@ says what a resume on another number of processes does to the data stream).
 Run folder: config.json (the resolved configuration), log.jsonl (one JSON row per log or eval
 step), ckpt.pt (latest) and ckpt.prev.pt (the one before), or ckpt.dcp/ and ckpt.prev.dcp/ with
 fsdp, loss.png. Rules:
-- a folder that holds a checkpoint is continued only with resume="auto" (or a path) and restarted
-  only with overwrite=True; anything else is refused.
+- a folder that holds a run (config.json, log.jsonl or any ckpt* entry) is continued only with
+  resume="auto" (or a path) and restarted only with overwrite=True; anything else is refused, and so
+  is resume="auto" when none of its checkpoints is complete. resume="auto" takes the newest complete
+  checkpoint, wherever a kill left it (checkpoint.recover_checkpoint); a weights-only file (export,
+  convert) is refused.
 - Resume: the checkpoint's architecture wins; an architecture field the caller set explicitly and
   that differs is an error naming each field. Training fields set explicitly (lr, steps, batch
   size, ...; TRAIN_OVERRIDES) override the checkpoint's and are printed as "changed on resume".
@@ -64,8 +67,9 @@ import torch.distributed as dist
 
 from igpt_fast.checkpoint import (CKPT_NAME, DCP_NAME, checkpoint_step, is_sharded, latest_checkpoint,
                                   load_checkpoint, load_full_optimizer_state, load_sharded_state, model_from_checkpoint,
-                                  model_state, remove_checkpoints, resolve_checkpoint, restore_previous, run_info,
-                                  save_checkpoint, save_sharded_checkpoint)
+                                  model_state, recover_checkpoint, remove_checkpoints, resolve_checkpoint,
+                                  restore_previous, run_files, run_info, save_checkpoint, save_sharded_checkpoint,
+                                  check_resumable)
 from igpt_fast.distributed import all_reduce_sum, setup_distributed, shard_model
 from igpt_fast.errors import IGPTError
 from igpt_fast.model import GPTConfig, IGPT
@@ -256,8 +260,9 @@ def start(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=
           print_fn=print):
     """Set up a run (see the module docstring for the folder rules) and return its Run.
 
-    resume: None (fresh), "auto" (RUN/ckpt.pt or RUN/ckpt.dcp when present) or a checkpoint path (file
-    or DCP folder). model: an initial IGPT for fresh runs (default IGPT(model_config)). explicit: the
+    resume: None (fresh), "auto" (the newest complete checkpoint: checkpoint.recover_checkpoint; a fresh
+    run when RUN holds no run file) or a checkpoint path (file or DCP folder). model: an initial IGPT
+    for fresh runs (default IGPT(model_config)). explicit: the
     names of the GPTConfig and TrainConfig fields the caller set on purpose (None: all of them). impl,
     grad_checkpoint, compile, parallel: how to run the model, never saved as architecture. classifier:
     the loss calls a model.Classifier around the model. parallel: "ddp" or "fsdp" (see the module
@@ -281,12 +286,21 @@ def start(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=
     say = print_fn if rank == 0 else (lambda *a, **k: None)
     meta = read_meta(tcfg.data_dir)
     palette = load_data_palette(tcfg.data_dir, meta)
-    ckpt_path = latest_checkpoint(tcfg.out_dir)
-    if resume == "auto":
-        resume = ckpt_path
-    elif resume is None and ckpt_path is not None:
+    found = run_files(tcfg.out_dir)
+    if resume == "auto":  # the newest complete checkpoint, wherever a killed save or rollback left it
+        resume, notes = recover_checkpoint(tcfg.out_dir) if rank == 0 else (None, [])
+        if world_size > 1:
+            dist.barrier()
+            resume = latest_checkpoint(tcfg.out_dir)
+        if resume is None and found:
+            raise TrainError(f"{tcfg.out_dir} holds {', '.join(found)} but no complete checkpoint to resume"
+                             + "".join(f" ({why})" for why in notes) + ": pass --overwrite to start a new run there "
+                             "(its checkpoints and log go), or --resume PATH")
+        for note in notes:
+            say(f"note: {note}")
+    elif resume is None and found:
         if not overwrite:
-            raise TrainError(f"{tcfg.out_dir} already holds a checkpoint ({ckpt_path}): pass --resume auto to "
+            raise TrainError(f"{tcfg.out_dir} already holds a run ({', '.join(found)}): pass --resume auto to "
                              "continue it, or --overwrite to start a new run there (its checkpoints and log go)")
         if rank == 0:
             remove_checkpoints(tcfg.out_dir)
@@ -295,6 +309,8 @@ def start(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=
     resume = resolve_checkpoint(resume) if resume is not None else None
     sharded = resume is not None and is_sharded(resume)
     ckpt = load_checkpoint(resume, weights=False) if resume is not None else None
+    if ckpt is not None:
+        check_resumable(ckpt)
     changed = []
     if ckpt is not None:
         model_config, tcfg, changed = _merge_on_resume(ckpt, model_config, tcfg, explicit)

@@ -134,3 +134,68 @@ def test_weights_that_do_not_fit_name_the_key(tmp_path):
     save_checkpoint(tmp_path / "ckpt.pt", state)
     with pytest.raises(CheckpointError, match=r"missing ln_f\.weight.*shape h\.0\.mlp\.c_fc\.weight \(3, 3\)"):
         model_from_checkpoint(tmp_path)
+
+
+def test_non_finite_weights_are_refused_on_load_naming_the_tensor(data_dir, tmp_path):
+    from igpt_fast.checkpoint import model_state
+    from igpt_fast.model import IGPT
+
+    model = IGPT(GPTConfig(n_px=N_PX, n_vocab=N_VOCAB, n_layer=1, n_head=2, n_embd=16))
+    palette = Palette.load(os.path.join(data_dir, "palette.npy"))
+    state = model_state(model, palette)
+    state["model"]["h.0.attn.c_proj.weight"][0, 0] = float("nan")
+    save_checkpoint(tmp_path / "ckpt.pt", state)
+    with pytest.raises(CheckpointError, match=r"h\.0\.attn\.c_proj\.weight holds non-finite"):
+        model_from_checkpoint(tmp_path)
+    for verb in (["probe", tmp_path, "--data", data_dir, "--no-pixels"], ["sample", tmp_path, "--n-samples", "1"],
+                 ["finetune", tmp_path, "--data", data_dir, "--steps", "1"]):
+        res = CliRunner().invoke(cli, [str(a) for a in verb])
+        assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, (verb, res.output)
+        assert "h.0.attn.c_proj.weight holds non-finite values" in res.output
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):
+    import errno
+    import io
+
+    import igpt_fast.checkpoint as checkpoint_module
+
+    cfg = GPTConfig(n_px=N_PX, n_vocab=N_VOCAB, n_layer=1, n_head=2, n_embd=16)
+    tcfg = TrainConfig(data_dir=data_dir, out_dir=str(tmp_path / "run"), steps=2, batch_size=2, eval_every=0,
+                       eval_batches=1, ckpt_every=1)
+    train(cfg, tcfg, print_fn=lambda *a: None)
+    before = {n: (tmp_path / "run" / n).read_bytes() for n in ("ckpt.pt", "ckpt.prev.pt")}
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fake_open(path, mode="r", *args, **kwargs):  # the checkpoint module's writes to a temp file hit a full disk
+        return FullDisk(path, "w") if ".tmp" in os.fspath(path) and "w" in mode else open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "open", fake_open, raising=False)
+    res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(tmp_path / "run"), "--steps", "3", "--resume",
+                                   "auto"])
+    errors = [line for line in res.output.splitlines() if line.startswith("Error")]
+    assert res.exit_code == 1 and len(errors) == 1 and "Traceback" not in res.output, res.output
+    assert errors[0].endswith("MiB free in " + str(tmp_path / "run") + ")"), errors
+    assert "cannot write" in res.output and "ckpt.pt: no space left on device" in res.output
+    assert {n: (tmp_path / "run" / n).read_bytes() for n in ("ckpt.pt", "ckpt.prev.pt")} == before
+    assert sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("ckpt")) == ["ckpt.prev.pt", "ckpt.pt"]
+
+
+def test_export_and_convert_never_write_over_a_runs_checkpoint(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(GPTConfig(n_px=N_PX, n_vocab=N_VOCAB, n_layer=1, n_head=2, n_embd=16),
+          TrainConfig(data_dir=data_dir, out_dir=str(run), steps=1, batch_size=2, eval_every=0, eval_batches=1),
+          print_fn=lambda *a: None)
+    before = (run / "ckpt.pt").read_bytes()
+    for verb in (["export", run, "--out", run / "ckpt.pt"], ["export", run, "--out", run / "ckpt.prev.pt"],
+                 ["export", run / "ckpt.pt", "--out", run / "ckpt.dcp"],
+                 ["convert", run, "--to", "hf", "--out", run / "ckpt.dcp"]):
+        res = CliRunner().invoke(cli, [str(a) for a in verb])
+        assert res.exit_code == 1 and "is a name of the run" in res.output, (verb, res.output)
+        assert len(res.output.strip().splitlines()) == 1
+    assert (run / "ckpt.pt").read_bytes() == before and not (run / "ckpt.dcp").exists()
+    assert load_checkpoint(run)["optimizer"]
+    res = CliRunner().invoke(cli, ["export", str(run), "--out", str(run / "model.pt")])  # another name is fine
+    assert res.exit_code == 0, res.output

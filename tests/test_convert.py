@@ -5,6 +5,7 @@ HF -> IGPT -> HF round trip is bitwise exact (LM and classifier), the CLI in bot
 misuse errors. No internet: the HF models are built from ImageGPTConfig with random weights."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -287,3 +288,27 @@ def test_cli_finetuned_run_and_bert_run(tmp_path):
     res = invoke(cli, ["convert", str(tmp_path / "bert.pt"), "--to", "hf", "--out", str(tmp_path / "bert")])
     assert res.exit_code == 1 and "autoregressive only" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "bert").exists()
+
+
+def test_damaged_hf_folders_are_one_line_errors(tmp_path):
+    """A config.json that is not JSON, a truncated safetensors file and a config that disagrees with the
+    tensors (which converted silently before) each give one line naming the file or the key."""
+    hf = hf_model(transformers.ImageGPTForCausalImageModeling, 4, 32, 2, 2)
+    hf.save_pretrained(tmp_path / "good")
+    config = json.loads((tmp_path / "good" / "config.json").read_text())
+    cases = {"notjson": ("config.json", "{not json", "config.json is not valid JSON"),
+             "truncated": ("model.safetensors", None, "model.safetensors is truncated or damaged")}
+    for key, value in [("n_embd", 64), ("n_layer", 3), ("vocab_size", 33), ("n_positions", 25), ("n_head", 3)]:
+        cases[key] = ("config.json", json.dumps({**config, key: value}), f"config.json has {key}={value}")
+    for name, (file, text, message) in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "good", folder)
+        if text is None:
+            data = (folder / file).read_bytes()
+            (folder / file).write_bytes(data[: len(data) // 2])
+        else:
+            (folder / file).write_text(text)
+        res = CliRunner().invoke(cli, ["convert", str(folder), "--out", str(tmp_path / f"{name}.pt")])
+        assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, (name, res.output)
+        assert message in res.output and "Traceback" not in res.output, (name, res.output)
+        assert not (tmp_path / f"{name}.pt").exists()

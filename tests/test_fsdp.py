@@ -7,6 +7,7 @@ launches run concurrently (each is mostly start-up) on tiny models."""
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -283,3 +284,79 @@ def test_single_process_fsdp_options_and_errors(data_dir, tmp_path):
         start(model_config(), tcfg, parallel="fsdp", classifier=True)
     with pytest.raises(TrainError, match="parallel must be one of"):
         start(model_config(), tcfg, parallel="zero")
+
+
+class _Planted:
+    """A pickle whose loading runs a shell command (it creates the marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_metadata_pickle_is_refused_not_run(data_dir, runs, tmp_path):
+    import pickle
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "fsdp", run)
+    shutil.rmtree(run / "ckpt.prev.dcp")
+    marker = tmp_path / "executed"
+    (run / "ckpt.dcp" / ".metadata").write_bytes(pickle.dumps(_Planted(marker)))
+    verbs = [["probe", run, "--data", data_dir, "--max-iter", "2", "--no-pixels"], ["sample", run, "--n-samples", "1"],
+             ["export", run, "--out", tmp_path / "model.pt"], ["convert", run, "--to", "hf", "--out", tmp_path / "hf"],
+             ["train", data_dir, "--out", run, *TRAIN, "--steps", "6", "--parallel", "fsdp", "--resume", "auto"],
+             ["train", data_dir, "--out", tmp_path / "other", *TRAIN, "--steps", "6", "--parallel", "fsdp",
+              "--resume", run / "ckpt.dcp"]]
+    for verb in verbs:
+        res = CliRunner().invoke(cli, [str(a) for a in verb])
+        cleanup_distributed()
+        assert not marker.exists(), verb
+        assert res.exit_code == 1 and "Traceback" not in res.output, (verb, res.output)
+        assert len(res.output.strip().splitlines()) == 1 and ".metadata" in res.output, (verb, res.output)
+    assert "was not loaded" in res.output and "posix.system" in res.output
+
+
+def test_missing_or_truncated_shards_are_one_line_errors(data_dir, runs, tmp_path):
+    for damage in ("missing", "truncated"):
+        run = tmp_path / damage
+        shutil.copytree(runs / "fsdp", run)
+        shard = run / "ckpt.dcp" / "__1_0.distcp"
+        if damage == "missing":
+            shard.unlink()
+        else:
+            shard.write_bytes(shard.read_bytes()[:100])
+        for verb in (["sample", run / "ckpt.dcp", "--n-samples", "1"],
+                     ["export", run / "ckpt.dcp", "--out", run / "m.pt"],
+                     ["train", data_dir, "--out", tmp_path / f"{damage}2", *TRAIN, "--steps", "6", "--resume",
+                      run / "ckpt.dcp"]):
+            res = CliRunner().invoke(cli, [str(a) for a in verb])
+            cleanup_distributed()
+            assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, (verb, res.output)
+            assert f"__1_0.distcp is {damage}" in res.output, res.output
+        # --resume auto falls back to the previous checkpoint, naming what it set aside
+        res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(run), *TRAIN, "--steps", "3", "--parallel",
+                                       "fsdp", "--resume", "auto"])
+        cleanup_distributed()
+        assert res.exit_code == 0, res.output
+        assert "ckpt.dcp set aside as ckpt.dcp.damaged" in res.output and "ckpt.prev.dcp (step 2)" in res.output
+        assert sorted(losses(run)[0]) == [1, 2, 3]
+
+
+def test_killed_sharded_save_resumes_from_the_complete_temp_folder(data_dir, runs, tmp_path):
+    """The window of a folder save: ckpt.dcp renamed to ckpt.prev.dcp, the complete ckpt.dcp.tmp not yet
+    renamed. Before, --resume auto started a fresh run and later deleted the complete temp folder."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "fsdp", run)
+    shutil.rmtree(run / "ckpt.prev.dcp")
+    os.replace(run / "ckpt.dcp", run / "ckpt.dcp.tmp")
+    shutil.copytree(runs / "fsdp" / "ckpt.prev.dcp", run / "ckpt.prev.dcp")
+    res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(run), *TRAIN, "--steps", "5", "--parallel", "fsdp",
+                                   "--resume", "auto"])
+    cleanup_distributed()
+    assert res.exit_code == 0, res.output
+    assert "ckpt.dcp.tmp (step 4) is the newest complete checkpoint" in res.output
+    assert json.loads((run / "config.json").read_text())["start_step"] == 4
+    assert sorted(losses(run)[0]) == [1, 2, 3, 4, 5]
+    assert load_checkpoint(run / "ckpt.prev.dcp")["step"] == 4

@@ -168,3 +168,55 @@ def test_non_finite_numbers_are_usage_errors(data_dir, tmp_path, flag, value):
     assert not (tmp_path / "r").exists()
     with pytest.raises(TrainError, match="finite"):
         TrainConfig(data_dir="d", out_dir="o", lr=float("nan"))
+
+
+def test_resume_auto_finds_the_checkpoint_a_killed_save_left(data_dir, tmp_path):
+    """A save killed between its renames left ckpt.prev.pt and a complete ckpt.pt.tmp, no ckpt.pt: before,
+    --resume auto found nothing, trained a new run from step 0 and later replaced ckpt.prev.pt."""
+    run = tmp_path / "run"
+    assert base(data_dir, run, "--steps", 4, "--ckpt-every", 2).exit_code == 0
+    os.replace(run / "ckpt.pt", run / "ckpt.pt.tmp")
+    res = run_cli(data_dir, "--out", run, "--resume", "auto", "--steps", 6)  # no architecture flags: the run's
+    assert res.exit_code == 0, res.output
+    assert "ckpt.pt.tmp (step 4) is the newest complete checkpoint" in res.output
+    assert json.loads((run / "config.json").read_text())["start_step"] == 4
+    assert steps_logged(run) == [1, 2, 3, 4, 5, 6]
+    assert load_checkpoint(run)["step"] == 6 and load_checkpoint(run / "ckpt.prev.pt")["step"] == 4
+    assert sorted(n for n in os.listdir(run) if n.startswith("ckpt")) == ["ckpt.prev.pt", "ckpt.pt"]
+    # a temp file the kill cut short is not taken: the previous checkpoint is
+    os.replace(run / "ckpt.pt", run / "ckpt.pt.tmp.123.0")
+    data = (run / "ckpt.pt.tmp.123.0").read_bytes()
+    (run / "ckpt.pt.tmp.123.0").write_bytes(data[: len(data) // 2])
+    res = run_cli(data_dir, "--out", run, "--resume", "auto", "--steps", 7)
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "config.json").read_text())["start_step"] == 4
+    assert steps_logged(run) == list(range(1, 8))
+    assert sorted(n for n in os.listdir(run) if n.startswith("ckpt")) == ["ckpt.prev.pt", "ckpt.pt"]
+
+
+def test_a_folder_holding_a_run_is_never_started_fresh_silently(data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert base(data_dir, run, "--steps", 2).exit_code == 0
+    data = (run / "ckpt.pt").read_bytes()
+    (run / "ckpt.pt").write_bytes(data[:100])
+    res = base(data_dir, run, "--steps", 4, "--resume", "auto")
+    assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+    assert "holds ckpt.pt, config.json, log.jsonl but no complete checkpoint" in res.output
+    assert "--overwrite" in res.output and (run / "ckpt.pt").read_bytes() == data[:100]  # left as it was
+    os.remove(run / "ckpt.pt")  # killed before its first checkpoint: a log and a config
+    res = base(data_dir, run, "--steps", 4)
+    assert res.exit_code == 1 and "already holds a run (config.json, log.jsonl)" in res.output
+    assert base(data_dir, run, "--steps", 2, "--overwrite").exit_code == 0
+    assert steps_logged(run) == [1, 2]
+    assert base(data_dir, tmp_path / "new", "--steps", 1, "--resume", "auto").exit_code == 0  # an empty folder: fresh
+
+
+def test_resuming_a_weights_only_file_says_what_it_is(data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert base(data_dir, run, "--steps", 2).exit_code == 0
+    res = CliRunner().invoke(cli, ["export", str(run), "--out", str(tmp_path / "model.pt")])
+    assert res.exit_code == 0, res.output
+    res = base(data_dir, tmp_path / "again", "--steps", 4, "--resume", tmp_path / "model.pt")
+    assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+    assert "holds model weights only" in res.output and str(run / "ckpt.pt") in res.output
+    assert "model=model_from_checkpoint" in res.output
