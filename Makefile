@@ -88,8 +88,9 @@ bench: $(STAMP)
 # No GPU needed: compile every CUDA kernel config dispatch can launch for sm_90 and sm_80 and fail on a
 # compile error, shared memory or registers over the limit, a spill, or a dot off the tensor cores;
 # table in benchmarks/results/compile_check.md/.csv. compile-check-all adds the autotune configs.
-# Both run twice: with the venv's triton, then with GPU_TRITON (what the GPU machine runs; its wheel in
-# its own folder under the venv, installed once, first on PYTHONPATH), table compile_check_triton$(GPU_TRITON).md.
+# Both run twice, failing if either fails: with the venv's triton, then with GPU_TRITON (what the GPU
+# machine runs; its wheel in its own folder under the venv, installed once, first on PYTHONPATH), table
+# in benchmarks/results/compile_check_triton$(GPU_TRITON).md/.csv.
 GPU_TRITON ?= 3.6.0
 GPU_TRITON_DIR := $(VENV)/triton-$(GPU_TRITON)
 .PHONY: compile-check compile-check-all
@@ -99,14 +100,14 @@ $(GPU_TRITON_DIR): | $(STAMP)
 	mv $@.tmp $@
 
 compile-check: $(STAMP) | $(GPU_TRITON_DIR)
-	$(PY) tools/compile_check.py --jobs 2
+	s=0; $(PY) tools/compile_check.py --jobs 2 || s=1; \
 	PYTHONPATH=$(GPU_TRITON_DIR) $(PY) tools/compile_check.py --jobs 2 \
-	  --out benchmarks/results/compile_check_triton$(GPU_TRITON)
+	  --out benchmarks/results/compile_check_triton$(GPU_TRITON) || s=1; exit $$s
 
 compile-check-all: $(STAMP) | $(GPU_TRITON_DIR)
-	$(PY) tools/compile_check.py --all --jobs 2
+	s=0; $(PY) tools/compile_check.py --all --jobs 2 || s=1; \
 	PYTHONPATH=$(GPU_TRITON_DIR) $(PY) tools/compile_check.py --all --jobs 2 \
-	  --out benchmarks/results/compile_check_triton$(GPU_TRITON)
+	  --out benchmarks/results/compile_check_triton$(GPU_TRITON) || s=1; exit $$s
 
 gpu-check:  # on a CUDA machine that has torch and triton: CUDA tests + every GPU benchmark
 	bash benchmarks/gpu_check.sh $(OUT)

@@ -20,8 +20,12 @@ of their launch configs. With --all, also every config of the attention autotune
 (IGPT_FAST_AUTOTUNE=1): there a spill or an over-limit shared memory is reported, not failed (the
 autotuner skips configs that cannot launch), a compile error or a lost tensor core still fails.
 
-Writes OUT.md (a table) and OUT.csv (one row per kernel compile), atomically; exits 1 listing every
-failure. Usage: python tools/compile_check.py [--all] [--jobs 2] [--out benchmarks/results/compile_check]
+Works with the triton it imports, 3.6 (what the GPU machine runs) or 3.9 (the venv's): `make compile-check`
+runs it once with each, the 3.6 wheel from its own --target folder first on PYTHONPATH.
+
+Writes OUT.md (a table whose header names the triton version) and OUT.csv (one row per kernel compile, with a
+triton column), atomically; exits 1 listing every failure.
+Usage: python tools/compile_check.py [--all] [--jobs 2] [--out benchmarks/results/compile_check]
 """
 import os
 
@@ -113,8 +117,9 @@ def _compile(kernel, args, meta, target):
 
     backend = make_backend(target)
     meta = dict(meta, debug=kernel.debug or knobs.runtime.debug,
-                instrumentation_mode=knobs.compilation.instrumentation_mode,
-                fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+                instrumentation_mode=knobs.compilation.instrumentation_mode)
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # a launch option in 3.9, unknown to 3.6 (KeyError)
+        meta["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **meta)
     options, signature, constexprs, attrs = kernel._pack_args(backend, meta, bound, specialization, options)
@@ -226,12 +231,16 @@ def main(argv=None):
                   f"{'FAIL' if bad else 'ok'} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     elapsed = time.perf_counter() - start
 
-    ptxas = {t: subprocess.run([tool, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-2]
-             for t, tool in (("sm_80", _tool("ptxas")), ("sm_90", _tool("ptxas-blackwell")))}
+    ptxas = {}
+    for target, limits in TARGETS.items():
+        major, minor = limits["capability"]
+        ptxas[target] = _ptxas_version(10 * major + minor)
     failures = [r for r in rows if r["verdict"].startswith("FAIL")]
     max_regs = max(r["regs"] for r in rows if "regs" in r)
-    header = (f"# Compile check: every CUDA kernel config, compiled without a GPU\n\n"
-              f"`python tools/compile_check.py{' --all' if args.all else ''}` with triton {triton.__version__}, "
+    command = " ".join(["python tools/compile_check.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    triton_dir = os.path.relpath(os.path.dirname(triton.__file__), REPO)
+    header = (f"# Compile check, triton {triton.__version__}: every CUDA kernel config, compiled without a GPU\n\n"
+              f"`{command}` with triton {triton.__version__} ({triton_dir}), "
               f"torch {torch.__version__}; ptxas: sm_80 {ptxas['sm_80']}, sm_90 {ptxas['sm_90']}. "
               f"{len(rows)} compiles, {len(failures)} failures, max {max_regs} registers/thread, "
               f"{sum(1 for r in rows if r.get('spill_bytes'))} with spills; {elapsed:.0f} s with "
@@ -241,9 +250,9 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     _atomic_write(args.out + ".md", _markdown(rows, header))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=["triton"] + COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(dict(r, triton=triton.__version__) for r in rows)
     _atomic_write(args.out + ".csv", buf.getvalue())
     print(f"{len(rows)} compiles in {elapsed:.0f} s, {len(failures)} failures, max {max_regs} registers; "
           f"wrote {args.out}.md and .csv")
@@ -255,8 +264,13 @@ def main(argv=None):
     return 0
 
 
-def _tool(name):
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+def _ptxas_version(arch):
+    """The version line of the ptxas this triton runs for `arch` (3.6: ptxas below sm_100; 3.9: ptxas-blackwell
+    from sm_90 on)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    out = subprocess.run([get_ptxas(arch).path, "--version"], capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()[-2]
 
 
 if __name__ == "__main__":
