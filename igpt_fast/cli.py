@@ -188,7 +188,11 @@ def verify_cmd(data_dir):
 @click.option("--mixed-precision/--no-mixed-precision", default=None,
               help="--parallel fsdp: bf16 parameters in forward/backward, gradients reduced in fp32 "
                    "(default: on with CUDA, off on CPU).")
-@click.option("--steps", type=click.IntRange(1), default=1000, show_default=True, help="Optimizer steps.")
+@click.option("--steps", type=click.IntRange(1), default=1000, show_default=True,
+              help="Optimizer steps (with --max-minutes: at most this many, unbounded unless given).")
+@click.option("--max-minutes", type=NON_NEGATIVE, default=0.0,
+              help="Wall-clock budget of this training process (setup, steps, checkpoints, evaluations): at the end "
+                   "of warmup the steps that fit are fixed, so the cosine ends on time. 0 = no budget.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Micro-batch per process.")
 @click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True, help="Micro-batches per step.")
 @click.option("--lr", type=POSITIVE, default=3e-3, show_default=True, help="Peak LR.")
@@ -221,14 +225,14 @@ def train_cmd(ctx, data_dir, out, preset, objective, n_px, n_layer, n_head, n_em
     Under `torchrun --nproc_per_node=K` (or `--nnodes N` with a c10d rendezvous) the same command runs
     DDP, or FSDP2 with --parallel fsdp (then RUN/ckpt.dcp/, resumable on any number of processes;
     `igpt-fast export RUN --out model.pt` makes one file of it). Prints
-    `step | loss | ms/step | tok/s | mfu`; writes RUN/config.json, RUN/log.jsonl, RUN/ckpt.pt (and
+    `step/steps | loss | lr | ms/step | tok/s | mfu | eta`; writes RUN/config.json, RUN/log.jsonl, RUN/ckpt.pt (and
     ckpt.prev.pt), RUN/loss.png. A folder holding a checkpoint needs --resume auto or --overwrite.
     """
     from .checkpoint import is_sharded
     from .data import read_meta
     from .model import PRESETS, GPTConfig
     from .distributed import cleanup_distributed
-    from .train import TrainConfig, train
+    from .train import UNBOUNDED_STEPS, TrainConfig, train
 
     if resume is not None and resume != "auto" and not (os.path.isfile(resume) or is_sharded(resume)):
         raise click.UsageError(f"--resume {resume}: no such checkpoint (use 'auto', a ckpt.pt path or a ckpt.dcp "
@@ -248,6 +252,8 @@ def train_cmd(ctx, data_dir, out, preset, objective, n_px, n_layer, n_head, n_em
     explicit = _explicit(ctx, ["objective", "dropout", *given, *train_flags])
     if "preset" in _explicit(ctx, ["preset"]):
         explicit |= set(PRESETS[preset]) - {"n_px"}
+    if train_flags["max_minutes"] and "steps" not in explicit:
+        train_flags["steps"] = UNBOUNDED_STEPS  # the budget decides
     tcfg = TrainConfig(data_dir=data_dir, out_dir=out, **train_flags)
     try:
         result = train(model_config, tcfg, resume=resume, explicit=explicit, overwrite=overwrite, impl=impl,

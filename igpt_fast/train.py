@@ -8,6 +8,10 @@ checkpointing, optional torch.compile, DDP or FSDP2 under torchrun (gloo on CPU,
 rate is a function of the step and the TrainConfig (`lr_at`), so a resumed run continues its
 schedule from the saved step, with whatever schedule flags the resume changed.
 
+Time budget (max_minutes, `--max-minutes`): the step count, and with it the cosine, is fitted to a
+wall-clock budget once, at the end of warmup (`TimeBudget`); from then on the run is an ordinary
+N-step run whose checkpoints record N, so it resumes like any other.
+
 MFU = tokens/s * flops_per_token / peak_flops, flops_per_token = 6 N + 12 n_layer n_embd n_ctx
 (N = parameters without the position table; PaLM appendix B / nanoGPT, attention counted as
 non-causal), peak = the GPU's dense bf16 peak (table below or --peak-tflops). Not reported on CPU.
@@ -77,10 +81,14 @@ from igpt_fast.runlog import RunLock, plot_losses, truncate_log, write_text_atom
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 PARALLEL = ("ddp", "fsdp")
+# TimeBudget: steps left out of the timing (compile, autotune), steps timed before a plan, share of the
+# budget after which the plan happens even inside warmup, spare time in the plan, steps in the running mean
+TIME_SKIP, TIME_MIN_TIMED, TIME_PLAN_FRACTION, TIME_MARGIN, TIME_WINDOW = 2, 5, 0.1, 0.97, 20
+UNBOUNDED_STEPS = 10**9  # --steps when --max-minutes alone bounds a run
 # Training fields a resume may change (given explicitly); the rest (seed, paths) stay the checkpoint's.
 TRAIN_OVERRIDES = ("steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "lr_decay_steps",
                    "weight_decay", "grad_clip", "log_every", "eval_every", "eval_batches", "ckpt_every",
-                   "num_workers", "peak_tflops", "spike_factor", "on_bad_shard")
+                   "num_workers", "peak_tflops", "spike_factor", "on_bad_shard", "max_minutes")
 ARCH_FIELDS = tuple(f.name for f in fields(GPTConfig))
 
 
@@ -122,6 +130,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # 0: look the GPU up in PEAK_BF16_TFLOPS
     spike_factor: float = 4.0  # a loss above this x the recent median is a blow-up; 0 disables
     on_bad_shard: str = "error"  # "skip": a bad train shard is left out, warned of and counted (data.py)
+    max_minutes: float = 0.0  # wall-clock budget of this process (TimeBudget); steps is then an upper bound
 
     def __post_init__(self):
         for f in fields(self):
@@ -196,6 +205,117 @@ def lr_at(tcfg, step):
     """The learning rate of optimizer step `step` under tcfg's warmup + cosine schedule."""
     min_ratio = tcfg.min_lr / tcfg.lr if tcfg.lr else 0.0
     return tcfg.lr * lr_factor(step, tcfg.warmup_steps, tcfg.lr_decay_steps or tcfg.steps, min_ratio)
+
+
+def _rank0(run, value):
+    """An int as rank 0 has it, on every rank (a broadcast under torchrun)."""
+    if run.world_size == 1:
+        return value
+    agreed = torch.tensor([value], dtype=torch.int64, device=run.device)
+    dist.broadcast(agreed, src=0)
+    return int(agreed.item())
+
+
+class TimeBudget:
+    """max_minutes: end a run on time with its cosine schedule completed, by fitting the step count to the
+    budget once, at the end of warmup.
+
+    The clock starts when `train` is called (setup, data loader start and a resume's load count). The steps
+    of this process are timed (the first TIME_SKIP, which compile and autotune, left out). At the end of
+    warmup, or once TIME_PLAN_FRACTION of the budget is spent if that comes first (never before
+    TIME_MIN_TIMED timed steps), the run writes a checkpoint, evaluates and plots once, timing each, and
+    sets tcfg.steps to the steps that fit what is left at the measured cost per step (the mean of the
+    latest timed steps, plus the evaluations and checkpoints of eval_every / ckpt_every amortised), less
+    the final checkpoint, evaluation and plot, with TIME_MARGIN to spare; never more than the steps
+    given, which are an upper bound. A warmup longer than a fifth of that is cut to a fifth. The plan is
+    a row of log.jsonl ({"step", "time_plan": {...}}) and one printed line.
+
+    Why the steps and not the LR over elapsed time: the warmup does not depend on the total, so nothing
+    before the plan changes, and after it the LR is a function of the step as in any run (lr_at): a run
+    with the same plan is the same run, whatever the clock did, and a checkpoint records steps=N (and
+    max_minutes=0), so `--resume auto` continues that schedule exactly; a schedule over elapsed time
+    would make every LR depend on timing noise and a resume on the time already spent. A resume given
+    --max-minutes again re-fits the remaining steps to its own budget (fewer, never more than the
+    checkpoint's unless --steps says so).
+
+    Should the steps then run slower than planned (the mean of the latest TIME_WINDOW steps), N shrinks
+    to what still fits, checked after every step: the cosine ends a little early rather than the run
+    late. N never grows. Under torchrun rank 0 decides and the ranks follow (one broadcast per step).
+    """
+
+    def __init__(self, max_minutes, started):
+        self.budget_s = 60.0 * max_minutes
+        self.started = started
+        self.planned = False
+        self.step_s = deque(maxlen=TIME_WINDOW)  # durations of this process's latest steps
+        self.timed = 0
+        self.eval_s = self.save_s = self.plot_s = 0.0
+        self.announced = 0  # the steps of the plan or of the last shrink printed
+
+    def elapsed(self):
+        return time.perf_counter() - self.started
+
+    def _per_step(self, tcfg):
+        """Seconds one more step costs: the latest steps' mean, plus evaluations and checkpoints amortised."""
+        per_step = sum(self.step_s) / len(self.step_s)
+        if tcfg.eval_every:
+            per_step += self.eval_s / tcfg.eval_every
+        if tcfg.ckpt_every:
+            per_step += self.save_s / tcfg.ckpt_every
+        return per_step
+
+    def _fit(self, run, margin):
+        """The last step that fits the budget (at least run.step, at most tcfg.steps); rank 0's on every rank."""
+        final_s = self.eval_s + self.save_s + self.plot_s
+        left = self.budget_s - self.elapsed() - final_s
+        fits = run.step + max(0, math.floor(margin * left / self._per_step(run.tcfg)))
+        return _rank0(run, min(run.tcfg.steps, fits))
+
+    def after_step(self, run, seconds, evaluate):
+        """Time a step; plan at the end of warmup, shrink when behind. True when it wrote, evaluated or plotted."""
+        tcfg = run.tcfg
+        self.timed += 1
+        if self.timed > TIME_SKIP:
+            self.step_s.append(seconds)
+        if run.step >= tcfg.steps:
+            return False
+        if self.planned:
+            last = self._fit(run, 1.0)
+            if last < tcfg.steps and last < 0.99 * self.announced:  # said once per 1% lost
+                run.say(f"time budget: steps now take {self._per_step(tcfg) * 1e3:.1f} ms; the run ends at step "
+                        f"{last} instead of {self.announced}")
+                log_row(run, {"step": run.step, "time_shrink": {"steps": last, "was": self.announced}})
+                self.announced = last
+            tcfg.steps = min(tcfg.steps, last)
+            return False
+        if len(self.step_s) < TIME_MIN_TIMED or not _rank0(run, int(
+                run.step >= tcfg.warmup_steps or self.elapsed() >= TIME_PLAN_FRACTION * self.budget_s)):
+            return False
+        t = time.perf_counter()
+        save(run)
+        self.save_s = time.perf_counter() - t
+        t = time.perf_counter()
+        _evaluate_and_log(run, evaluate)
+        self.eval_s = time.perf_counter() - t
+        t = time.perf_counter()
+        if run.master and os.path.isfile(run.log_path):
+            plot_losses(run.log_path, os.path.join(tcfg.out_dir, "loss.png"))
+        self.plot_s = time.perf_counter() - t
+        upper = tcfg.steps
+        tcfg.steps = self.announced = self._fit(run, TIME_MARGIN)
+        if run.step < tcfg.warmup_steps and tcfg.warmup_steps > tcfg.steps // 5:  # the plan came before warmup's end
+            tcfg.warmup_steps = max(run.step, tcfg.steps // 5)
+        tcfg.max_minutes = 0.0  # the checkpoints from here on hold an ordinary N-step run
+        self.planned = True
+        plan = {"steps": tcfg.steps, "upper_bound": upper, "warmup_steps": tcfg.warmup_steps,
+                "budget_s": self.budget_s, "elapsed_s": round(self.elapsed(), 3),
+                "ms_per_step": round(1e3 * self._per_step(tcfg), 3), "save_s": round(self.save_s, 3),
+                "eval_s": round(self.eval_s, 3), "plot_s": round(self.plot_s, 3), "margin": TIME_MARGIN}
+        log_row(run, {"step": run.step, "time_plan": plan})
+        run.say(f"time budget: {self.budget_s:g} s, {plan['elapsed_s']:.1f} s spent by step {run.step}, "
+                f"{plan['ms_per_step']:.1f} ms/step -> {tcfg.steps} steps (final checkpoint + eval + plot "
+                f"{self.save_s + self.eval_s + self.plot_s:.1f} s)")
+        return True
 
 
 def _rng_state():
@@ -601,18 +721,19 @@ def train(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=
 
     loss_fn(module, tokens, labels) -> (loss, metrics) gets the wrapped module (so DDP syncs);
     evaluate(run) -> metrics; on_eval(run, metrics) -> True stops the run early."""
+    started = time.perf_counter()  # the clock of max_minutes
     lock = _lock_run_folder(tcfg.out_dir, parallel, print_fn)
     try:
         run = start(model_config, tcfg, resume=resume, model=model, explicit=explicit, overwrite=overwrite,
                     impl=impl, grad_checkpoint=grad_checkpoint, compile=compile, classifier=classifier,
                     parallel=parallel, mixed_precision=mixed_precision, print_fn=print_fn)
-        return _loop(run, loss_fn, evaluate, on_eval)
+        return _loop(run, loss_fn, evaluate, on_eval, started)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _loop(run, loss_fn, evaluate, on_eval):
+def _loop(run, loss_fn, evaluate, on_eval, started=None):
     """train's loop over a Run set up by `start`."""
     from igpt_fast.data import train_loader
 
@@ -626,9 +747,13 @@ def _loop(run, loss_fn, evaluate, on_eval):
     run.module.train()
     loss, metrics, stopped = float("nan"), {}, False
     t0, timed = time.perf_counter(), 0
+    budget = TimeBudget(tcfg.max_minutes, started or t0) if tcfg.max_minutes else None
     with _StopOnSignal(run):
         while run.step < tcfg.steps and not stopped:
+            t_step = time.perf_counter()
             loss, grad_norm, extra = train_step(run, batches, loss_fn)
+            if budget is not None and budget.after_step(run, time.perf_counter() - t_step, evaluate):
+                t0, timed = time.perf_counter(), 0
             if tcfg.on_bad_shard == "skip":
                 extra["skipped_shards"] = loader.skipped_shards  # this process's bad shards so far
             timed += 1

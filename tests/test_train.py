@@ -275,3 +275,28 @@ def test_image_side_defaults_to_the_data(data_dir, tmp_path):
                                    "--n-embd", "16", "--steps", "1", "--eval-every", "0", "--eval-batches", "1"])
     assert res.exit_code == 0, res.output
     assert json.loads((run / "config.json").read_text())["model"]["n_px"] == N_PX
+
+
+def test_max_minutes_ends_on_time_with_the_cosine_completed(data_dir, tmp_path):
+    """--max-minutes alone (no --steps): the steps are fitted to the budget at the end of warmup, the run ends
+    within the budget plus a little slack, its last step is the schedule's last (LR at the cosine floor), and
+    its checkpoint records an ordinary N-step run (max_minutes 0), which a resume continues as is."""
+    run, budget_s, lr, min_lr = tmp_path / "run", 20.0, 1e-2, 1e-4
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(run), *ARCH, "--max-minutes", str(budget_s / 60),
+                                   "--batch-size", "4", "--lr", str(lr), "--min-lr", str(min_lr), "--warmup-steps", "10",
+                                   "--log-every", "5", "--eval-every", "0", "--eval-batches", "2", "--ckpt-every", "0"])
+    wall = time.perf_counter() - t0
+    assert res.exit_code == 0, res.output
+    assert budget_s / 2 < wall < budget_s + 3.0, (wall, res.output)
+    rows = read_log(str(run / "log.jsonl"))
+    plan = next(r for r in rows if "time_plan" in r)
+    assert plan["step"] == 10 and plan["time_plan"]["upper_bound"] == 10**9, plan  # planned at the end of warmup
+    ckpt = load_checkpoint(str(run / "ckpt.pt"), weights=False)
+    steps = ckpt["train_config"]["steps"]
+    assert ckpt["step"] == steps >= 30 and ckpt["train_config"]["max_minutes"] == 0.0, ckpt["train_config"]
+    last = [r for r in rows if "loss" in r][-1]
+    assert last["step"] == steps
+    assert min_lr <= last["lr"] < min_lr + 0.01 * (lr - min_lr), last  # the final step ran at the cosine floor
+    assert lr_at(TrainConfig(**ckpt["train_config"]), steps) == pytest.approx(min_lr)
+    assert f"-> {plan['time_plan']['steps']} steps" in res.output
