@@ -358,13 +358,36 @@ class Palette:
             raise PaletteError(f"ids must lie in [0, {self.k}), found [{ids.min()}, {ids.max()}]")
         return self.colours()[ids.astype(np.int64)].reshape(-1, n_px, n_px, 3)
 
-    def save_swatch(self, path, cell=16, columns=32):
-        """A PNG of the palette's colours, `columns` per row, in id order."""
-        from PIL import Image
+    def save_swatch(self, path, cell=24, columns=None):
+        """A labelled PNG of the palette: a title band ("palette: k = 512") over a near-square grid of
+        cells in id order, each cell filled with its colour and carrying its id (black or white, whichever
+        reads on it). columns: cells per row (default: a power of two for a power-of-two k, 512 -> 32 x
+        16, else ceil(sqrt(k))), so at most the last row is part empty."""
+        from PIL import Image, ImageDraw, ImageFont
 
-        rows = -(-self.k // columns)
+        k = self.k
+        if columns is None:
+            columns = 1 << int(np.ceil(np.log2(k) / 2)) if k & (k - 1) == 0 else int(np.ceil(np.sqrt(k)))
+        columns = max(1, min(columns, k))
+        rows = -(-k // columns)
+        band, title = 18, f"palette: k = {k}"  # title band height in pixels, its text
+        draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), ImageFont.load_default()
+        cell = max(cell, -(-(draw.textbbox((0, 0), title, font=font)[2] + 6) // columns))  # the title fits
+        colours = self.colours()
         grid = np.full((rows * columns, 3), 255, dtype=np.uint8)
-        grid[:self.k] = self.colours()
+        grid[:k] = colours
         grid = grid.reshape(rows, columns, 3).repeat(cell, 0).repeat(cell, 1)  # (rows*cell, columns*cell, 3)
+        picture = Image.new("RGB", (max(columns * cell, 1), rows * cell + band), (255, 255, 255))
+        picture.paste(Image.fromarray(grid), (0, band))
+        draw = ImageDraw.Draw(picture)
+        draw.text((3, 3), title, fill=(0, 0, 0), font=font)
+        luma = colours.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # (k,)
+        for i in range(k):
+            r, c = divmod(i, columns)
+            x0, y0, x1, y1 = draw.textbbox((0, 0), str(i), font=font)
+            if x1 - x0 > cell - 2:  # ids too wide for tiny cells stay colour only
+                continue
+            xy = (c * cell + (cell - (x1 - x0)) // 2 - x0, band + r * cell + (cell - (y1 - y0)) // 2 - y0)
+            draw.text(xy, str(i), fill=(0, 0, 0) if luma[i] > 140 else (255, 255, 255), font=font)
         with atomic_path(path) as tmp:
-            Image.fromarray(grid).save(tmp, format="PNG")
+            picture.save(tmp, format="PNG")

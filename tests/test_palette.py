@@ -205,7 +205,31 @@ def test_save_load_round_trip(tmp_path, fitted):
     swatch = tmp_path / "swatch.png"
     fitted.save_swatch(swatch)
     from PIL import Image
-    assert Image.open(swatch).size == (32 * 16, 16 * 16)
+    assert Image.open(swatch).size == (32 * 24, 18 + 16 * 24)  # 512 colours: 32 x 16 cells of 24 px, a title band
+
+
+@pytest.mark.parametrize("k,columns,rows", [(16, 4, 4), (64, 8, 8), (10, 4, 3), (3, 2, 2)])
+def test_swatch_is_a_labelled_grid_without_blank_areas(tmp_path, k, columns, rows):
+    """The swatch is a near-square grid (no half-blank row of 32 cells for a small k): each cell is its
+    colour with its id written on it, the title band over the grid has text, at most the last row is
+    part empty."""
+    from PIL import Image
+
+    colours = np.random.default_rng(k).integers(0, 256, (k, 3))
+    palette = Palette((colours / 127.5 - 1).astype(np.float32))
+    palette.save_swatch(tmp_path / "swatch.png")
+    picture = np.asarray(Image.open(tmp_path / "swatch.png").convert("RGB"))
+    band, cell = 18, picture.shape[1] // columns
+    assert picture.shape == (band + rows * cell, columns * cell, 3) and cell >= 24
+    assert (picture[:band].min(-1) < 100).sum() > 20  # the title "palette: k = K"
+    for i, colour in enumerate(palette.colours()):
+        r, c = divmod(i, columns)
+        block = picture[band + r * cell:band + (r + 1) * cell, c * cell:(c + 1) * cell].astype(int)
+        same = np.all(block == colour, axis=-1)
+        assert same.mean() > 0.6 and not same.all(), i  # the colour, and its id written on it
+    blank = rows * columns - k
+    assert blank < columns  # only part of the last row is empty
+    assert np.all(picture[band + (rows - 1) * cell:, (columns - blank) * cell:] == 255)
 
 
 def test_unwritable_outputs_are_one_output_error(tmp_path, fitted, monkeypatch):
