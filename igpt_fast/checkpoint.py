@@ -330,6 +330,9 @@ class _RecordingFile:
     def flush(self):
         self.f.flush()
 
+    def fileno(self):
+        return self.f.fileno()
+
 
 def save_checkpoint(path, state, keep_previous=False):
     """torch.save(state) to a temp file beside path (atomic.atomic_path: fsynced, then renamed over path).
