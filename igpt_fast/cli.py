@@ -424,11 +424,12 @@ def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, impl, l2_g
     import json
 
     from .probe import format_table, plot_probe, probe
+    from .progress import duration, fmt
     from .runlog import write_text_atomic
     from .sample import load_run
 
     model, _, ckpt_path, meta = load_run(run, device, impl, data_dir)
-    out = out or os.path.dirname(os.path.abspath(ckpt_path))
+    out = out or os.path.dirname(ckpt_path) or "."  # paths print as the user wrote them
     result = probe(model, data_dir, batch_size=batch_size, device=device, max_train=max_train, max_eval=max_eval,
                    l2_grid=l2_grid, max_iter=max_iter, pixels=not no_pixels, log=lambda s: click.echo(s, err=True),
                    meta=meta)
@@ -439,10 +440,10 @@ def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, impl, l2_g
     plot_probe(result, png_path, title=f"linear probe: {os.path.basename(os.path.dirname(result['run']))}")
     click.echo(format_table(result))
     best = result["layers"][result["best_layer"]]
-    pixels = f" | raw pixels {result['pixels']['test_acc']:.4f}" if result["pixels"] else ""
-    click.echo(f"best layer {best['layer']} | {result['eval_split']} acc {best['test_acc']:.4f}{pixels} | "
+    pixels = f" | raw pixels {fmt('acc', result['pixels']['test_acc'])}" if result["pixels"] else ""
+    click.echo(f"best layer {best['layer']} | {result['eval_split']} acc {fmt('acc', best['test_acc'])}{pixels} | "
                f"{result['n_train']} train, {result['n_val']} val, {result['n_test']} test | "
-               f"{result['seconds']:.1f} s | {json_path} | {png_path}")
+               f"{duration(result['seconds'])} | {json_path} | {png_path}")
 
 
 @cli.command("finetune")
@@ -481,12 +482,13 @@ def finetune_cmd(ctx, run, data_dir, out, gen_weight, patience, max_eval, n_clas
     """
     from .checkpoint import resolve_checkpoint
     from .finetune import BEST_NAME, FINETUNE_DIR, RESULT_NAME, finetune, finetune_config
+    from .progress import fmt
     from .distributed import cleanup_distributed
 
     ckpt_path = resolve_checkpoint(run)
     if resume is not None and resume != "auto" and not os.path.isfile(resume):
         raise click.UsageError(f"--resume {resume}: no such checkpoint (use 'auto' or a ckpt.pt path)")
-    out = out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), FINETUNE_DIR)
+    out = out or os.path.join(os.path.dirname(ckpt_path), FINETUNE_DIR)  # paths print as the user wrote them
     finished = resume == "auto" and os.path.isfile(os.path.join(out, RESULT_NAME))
     tcfg = finetune_config(data_dir, out, **flags)
     try:
@@ -499,8 +501,10 @@ def finetune_cmd(ctx, run, data_dir, out, gen_weight, patience, max_eval, n_clas
         return
     if finished:
         click.echo(f"already finetuned ({os.path.join(out, RESULT_NAME)}; delete {out} to redo)")
-    test = f" | test acc {result['test_acc']:.4f} ({result['n_test']})" if result["test_acc"] is not None else ""
-    click.echo(f"done | val acc {result['val_acc']:.4f} ({result['n_val']}){test} | best step {result['best_step']} "
+    test = (f" | test acc {fmt('acc', result['test_acc'])} ({result['n_test']})" if result["test_acc"] is not None
+            else "")
+    click.echo(f"done | val acc {fmt('acc', result['val_acc'])} ({result['n_val']}){test} | best step "
+               f"{result['best_step']} "
                f"of {result['steps_run']} | {os.path.join(out, BEST_NAME)} | {os.path.join(out, RESULT_NAME)}")
 
 
@@ -556,7 +560,7 @@ def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, sa
         raise click.UsageError(f"--rows {rows}: the images have {c.n_px} rows; condition on fewer")
     originals, palette = load_originals(model, palette, ckpt_path, data_dir, meta, split, n_images, image_files,
                                         resize)
-    out = out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "samples")
+    out = out or os.path.join(os.path.dirname(ckpt_path), "samples")  # paths print as the user wrote them
     os.makedirs(out, exist_ok=True)
     scale = scale or max(1, -(-64 // c.n_px))
     kw = dict(batch_size=batch_size, temperature=temperature, top_k=top_k or None,

@@ -16,6 +16,11 @@ Everything else is train.train, given a TrainConfig: AdamW, schedule, clipping, 
 (OUT/ckpt.pt is the latest state, for --resume), log.jsonl, loss.png. At the end the best model is
 scored on val and test (at most max_eval samples each) and OUT/finetune.json is written.
 
+What it shows: every log step prints (and logs) the combined loss and its parts, L_CLF as `clf_loss`
+(nats per image), L_GEN as `gen_loss` (nats per pixel), the batch's `train_acc`; every evaluation
+prints `val_acc` (in %, igpt_fast.progress) and `val_n`; OUT/loss.png has a loss panel (L_CLF and L_GEN)
+and an accuracy panel (val and train accuracy in %; runlog.plot_losses).
+
 DDP note: with gen_weight 0 the generative head takes no part in the loss, and train.train builds
 DDP without find_unused_parameters, so gen_weight 0 is for single-process runs.
 """
@@ -28,6 +33,7 @@ from igpt_fast.checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoi
 from igpt_fast.errors import IGPTError
 from igpt_fast.model import Classifier
 from igpt_fast.distributed import all_reduce_sum
+from igpt_fast.progress import line
 from igpt_fast.runlog import read_log, write_text_atomic
 from igpt_fast.train import ARCH_FIELDS, TrainConfig, save, train
 
@@ -107,11 +113,11 @@ def classifier_loss(gen_weight):
             raise FinetuneError("a training batch holds unlabelled samples; finetune on labelled shards")
         targets = tokens if gen_weight > 0 else None
         clf_logits, gen_loss, clf_loss = module(tokens, targets, labels)
-        metrics = {"clf_loss": clf_loss.detach(), "train_acc": (clf_logits.argmax(-1) == labels).float().mean()}
-        if gen_loss is None:
-            return clf_loss, metrics
-        metrics["gen_loss"] = gen_loss.detach()
-        return clf_loss + gen_weight * gen_loss, metrics
+        metrics = {"clf_loss": clf_loss.detach()}
+        if gen_loss is not None:
+            metrics["gen_loss"] = gen_loss.detach()
+        metrics["train_acc"] = (clf_logits.argmax(-1) == labels).float().mean()
+        return (clf_loss if gen_loss is None else clf_loss + gen_weight * gen_loss), metrics
 
     return loss_fn
 
@@ -195,7 +201,7 @@ def finetune(run, tcfg, gen_weight=1.0, patience=3, max_eval=None, n_classes=Non
     from igpt_fast.data import check_data, read_meta
 
     ckpt_path = resolve_checkpoint(run)
-    out_dir = tcfg.out_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), FINETUNE_DIR)
+    out_dir = tcfg.out_dir or os.path.join(os.path.dirname(ckpt_path), FINETUNE_DIR)  # as the caller wrote RUN
     result_path = os.path.join(out_dir, RESULT_NAME)
     state_path = os.path.join(out_dir, CKPT_NAME)
     if resume == "auto":
@@ -212,7 +218,7 @@ def finetune(run, tcfg, gen_weight=1.0, patience=3, max_eval=None, n_classes=Non
     check_data(meta, model.config, pretrained.get("palette_sha256"), tcfg.data_dir)
     pretrain_lr = (pretrained.get("train_config") or {}).get("lr")
     del pretrained
-    lr = tcfg.lr if tcfg.lr is not None else (pretrain_lr / 10 if pretrain_lr else 3e-4)
+    lr = tcfg.lr if tcfg.lr is not None else (float(f"{pretrain_lr / 10:.6g}") if pretrain_lr else 3e-4)
     tcfg = dataclasses.replace(tcfg, out_dir=out_dir, lr=lr)
     if resume is None:
         model.add_classifier(n_classes or count_classes(tcfg.data_dir, meta))
@@ -241,6 +247,8 @@ def finetune(run, tcfg, gen_weight=1.0, patience=3, max_eval=None, n_classes=Non
               "pretrained": os.path.abspath(ckpt_path), "data": os.path.abspath(tcfg.data_dir),
               "best": os.path.abspath(stopper.best_path), "ckpt": os.path.abspath(state_path)}
     write_text_atomic(result_path, json.dumps(result, indent=2))
-    print_fn(f"finetune | best step {result['best_step']} | val acc {result['val_acc']:.4f} | " +
-             (f"test acc {result['test_acc']:.4f} | " if result["test_acc"] is not None else "") + result_path)
+    scores = {"val_acc": result["val_acc"]}
+    if result["test_acc"] is not None:
+        scores["test_acc"] = result["test_acc"]
+    print_fn(line("finetune", best_step=result["best_step"], **scores) + f" | {result_path}")
     return result

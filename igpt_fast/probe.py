@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from igpt_fast.errors import IGPTError
+from igpt_fast.progress import Progress, duration, fmt
 
 __all__ = ["L2_GRID", "ProbeError", "extract_features", "standardize", "lbfgs", "fit_logistic", "predict",
            "sweep", "pixel_features", "probe", "format_table", "plot_probe"]
@@ -51,8 +52,6 @@ def extract_features(model, data, split, batch_size=64, device=None, max_samples
     return_tokens, also tokens int32 (N, n_ctx). max_samples stops after the first N samples (the
     tokenizer shuffles each split, so that is a random subset).
     """
-    from tqdm import tqdm
-
     from igpt_fast.data import eval_loader, read_meta
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -65,8 +64,7 @@ def extract_features(model, data, split, batch_size=64, device=None, max_samples
                 else torch.autocast("cpu", enabled=False))
     feats, labels, tokens = [], [], []
     n = 0
-    bar = tqdm(total=total, unit="img", desc=f"features {split}", file=sys.stderr, disable=not progress,
-               dynamic_ncols=True)
+    bar = Progress(total, f"features {split}", unit="images", enabled=progress)
     try:
         for idx, y in eval_loader(data, split, batch_size, meta=meta):
             if max_samples is not None and n + len(idx) > max_samples:
@@ -280,7 +278,7 @@ def sweep(train, val, test, l2_grid=L2_GRID, n_classes=None, device=None, max_it
                          "val_acc_by_l2": [round(a, 6) for a in val_acc[i].tolist()]})
         if log is not None:
             log(f"fit layers {lo}..{hi - 1} | {N} x {D} features | {G} L2 values | "
-                f"{time.perf_counter() - t0:.1f} s")
+                f"{duration(time.perf_counter() - t0)}")
     return rows
 
 
@@ -364,17 +362,17 @@ def probe(model, data, palette=None, batch_size=64, device=None, max_train=None,
 
 
 def format_table(result):
-    """The probe table as text: layer | val acc | test acc | best L2, then the pixel baseline."""
+    """The probe table as text: layer | val acc | test acc (in %) | best L2, then the pixel baseline."""
     ev = result["eval_split"]
     lines = [f"{'layer':>6} | {'val acc':>7} | {ev + ' acc':>8} | {'best L2':>7}"]
     last = result["n_layer"]
-    for r in result["layers"]:
-        name = f"{r['layer']}" if r["layer"] < last else f"{r['layer']}f"
-        mark = " *" if r["layer"] == result["best_layer"] else ""
-        lines.append(f"{name:>6} | {r['val_acc']:7.4f} | {r['test_acc']:8.4f} | {r['l2']:7.0e}{mark}")
-    p = result.get("pixels")
-    if p is not None:
-        lines.append(f"{'pixels':>6} | {p['val_acc']:7.4f} | {p['test_acc']:8.4f} | {p['l2']:7.0e}")
+    rows = [(f"{r['layer']}" if r["layer"] < last else f"{r['layer']}f", r,
+             " *" if r["layer"] == result["best_layer"] else "") for r in result["layers"]]
+    if result.get("pixels") is not None:
+        rows.append(("pixels", result["pixels"], ""))
+    for name, r, mark in rows:
+        lines.append(f"{name:>6} | {fmt('val_acc', r['val_acc']):>7} | {fmt('test_acc', r['test_acc']):>8} | "
+                     f"{r['l2']:7.0e}{mark}")
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 The training loop appends rows as it goes; `read_log` skips a half-written last line (a run killed
 mid-write) and refuses damage anywhere else; `truncate_log` cuts the log back to a checkpoint's
-step when a run resumes (atomic rewrite), so each step appears once; `plot_losses` draws loss.png.
+step when a run resumes (atomic rewrite), so each step appears once; `plot_losses` draws loss.png
+(a finetuning run's with a loss panel, L_CLF and L_GEN, and an accuracy panel in %).
 
 One writer per run folder: `RunLock` is an advisory lock (`fcntl.flock`) on RUN/.lock, taken by the
 process that writes the folder (train and finetune, rank 0 under torchrun) before it reads or writes
@@ -148,23 +149,45 @@ def truncate_log(path, step):
 
 
 def plot_losses(log_path, png_path):
+    """RUN/loss.png from log.jsonl. Pretraining: train and val loss (nats per pixel). Finetuning (rows with
+    clf_loss or val_acc): two panels, the losses L_CLF (nats per image) and L_GEN (nats per pixel, when
+    trained with it), and the val accuracy (and the noisier per-batch train accuracy) in %."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_log(log_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train")
-    if val:
-        ax.plot(*zip(*val), "o-", label="val")
+
+    def series(key, scale=1.0):
+        return [(r["step"], scale * r[key]) for r in rows if r.get(key) is not None]
+
+    finetune = any("clf_loss" in r or "val_acc" in r for r in rows)
+    if not finetune:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        curves = [(ax, series("loss"), "-", "train"), (ax, series("val_loss"), "o-", "val")]
+    else:
+        fig, (ax, acc) = plt.subplots(1, 2, figsize=(11, 4))
+        curves = [(ax, series("clf_loss"), "-", "L_CLF, train (nats / image)"),
+                  (ax, series("gen_loss"), "-", "L_GEN, train (nats / pixel)"),
+                  (acc, series("train_acc", 100), "-", "train (per batch)"),
+                  (acc, series("val_acc", 100), "o-", "val")]
+    for axis, points, style, label in curves:
+        if points:
+            axis.plot(*zip(*points), style, label=label, alpha=0.5 if label == "train (per batch)" else 1.0)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / pixel)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    ax.set_ylabel("loss (nats)" if finetune else "loss (nats / pixel)")
+    axes = [ax]
+    if finetune:
+        ax.set_title("losses")
+        acc.set_xlabel("step")
+        acc.set_ylabel("accuracy (%)")
+        acc.set_title("classification accuracy")
+        axes.append(acc)
+    for axis in axes:
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
+        axis.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)

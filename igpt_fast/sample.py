@@ -27,22 +27,24 @@ then one cached decode step per token; temperature and top-k on the last logits)
   more masking than that is out of its training distribution: expect rough completions and poor
   unconditional samples.
 - `complete` repeats each image's first `rows` rows `samples_per_image` times and samples the rest;
-  `completion_grid` draws original | masked input (the unconditioned part grey) | completions.
+  `completion_grid` draws original | masked input (the unconditioned part grey) | completions, each
+  column labelled in a band above it.
 """
 import math
 import os
-import sys
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from igpt_fast.errors import IGPTError
+from igpt_fast.progress import Progress
 
 __all__ = ["SampleError", "load_run", "load_originals", "autocast", "sample_logits", "generate", "complete",
-           "unconditional", "image_grid", "completion_grid", "samples_grid", "save_png"]
+           "unconditional", "image_grid", "label_columns", "completion_grid", "samples_grid", "save_png"]
 
 GREY = 128  # colour of the pixels a completion did not condition on, in the masked-input column
+LABEL_BAND = 16  # pixels of the band of column labels over a completion grid
 
 
 class SampleError(IGPTError, ValueError):
@@ -151,7 +153,7 @@ def _bert_fill(model, out, t0, temperature, top_k, generator, steps, bar):
         chunk = logits[:, lo:hi].reshape(-1, V)  # (B * (hi - lo), V)
         out[:, lo:hi] = sample_logits(chunk, temperature, top_k, generator).view(B, hi - lo)
         masked[:, lo:hi] = False
-        bar.update(hi - lo)
+        bar.update(B * (hi - lo))
     return out
 
 
@@ -183,7 +185,7 @@ def _decode_loop(model, logits, out, t0, temperature, top_k, generator, bar, com
     for t in range(t0, n_ctx):
         out[:, t] = sample_logits(logits, temperature, top_k, generator)
         del logits  # a CUDA graph replay overwrites the buffer it lives in
-        bar.update(1)
+        bar.update(out.size(0))
         if t + 1 == n_ctx:
             break
         if not compile:
@@ -203,7 +205,9 @@ def generate(model, prefix=None, n=None, temperature=1.0, top_k=None, generator=
     of each image, kept as they are), or None with n for n unconditional samples. Returns int64
     tokens (B, n_ctx) on the model's device. AR models use the KV cache (use_cache=False: recompute
     every prefix); BERT models use iterative unmasking in bert_steps forwards (default n_px). The model
-    runs under `autocast(device)` (bf16 on CUDA); SampleError when its impl cannot run here.
+    runs under `autocast(device)` (bf16 on CUDA); SampleError when its impl cannot run here. progress:
+    False, True (a display of the pixels drawn on stderr: igpt_fast.progress) or a progress.Progress to
+    update (one display over several calls).
 
     compile=True (AR, with the cache): the decode step is `compiled_decode_step` (torch.compile of
     model.decode_static; CUDA graphs on CUDA); the first call per model, batch size and dtype pays
@@ -211,8 +215,6 @@ def generate(model, prefix=None, n=None, temperature=1.0, top_k=None, generator=
     floating-point rounding can flip. The KV cache stays on the model after the call, so the next
     call replays the same graph on the same buffers; model.clear_cache() frees it. (An eager call
     frees the cache it set up and keeps one that was already there.)"""
-    from tqdm import tqdm
-
     c = model.config
     device = next(model.parameters()).device
     if prefix is None:
@@ -234,8 +236,8 @@ def generate(model, prefix=None, n=None, temperature=1.0, top_k=None, generator=
         model.eval()
         out = torch.zeros(B, c.n_ctx, dtype=torch.long, device=device)
         out[:, :t0] = prefix
-        bar = tqdm(total=c.n_ctx - t0, unit="px", desc="sample", file=sys.stderr, disable=not progress,
-                   dynamic_ncols=True)
+        own = not isinstance(progress, Progress)
+        bar = Progress(B * (c.n_ctx - t0), "sample", unit="px", enabled=bool(progress)) if own else progress
         try:
             if c.objective == "bert":
                 return _bert_fill(model, out, t0, temperature, top_k, generator, bert_steps or c.n_px, bar)
@@ -252,17 +254,21 @@ def generate(model, prefix=None, n=None, temperature=1.0, top_k=None, generator=
                 for t in range(t0, c.n_ctx):
                     logits, _ = model(out[:, :t + 1])  # (B, t + 1, V); position t predicts x_t
                     out[:, t] = sample_logits(logits[:, -1], temperature, top_k, generator)
-                    bar.update(1)
+                    bar.update(B)
             return out
         finally:
-            bar.close()
+            if own:
+                bar.close()
 
 
 def _batched(model, prefix, batch_size, progress, **kw):
-    """generate over prefix (N, t) in batches of batch_size rows; (N, n_ctx) on the CPU."""
+    """generate over prefix (N, t) in batches of batch_size rows, one progress display for all of them;
+    (N, n_ctx) on the CPU."""
     outs = []
-    for i in range(0, len(prefix), batch_size):
-        outs.append(generate(model, prefix[i:i + batch_size], progress=progress, **kw).cpu())
+    total = len(prefix) * (model.config.n_ctx - prefix.size(1))
+    with Progress(total, "sample", unit="px", enabled=progress) as bar:
+        for i in range(0, len(prefix), batch_size):
+            outs.append(generate(model, prefix[i:i + batch_size], progress=bar, **kw).cpu())
     return torch.cat(outs)
 
 
@@ -310,17 +316,41 @@ def image_grid(images, pad=2, scale=1, background=255):
     return grid
 
 
-def completion_grid(palette, originals, samples, n_px, rows, scale=1):
-    """original | masked input (pixels after the first `rows` rows grey) | completions, one image per row.
+def label_columns(grid, labels, width, pad=2, band=LABEL_BAND, background=255):
+    """A band of column labels over an image_grid picture: uint8 (H, W, 3) -> (band + H, W, 3).
 
-    originals: int (N, n_ctx); samples: int (N, S, n_ctx). Returns uint8 (height, width, 3)."""
+    labels: one tuple per column, the label then shorter forms ("original", "orig"); the first that fits
+    the column's `width` pixels is written centred over it, none when none fits (tiny cells)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = np.asarray(grid)
+    picture = Image.new("RGB", (grid.shape[1], band + grid.shape[0]), (background,) * 3)
+    picture.paste(Image.fromarray(grid), (0, band))
+    draw, font = ImageDraw.Draw(picture), ImageFont.load_default()
+    for col, forms in enumerate(labels):
+        for text in forms:
+            x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+            if x1 - x0 <= width:
+                x = pad + col * (width + pad) + (width - (x1 - x0)) // 2 - x0
+                draw.text((x, (band - (y1 - y0)) // 2 - y0), text, fill=(0, 0, 0), font=font)
+                break
+    return np.asarray(picture)
+
+
+def completion_grid(palette, originals, samples, n_px, rows, scale=1):
+    """original | masked input (pixels after the first `rows` rows grey) | completions, one image per row,
+    under a band of column labels ("original", "input", "sample 1", ...; `label_columns`).
+
+    originals: int (N, n_ctx); samples: int (N, S, n_ctx). Returns uint8 (LABEL_BAND + height, width, 3)."""
     originals, samples = np.asarray(originals), np.asarray(samples)
     N, S, _ = samples.shape
     orig = palette.dequantize(originals, n_px)  # (N, n_px, n_px, 3)
     masked = orig.copy()
     masked[:, rows:] = GREY
     comp = palette.dequantize(samples.reshape(N * S, -1), n_px).reshape(N, S, n_px, n_px, 3)
-    return image_grid(np.concatenate([orig[:, None], masked[:, None], comp], axis=1), scale=scale)
+    grid = image_grid(np.concatenate([orig[:, None], masked[:, None], comp], axis=1), scale=scale)
+    labels = [("original", "orig"), ("input", "in")] + [(f"sample {j}", f"s{j}", f"{j}") for j in range(1, S + 1)]
+    return label_columns(grid, labels, n_px * scale)
 
 
 def samples_grid(palette, samples, n_px, columns=None, scale=1):

@@ -32,8 +32,8 @@ source file's name, size and mtime: a rerun with other settings or over a change
 deleted or modified) is refused with the reason, unless `restart` (CLI `--restart`) first clears what an
 earlier tokenize left in DIR.
 
-Progress (stderr): a tqdm bar on a terminal; otherwise (logs, CI) a plain line every
-`PROGRESS_EVERY_S` seconds and one at the end.
+Progress (stderr, igpt_fast.progress): a tqdm bar on a terminal; otherwise (logs, CI) a plain line every
+IGPT_FAST_PROGRESS_SECONDS seconds (default 20) and one at the end.
 """
 import contextlib
 import gzip
@@ -52,6 +52,7 @@ import numpy as np
 from PIL import Image
 
 from .atomic import atomic_path, output_error, write_text
+from .progress import Progress
 from .images import (  # noqa: F401  (to_rgb, resize_image and the readers' names: public names kept here)
     RESIZE_MODES, array_kind, fast_batch, prepare, prepare_batch, resize_image, to_rgb, to_rgb_kind,
 )
@@ -68,7 +69,6 @@ __all__ = [
 
 VERSION = 1
 CHUNK = 256  # items per worker task
-PROGRESS_EVERY_S = 20.0  # seconds between progress lines when stderr is not a terminal
 FULL_TABLE_PIXELS = 1 << 22  # a run quantizing this many pixels fills the palette's whole table first
 SKIPPED_LISTED = 1000  # skipped files listed per split in meta.json (all are counted: skipped_count)
 _SHARD_NAME = re.compile(r"(?:train|val|test)-\d{6}\.tar")
@@ -187,11 +187,12 @@ class _Decoder:
             self.pool.join()
 
 
-def sample_pixels(sources, n_px, resize="squash", max_pixels=1_000_000, seed=0, workers=1):
+def sample_pixels(sources, n_px, resize="squash", max_pixels=1_000_000, seed=0, workers=1, progress=True):
     """Random pixels of the train/val images of `sources`, resized like tokenize: uint8 (N, 3).
 
     Picks ceil(max_pixels / n_px^2) random images (test splits excluded), resizes them to n_px and
     returns their pixels, subsampled to max_pixels. Bad files are skipped. Deterministic for a seed.
+    progress: a display of the images decoded on stderr (igpt_fast.progress).
     """
     listings, _ = list_sources(sources)
     items = [it for lst in listings for s in ("train", "val") for it in lst.items[s]]
@@ -201,56 +202,20 @@ def sample_pixels(sources, n_px, resize="squash", max_pixels=1_000_000, seed=0, 
     n_img = min(len(items), -(-max_pixels // (n_px * n_px)))
     chosen = [items[i] for i in np.sort(rng.choice(len(items), n_img, replace=False))]
     decoder = _Decoder(listings, n_px, resize, workers)
-    try:
-        batches = [images for images, _, _, _ in decoder.run(chosen)]
-    finally:
-        decoder.close()
+    batches = []
+    with Progress(len(chosen), "palette: sample images", unit="images", enabled=progress) as bar:
+        try:
+            for images, _, _, n in decoder.run(chosen):
+                batches.append(images)
+                bar.update(n)
+        finally:
+            decoder.close()
     pixels = np.concatenate(batches).reshape(-1, 3)  # (n_good * n_px * n_px, 3)
     if len(pixels) == 0:
         raise TokenizeError("none of the sampled images could be decoded")
     if len(pixels) > max_pixels:
         pixels = pixels[np.sort(rng.choice(len(pixels), max_pixels, replace=False))]
     return pixels
-
-
-class _Progress:
-    """One display for a stage on stderr: a tqdm bar on a terminal, else a line every PROGRESS_EVERY_S."""
-
-    def __init__(self, total, desc, enabled=True):
-        self.total, self.desc, self.done = total, desc, 0
-        self.enabled = enabled and total > 0
-        self.bar = None
-        if self.enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
-        self.t0 = self.last = time.monotonic()
-
-    def describe(self, desc):
-        self.desc = desc
-        if self.bar is not None:
-            self.bar.set_description_str(desc)
-
-    def update(self, n):
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and time.monotonic() - self.last >= PROGRESS_EVERY_S:
-            self._line()
-
-    def _line(self):
-        self.last = time.monotonic()
-        elapsed = self.last - self.t0
-        rate = self.done / max(elapsed, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        print(f"{self.desc}: {self.done}/{self.total} images ({100 * self.done / self.total:.0f}%) | "
-              f"{rate:.0f} img/s | {elapsed:.0f} s elapsed, eta {eta:.0f} s", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled and self.done:
-            self._line()
 
 
 def _write_json(path, obj):
@@ -574,7 +539,7 @@ def tokenize_dataset(sources, palette, out, n_px=32, resize="squash", val_fracti
         palette.build_lut()
 
     decoder = _Decoder(listings, n_px, resize, workers)
-    bar = _Progress(remaining, f"tokenize {next(iter(plans), '')}", enabled=progress)
+    bar = Progress(remaining, f"tokenize {next(iter(plans), '')}", unit="images", enabled=progress and remaining > 0)
     t0 = time.perf_counter()
     split_meta, converted, writer = {}, Counter(), None
     try:

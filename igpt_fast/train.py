@@ -77,6 +77,7 @@ from igpt_fast.checkpoint import (CKPT_NAME, DCP_NAME, checkpoint_step, is_shard
 from igpt_fast.distributed import all_reduce_sum, setup_distributed, shard_model
 from igpt_fast.errors import IGPTError
 from igpt_fast.model import GPTConfig, IGPT
+from igpt_fast.progress import line
 from igpt_fast.runlog import RunLock, plot_losses, truncate_log, write_text_atomic
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
@@ -490,6 +491,9 @@ def start(model_config, tcfg, resume=None, model=None, explicit=None, overwrite=
                     "palette_sha256": palette.sha256}
         write_text_atomic(os.path.join(tcfg.out_dir, "config.json"), json.dumps(resolved, indent=2))
         say(json.dumps(resolved, indent=2))
+        if tcfg.warmup_steps >= tcfg.steps:
+            say(f"warning: warmup_steps {tcfg.warmup_steps} >= steps {tcfg.steps}: the learning rate only ramps up to "
+                f"{lr_at(tcfg, tcfg.steps - 1):.3g} (peak --lr {tcfg.lr:.3g}) and never decays; lower --warmup-steps")
     run.rng_state = rng_state
     return run
 
@@ -580,15 +584,17 @@ def log_step(run, loss, grad_norm, extra, seconds_per_step):
     tokens_per_step = run.tcfg.batch_size * run.tcfg.grad_accum * run.world_size * run.model.config.n_ctx
     tok_s = tokens_per_step / seconds_per_step
     peak = peak_flops(run.device, run.tcfg.peak_tflops)
-    row = {"step": run.step, "loss": loss, "lr": lr_at(run.tcfg, run.step - 1), "ms_per_step": 1e3 * seconds_per_step,
-           "tok_per_s": tok_s, **extra}
+    row = {"step": run.step, "loss": loss, "lr": float(f"{lr_at(run.tcfg, run.step - 1):.6g}"),
+           "ms_per_step": 1e3 * seconds_per_step, "tok_per_s": tok_s, **extra}
     if grad_norm is not None:
         row["grad_norm"] = grad_norm
     if peak:
         row["mfu"] = tok_s * flops_per_token(run.model) / peak
     log_row(run, row)
-    mfu = f"mfu {100 * row['mfu']:.1f}%" if peak else "mfu -"
-    run.say(f"step {run.step} | loss {loss:.4f} | {1e3 * seconds_per_step:.1f} ms/step | {tok_s:.3g} tok/s | {mfu}")
+    unplanned = run.tcfg.max_minutes > 0  # --max-minutes before its plan: steps is only an upper bound
+    run.say(line(f"step {run.step}" + ("" if unplanned else f"/{run.tcfg.steps}"), loss=loss, **extra, lr=row["lr"],
+                 ms_per_step=row["ms_per_step"], tok_per_s=tok_s, mfu=row.get("mfu"),
+                 eta=None if unplanned else (run.tcfg.steps - run.step) * seconds_per_step))
 
 
 def save(run, path=None, extra=None):
@@ -662,7 +668,7 @@ def _evaluate_and_log(run, evaluate):
     run.model.train()
     if metrics:
         log_row(run, {"step": run.step, **metrics})
-        run.say(f"step {run.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        run.say(line(f"step {run.step}" + ("" if run.tcfg.max_minutes > 0 else f"/{run.tcfg.steps}"), **metrics))
     return metrics
 
 

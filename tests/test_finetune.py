@@ -51,9 +51,9 @@ def finetune(run, data_dir, out_dir=None, gen_weight=1.0, patience=3, max_eval=N
                         print_fn=print_fn)
 
 
-def pretrain(data_dir, run, objective="ar"):
+def pretrain(data_dir, run, objective="ar", lr=1e-2):
     cfg = GPTConfig(n_px=N_PX, n_vocab=N_VOCAB, n_layer=2, n_head=2, n_embd=32, objective=objective)
-    train(cfg, TrainConfig(data_dir=data_dir, out_dir=str(run), steps=4, batch_size=8, lr=1e-2, warmup_steps=1,
+    train(cfg, TrainConfig(data_dir=data_dir, out_dir=str(run), steps=4, batch_size=8, lr=lr, warmup_steps=1,
                            eval_every=0, eval_batches=1, ckpt_every=0), **QUIET)
     return str(run)
 
@@ -114,7 +114,7 @@ def test_resume_gives_identical_results(data_dir, ar_run, tmp_path):
     straight = finetune(ar_run, data_dir, out_dir=str(tmp_path / "straight"), **kw, **QUIET)
 
     def crash_at_step_6(line):
-        if line.startswith("step 6 | loss"):
+        if line.startswith("step 6/12 | loss"):
             raise Interrupt  # after the checkpoint of step 4 and the log row of step 6
 
     with pytest.raises(Interrupt):
@@ -175,3 +175,45 @@ def test_cli_finetune(data_dir, ar_run, tmp_path):
     assert res.output.strip().splitlines()[-1].startswith("done | val acc ")
     res = CliRunner().invoke(cli, args + ["--resume", "auto"])
     assert res.exit_code == 0 and "already finetuned" in res.output
+
+
+def test_cli_finetune_lines_in_a_log_file(data_dir, tmp_path):
+    """Output piped to a file: step lines carry step/total, the combined loss, clf_loss, gen_loss, train_acc
+    in % and lr; eval lines val_acc in % and val_n as a count; the LR (pretraining 3e-3 / 10) is 0.0003 in
+    finetune.json and every jsonl lr is rounded; loss.png has two panels; paths print as given."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    pretrain(data_dir, tmp_path / "run", lr=3e-3)
+    log = tmp_path / "out.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IGPT_FAST_PROGRESS_SECONDS": "0"}
+    with open(log, "w") as f:
+        res = subprocess.run([sys.executable, "-m", "igpt_fast.cli", "finetune", "run", "--data", data_dir, "--steps",
+                              "8", "--batch-size", "16", "--eval-every", "4", "--eval-batches", "1", "--log-every", "4"],
+                             stdout=f, stderr=f, env=env, cwd=tmp_path, timeout=300)
+    text = log.read_text()
+    assert res.returncode == 0, text
+    assert "\r" not in text
+    steps = [ln.split(" | ") for ln in text.splitlines() if ln.startswith("step 4/8 | ") or ln.startswith("step 8/8 | ")]
+    train_lines = [p for p in steps if p[1].startswith("loss ")]
+    eval_lines = [p for p in steps if p[1].startswith("val_acc ")]
+    assert len(train_lines) == 2 and len(eval_lines) == 2, text
+    for parts in train_lines:
+        names = [p.split()[0] for p in parts[1:6]]
+        assert names == ["loss", "clf_loss", "gen_loss", "train_acc", "lr"], parts
+        assert parts[4].endswith("%") and len(parts[2].split()[1].split(".")[1]) == 4
+    for parts in eval_lines:
+        assert parts[1].endswith("%") and parts[2] == "val_n 16", parts
+    out = tmp_path / "run" / "finetune"
+    assert json.loads((out / "finetune.json").read_text())["lr"] == 0.0003
+    for r in rows(str(out)):
+        if "lr" in r:
+            assert r["lr"] == float(f"{r['lr']:.6g}")
+    w, h = Image.open(out / "loss.png").size
+    assert w > 2 * h  # two panels side by side: losses, accuracy
+    done = text.strip().splitlines()[-1]
+    assert done.startswith("done | val acc ") and done.split()[4].endswith("%"), done
+    assert done.endswith(f" | {os.path.join('run', 'finetune', 'best.pt')} | "
+                         f"{os.path.join('run', 'finetune', 'finetune.json')}")

@@ -259,3 +259,30 @@ def test_cli_probe_errors_name_the_fix(data_dir, tmp_path):
     save_checkpoint(str(other / "ckpt.pt"), model_state(IGPT(cfg), None))
     res = CliRunner().invoke(cli, ["probe", str(other), "--data", data_dir])
     assert res.exit_code != 0 and "8x8" in res.output and "4x4" in res.output
+
+
+def test_cli_probe_output_in_a_log_file(data_dir, tmp_path):
+    """Output piped to a file: no carriage returns, one final progress line per split with its total, the
+    table's accuracies in %, and the paths printed as given (a relative RUN gives relative paths)."""
+    import subprocess
+    import sys
+
+    make_run(str(tmp_path), n_layer=1)
+    log = tmp_path / "out.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IGPT_FAST_PROGRESS_SECONDS": "3600"}
+    with open(log, "w") as f:
+        res = subprocess.run([sys.executable, "-m", "igpt_fast.cli", "probe", "run", "--data", data_dir, "--batch-size",
+                              "8", "--max-train", "16", "--max-iter", "20", "--l2", "0.1", "--device", "cpu"],
+                             stdout=f, stderr=f, env=env, cwd=tmp_path, timeout=300)
+    text = log.read_text()
+    assert res.returncode == 0, text
+    assert "\r" not in text
+    progress = [ln.split(" | ")[0] for ln in text.splitlines() if ln.startswith("features ")]
+    assert progress == ["features train: 16/16 images (100%)", "features val: 8/8 images (100%)",
+                        "features test: 8/8 images (100%)"]
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split() and line.split()[0] == "layer")
+    for row in lines[header + 1:header + 4]:  # layers 0, 1f and the pixel baseline
+        val, test = row.split(" | ")[1:3]
+        assert val.strip().endswith("%") and test.strip().endswith("%"), row
+    assert lines[-1].endswith(f" | {os.path.join('run', 'probe.json')} | {os.path.join('run', 'probe.png')}")

@@ -157,9 +157,28 @@ def test_grids():
     originals = np.full((1, N_PX * N_PX), PALETTE.k - 1)
     samples = np.zeros((1, 2, N_PX * N_PX), dtype=np.int64)
     pic = completion_grid(PALETTE, originals, samples, N_PX, rows=3, scale=1)
-    assert pic.shape == (N_PX + 4, 4 * (N_PX + 2) + 2, 3)
-    masked = pic[2:2 + N_PX, 2 + (N_PX + 2):2 + (N_PX + 2) + N_PX]  # second column
+    band = sample.LABEL_BAND
+    assert pic.shape == (band + N_PX + 4, 4 * (N_PX + 2) + 2, 3)  # the grid under its band of column labels
+    masked = pic[band + 2:band + 2 + N_PX, 2 + (N_PX + 2):2 + (N_PX + 2) + N_PX]  # second column
     assert (masked[:3] == 255).all() and (masked[3:] == 128).all()
+
+
+def test_completion_grid_labels_its_columns():
+    """Each column (original | input | sample 1 | sample 2) has dark label text in the band over it, the
+    band holds nothing else, and below it is the unlabelled grid unchanged."""
+    originals = np.full((2, N_PX * N_PX), PALETTE.k - 1)
+    samples = np.full((2, 2, N_PX * N_PX), PALETTE.k - 1)
+    scale, band, cell = 8, sample.LABEL_BAND, N_PX * 8
+    pic = completion_grid(PALETTE, originals, samples, N_PX, rows=3, scale=scale)
+    plain = image_grid(np.full((2, 4, N_PX, N_PX, 3), 255, dtype=np.uint8), scale=scale)
+    plain[2:, :][np.all(pic[band + 2:] == 128, axis=-1)] = 128  # the grey of the masked input
+    assert np.array_equal(pic[band:], plain)
+    ink = pic[:band].min(-1) < 128  # (band, width): dark label pixels
+    for col in range(4):
+        x = 2 + col * (cell + 2)
+        assert ink[:, x:x + cell].sum() > 10, col  # a label over every column
+        assert not ink[:, x + cell:x + cell + 2].any()  # nothing in the gaps between columns
+    assert not ink[:, :2].any() and not ink[:, -2:].any()
 
 
 def test_cli_sample_outputs(tmp_path):
@@ -180,7 +199,8 @@ def test_cli_sample_outputs(tmp_path):
     comp, orig = np.load(os.path.join(out, "completions.npy")), np.load(os.path.join(out, "originals.npy"))
     assert comp.shape == (3, 2, N_PX * N_PX) and orig.shape == (3, N_PX * N_PX)
     assert (comp[:, :, :2 * N_PX] == orig[:, None, :2 * N_PX]).all()
-    assert Image.open(os.path.join(out, "completions.png")).size == (4 * (8 * N_PX + 2) + 2, 3 * (8 * N_PX + 2) + 2)
+    assert Image.open(os.path.join(out, "completions.png")).size == (4 * (8 * N_PX + 2) + 2,
+                                                                     sample.LABEL_BAND + 3 * (8 * N_PX + 2) + 2)
 
     files = []
     for i, value in enumerate((0, 255)):
@@ -301,3 +321,22 @@ def test_cli_sample_impl_triton_without_interpreter_fails_in_one_line(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 1 and res.stdout == "" and len(lines) == 1, res.stderr
     assert lines[0].startswith("Error: ") and "TRITON_INTERPRET=1" in lines[0] and "--impl auto" in lines[0]
+
+
+def test_cli_sample_progress_in_a_log_file(tmp_path):
+    """Output piped to a file: no carriage returns, one progress display over all batches ending in a line
+    with the total, and the paths printed as given on the command line (relative stays relative)."""
+    run, _ = make_run(str(tmp_path))
+    log = tmp_path / "out.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IGPT_FAST_PROGRESS_SECONDS": "3600"}
+    with open(log, "w") as f:
+        res = subprocess.run([sys.executable, "-m", "igpt_fast.cli", "sample", "run", "--n-samples", "3", "--batch-size",
+                              "2", "--device", "cpu"], stdout=f, stderr=f, env=env, cwd=tmp_path, timeout=300)
+    text = log.read_text()
+    assert res.returncode == 0, text
+    assert "\r" not in text
+    progress = [ln for ln in text.splitlines() if ln.startswith("sample: ")]
+    total = 3 * N_PX * N_PX
+    assert len(progress) == 1 and progress[0].startswith(f"sample: {total}/{total} px (100%) | "), text
+    assert text.splitlines()[-1].endswith(f" | {os.path.join('run', 'samples', 'samples.png')} | "
+                                          f"{os.path.join('run', 'samples', 'samples.npy')}")

@@ -447,7 +447,7 @@ def test_progress_is_plain_lines_without_a_terminal_and_one_bar_on_one(tmp_path,
     assert "\r" not in err and err.splitlines() == [err.splitlines()[0]]  # one summary line at the end
     assert err.startswith("tokenize val: 12/12 images (100%) |")
 
-    monkeypatch.setattr(tk, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setenv("IGPT_FAST_PROGRESS_SECONDS", "0")
     tokenize_dataset([str(src)], palette, str(tmp_path / "lines"), n_px=8, workers=1, val_fraction=0.25)
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(" |")[0] for line in lines] == [

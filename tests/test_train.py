@@ -71,7 +71,7 @@ def test_cli_train_end_to_end(data_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert '"n_vocab": 16' in res.output  # the resolved config is printed first
     lines = [ln for ln in res.output.splitlines() if re.fullmatch(
-        r"step \d+ \| loss \d+\.\d{4} \| [\d.]+ ms/step \| [\d.e+]+ tok/s \| mfu -", ln)]
+        r"step \d/8 \| loss \d+\.\d{4} \| lr [\d.e-]+ \| [\d.]+ ms/step \| [\d.e]+ tok/s \| mfu - \| eta .+", ln)]
     assert len(lines) == 8
     train_losses, val_losses = losses(run)
     assert [s for s, _ in train_losses] == list(range(1, 9))
@@ -230,7 +230,7 @@ def test_torchrun_two_processes_gloo(data_dir, tmp_path):
            "--warmup-steps", "2", "--log-every", "1", "--eval-every", "0", "--eval-batches", "0"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("step 1 | loss") == 1  # rank 0 logs alone
+    assert proc.stdout.count("step 1/3 | loss") == 1  # rank 0 logs alone
     assert proc.stdout.count("done | step 3") == 1 and proc.stdout.count('"world_size": 2') == 1
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["world_size"] == 2
