@@ -1,16 +1,33 @@
 """Helpers the three Triton kernel modules share: the interpreter flag, base-2 constants, output
-allocation and the device/dtype checks every launcher runs first.
+allocation, the device/dtype checks every launcher runs first, the two ways to launch a kernel and
+the torch op registration.
 
 INTERPRET is read once, at import: TRITON_INTERPRET=1 must be set before Triton and this package are
 imported (tests/conftest.py does it for the test suite). LOG2E and LN2 are `tl.constexpr` so that
 @triton.jit code can read them as globals (the Triton compiler rejects a plain Python float global).
+
+Each kernel module has one launcher per direction (e.g. `_flash_attn_forward`), which takes the launch
+function as an argument: the eager `torch.autograd.Function` passes `launch` (kernel[grid](...)), the
+`torch.library.triton_op` passes `launch_traceable` (wrap_triton, so torch.compile sees the kernel),
+and `launch_specs` (tools/compile_check.py) passes one that records the launch. A kernel's signature
+therefore lives in one place. Needs torch >= 2.6 (torch.library.triton_op).
+
+Under the interpreter the kernels are not JITFunctions, which torch.compile needs to capture a
+kernel, so there `kernel_op` registers an opaque torch.library.custom_op instead (OPAQUE_OPS; its
+fake runs the same body with the launches skipped), and compiled graphs call it as one op.
 """
 import os
 
 import torch
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
+
+if not hasattr(torch.library, "triton_op"):
+    raise ImportError(f"igpt-fast's Triton kernels need torch >= 2.6 (torch.library.triton_op), found "
+                      f"{torch.__version__}; use impl='torch'")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+OPAQUE_OPS = INTERPRET  # read when the kernel modules register their ops (tests set it before importing them)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -31,6 +48,32 @@ def check_device(op, x):
 
 
 def launch(kernel, grid, args, meta):
-    """Launch a @triton.jit (or autotuned) kernel: kernel[grid](*args, **meta). Every launch goes
-    through here, so one test seam can make a launch fail."""
+    """The eager launch: kernel[grid](*args, **meta), grid a tuple. Every eager launch goes through
+    here, so one test seam can make a launch fail (or a benchmark make it a no-op)."""
     kernel[grid](*args, **meta)
+
+
+def launch_traceable(kernel, grid, args, meta):
+    """The launch inside a kernel_op: wrap_triton records the kernel in a traced graph (eagerly it is
+    the kernel itself). In an opaque op's fake (fake tensors: shapes only) there is nothing to launch."""
+    if OPAQUE_OPS:
+        if not any(isinstance(a, FakeTensor) for a in args):
+            kernel[grid](*args, **meta)
+        return
+    torch.library.wrap_triton(kernel)[grid](*args, **meta)
+
+
+def kernel_op(name):
+    """Decorator registering a launcher-calling function (type-annotated) as the torch op `name`:
+    torch.library.triton_op, or with OPAQUE_OPS a custom_op whose fake is the same function."""
+    def register(fn):
+        if not OPAQUE_OPS:
+            return torch.library.triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+    return register
+
+
+def cdiv(a, b):
+    return -(-a // b)

@@ -27,6 +27,16 @@ one small fixed tile configuration. On CUDA each kernel uses the config attentio
 compute capability and head dim (none spills or overflows shared memory on sm_90 or sm_80:
 tools/compile_check.py compiles them all in CI), or autotunes over a small set with
 IGPT_FAST_AUTOTUNE=1.
+
+Host side. Two launchers (_flash_attn_forward, _flash_attn_backward) hold the kernels' signatures:
+in the backward q, k, v share one set of strides (views of one fused projection do; otherwise the
+forward copies them) and lse, dq, dk, dv are allocated contiguous, so their strides are derived in
+the kernels (the forward gets every stride: deriving or sharing them made ptxas spill in the sm_80
+forward at D 96/128). The launch
+plan (kernels, tiles, warps, stages; the GPU's compute capability) is cached per (device, dtype, head
+dim, causal). Eager calls go through _FlashAttention (autograd.Function: check, allocate, launch);
+torch.compile sees the triton_ops igpt_fast::flash_attn_fwd / _bwd (wrap_triton); launch_specs
+records the same launches for tools/compile_check.py.
 """
 import math
 import os
@@ -37,6 +47,15 @@ import triton.language as tl
 
 from . import _common
 from ._common import INTERPRET, LOG2E
+
+
+@triton.jit
+def _dot(a, b, IEEE_DOT: tl.constexpr):
+    """a @ b with fp32 accumulation; IEEE_DOT (fp32 inputs): IEEE fp32 products, not TF32. (A bool, not
+    an input_precision string: torch.compile's analysis of a kernel cannot take a string argument.)"""
+    if IEEE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b, input_precision="tf32")
 
 
 @triton.jit
@@ -51,12 +70,12 @@ def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.co
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
                     lo, hi, N_CTX, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, N_CTX, offs_d,
                        HEAD_DIM, EVEN_D)  # (BLOCK_N, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        qk = _dot(q, tl.trans(k), IEEE_DOT) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         if MASKED:
             keep = offs_n[None, :] < N_CTX
             if CAUSAL:
@@ -68,7 +87,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, N_CTX, offs_d,
                        HEAD_DIM, EVEN_D)  # (BLOCK_N, BLOCK_D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE_DOT)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -79,7 +98,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale,
                      stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                      H, N_CTX,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                     CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                     CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1).to(tl.int64)
@@ -107,10 +126,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale,
         hi = N_CTX
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                     offs_d, 0, free_hi, N_CTX, qk_scale, False, CAUSAL, BLOCK_N,
-                                    HEAD_DIM, EVEN_D, DOT_PREC)
+                                    HEAD_DIM, EVEN_D, IEEE_DOT)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                     offs_d, free_hi, hi, N_CTX, qk_scale, True, CAUSAL, BLOCK_N,
-                                    HEAD_DIM, EVEN_D, DOT_PREC)
+                                    HEAD_DIM, EVEN_D, IEEE_DOT)
 
     acc = acc / l_i[:, None]
     row_ok = offs_m < N_CTX
@@ -123,8 +142,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale,
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot,
-                                stride_dob, stride_doh, stride_dot, H, N_CTX,
+def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
+                                H, N_CTX,
                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                                 BLOCK_M: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -144,7 +163,7 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot,
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                          offs_n, offs_d, lo, hi, N_CTX, qk_scale,
                          MASKED: tl.constexpr, BLOCK_M1: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                         EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr):
     # Query rows past N_CTX load as zeros (q, dO, L, Delta), which makes their P^T dO and dS^T Q zero.
     for start_m in range(lo, hi, BLOCK_M1):
         offs_m = start_m + tl.arange(0, BLOCK_M1)
@@ -152,43 +171,41 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
         q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, N_CTX, offs_d,
                        HEAD_DIM, EVEN_D)  # (BLOCK_M1, BLOCK_D)
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N1, BLOCK_M1)
+        qk_t = _dot(k, tl.trans(q), IEEE_DOT) * qk_scale  # (BLOCK_N1, BLOCK_M1)
         p_t = tl.exp2(qk_t - lse[None, :])
         if MASKED:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         do = _load_tile(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, N_CTX, offs_d,
                         HEAD_DIM, EVEN_D)  # (BLOCK_M1, BLOCK_D)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        dv += _dot(p_t.to(do.dtype), do, IEEE_DOT)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N1, BLOCK_M1)
+        dp_t = _dot(v, tl.trans(do), IEEE_DOT)  # (BLOCK_N1, BLOCK_M1)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        dk += _dot(ds_t.to(q.dtype), q, IEEE_DOT)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, qk_scale,
-                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-                          stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
-                          H, N_CTX,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, stride_b, stride_h, stride_t,
+                          stride_dob, stride_doh, stride_dot, H, N_CTX,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                          CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                          CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr,
                           BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N1
     off_bh = tl.program_id(1).to(tl.int64)
     off_b = off_bh // H
     off_h = off_bh % H
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    qk_scale = sm_scale * LOG2E
+    q_base = Q + off_b * stride_b + off_h * stride_h
     do_base = DO + off_b * stride_dob + off_h * stride_doh
     lse_base = LSE + off_bh * N_CTX
     delta_base = DELTA + off_bh * N_CTX
 
     offs_n = start_n + tl.arange(0, BLOCK_N1)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+    k = _load_tile(K + off_b * stride_b + off_h * stride_h + offs_n[:, None] * stride_t + offs_d[None, :],
                    offs_n, N_CTX, offs_d, HEAD_DIM, EVEN_D)  # (BLOCK_N1, BLOCK_D)
-    v = _load_tile(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+    v = _load_tile(V + off_b * stride_b + off_h * stride_h + offs_n[:, None] * stride_t + offs_d[None, :],
                    offs_n, N_CTX, offs_d, HEAD_DIM, EVEN_D)  # (BLOCK_N1, BLOCK_D)
     dk = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
@@ -197,21 +214,22 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, qk_scale,
     # ones see every key of this tile; the earlier ones see none and are skipped.
     if CAUSAL:
         diag_hi = start_n + BLOCK_N1
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_t,
                                       stride_dot, offs_n, offs_d, start_n, tl.minimum(diag_hi, N_CTX),
-                                      N_CTX, qk_scale, True, BLOCK_M1, HEAD_DIM, EVEN_D, DOT_PREC)
+                                      N_CTX, qk_scale, True, BLOCK_M1, HEAD_DIM, EVEN_D, IEEE_DOT)
     else:
         diag_hi = 0
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_t,
                                   stride_dot, offs_n, offs_d, diag_hi, N_CTX, N_CTX, qk_scale, False,
-                                  BLOCK_M1, HEAD_DIM, EVEN_D, DOT_PREC)
+                                  BLOCK_M1, HEAD_DIM, EVEN_D, IEEE_DOT)
 
     dk *= sm_scale
     row_ok = offs_n[:, None] < N_CTX
     if not EVEN_D:
         row_ok = row_ok & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
-    dv_ptrs = DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :]
+    out_offs = off_bh * N_CTX * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # DK, DV contiguous
+    dk_ptrs = DK + out_offs
+    dv_ptrs = DV + out_offs
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_ok)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=row_ok)
 
@@ -220,46 +238,44 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, qk_scale,
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
                        lo, hi, N_CTX, qk_scale,
                        MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N2: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N2):
         offs_n = start_n + tl.arange(0, BLOCK_N2)
         k = _load_tile(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, N_CTX, offs_d,
                        HEAD_DIM, EVEN_D)  # (BLOCK_N2, BLOCK_D)
         v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, N_CTX, offs_d,
                        HEAD_DIM, EVEN_D)  # (BLOCK_N2, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M2, BLOCK_N2)
+        qk = _dot(q, tl.trans(k), IEEE_DOT) * qk_scale  # (BLOCK_M2, BLOCK_N2)
         p = tl.exp2(qk - lse[:, None])
         if MASKED:
             keep = offs_n[None, :] < N_CTX
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
             p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (BLOCK_M2, BLOCK_N2)
+        dp = _dot(do, tl.trans(v), IEEE_DOT)  # (BLOCK_M2, BLOCK_N2)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        dq += _dot(ds.to(k.dtype), k, IEEE_DOT)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, qk_scale,
-                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                        stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-                        stride_dqb, stride_dqh, stride_dqt,
-                        H, N_CTX,
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, stride_b, stride_h, stride_t,
+                        stride_dob, stride_doh, stride_dot, H, N_CTX,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                        CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                        CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr,
                         BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M2
     off_bh = tl.program_id(1).to(tl.int64)
     off_b = off_bh // H
     off_h = off_bh % H
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
+    qk_scale = sm_scale * LOG2E
+    k_base = K + off_b * stride_b + off_h * stride_h
+    v_base = V + off_b * stride_b + off_h * stride_h
 
     offs_m = start_m + tl.arange(0, BLOCK_M2)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N_CTX
-    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+    q = _load_tile(Q + off_b * stride_b + off_h * stride_h + offs_m[:, None] * stride_t + offs_d[None, :],
                    offs_m, N_CTX, offs_d, HEAD_DIM, EVEN_D)  # (BLOCK_M2, BLOCK_D)
     do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot
                     + offs_d[None, :], offs_m, N_CTX, offs_d, HEAD_DIM, EVEN_D)  # (BLOCK_M2, BLOCK_D)
@@ -273,18 +289,18 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, qk_scale,
     else:
         free_hi = (N_CTX // BLOCK_N2) * BLOCK_N2
         hi = N_CTX
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_t, stride_t, offs_m, offs_d,
                             0, free_hi, N_CTX, qk_scale, False, CAUSAL, BLOCK_N2, HEAD_DIM, EVEN_D,
-                            DOT_PREC)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+                            IEEE_DOT)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_t, stride_t, offs_m, offs_d,
                             free_hi, hi, N_CTX, qk_scale, True, CAUSAL, BLOCK_N2, HEAD_DIM, EVEN_D,
-                            DOT_PREC)
+                            IEEE_DOT)
 
     dq *= sm_scale
     mask = row_ok[:, None]
     if not EVEN_D:
         mask = mask & (offs_d[None, :] < HEAD_DIM)
-    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
+    dq_ptrs = DQ + off_bh * N_CTX * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # DQ contiguous
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
 
 
@@ -361,22 +377,47 @@ def attention_tune_configs(name):
     return [_config(name, tile) for tile in _TUNE_SETS[name]]
 
 
-def _configs_for(q):
-    """attention_configs for q's device (the interpreter's on CPU); None when autotuning."""
-    if INTERPRET:
-        return attention_configs(None, q.shape[-1])
-    if _AUTOTUNE:
-        return None
-    return attention_configs(torch.cuda.get_device_capability(q.device), q.shape[-1])
+def _make_plan(configs, dtype, head_dim, causal):
+    """The launch plan of one shape class: name -> (kernel, tile along the grid's first axis, launch
+    keywords). configs: attention_configs' form, or None for the autotuned kernels (whose tile is the
+    name of the block keyword, read from the chosen config)."""
+    block_d = _block_d(head_dim)
+    shape = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, EVEN_D=block_d == head_dim)
+    pre = configs["pre"] if configs is not None else _PREPROCESS_CONFIG
+    plan = dict(pre=(_attn_bwd_preprocess_kernel, pre["BLOCK_M"], dict(shape, **pre)))
+    meta = dict(shape, CAUSAL=bool(causal), IEEE_DOT=dtype == torch.float32)
+    for name, axis in (("fwd", "BLOCK_M"), ("dkdv", "BLOCK_N1"), ("dq", "BLOCK_M2")):
+        if configs is None:
+            plan[name] = (_TUNED[name], axis, meta)
+        else:
+            plan[name] = (_KERNELS[name], configs[name][axis], dict(meta, **configs[name]))
+    return plan
 
 
-def _spec(name, grid_axis, T, BH, args, meta, configs):
-    """One launch of kernel `name` over (cdiv(T, tile along grid_axis), B * H): (kernel, grid, args,
-    keywords). configs None: the autotuned kernel, which picks its own tiles."""
-    if configs is None:
-        return _TUNED[name], lambda m: (triton.cdiv(T, m[grid_axis]), BH), args, meta
-    config = configs[name]
-    return _KERNELS[name], (triton.cdiv(T, config[grid_axis]), BH), args, dict(meta, **config)
+_PLANS = {}  # (device index, dtype, head dim, causal) -> launch plan
+
+
+def _plan_for(q, causal):
+    """The cached launch plan for q's device (its compute capability, read once), dtype, head dim and
+    causal flag: built on the first call of a shape class, a dict lookup after that."""
+    key = (q.get_device(), q.dtype, q.shape[-1], causal)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if INTERPRET and not q.is_cuda:
+            configs = attention_configs(None, q.shape[-1])
+        elif _AUTOTUNE:
+            configs = None
+        else:
+            configs = attention_configs(torch.cuda.get_device_capability(q.device), q.shape[-1])
+        plan = _PLANS[key] = _make_plan(configs, q.dtype, q.shape[-1], causal)
+    return plan
+
+
+def _grid(T, BH, tile):
+    """(tiles along T, B * H); tile a keyword name for the autotuned kernels (grid from their config)."""
+    if isinstance(tile, int):
+        return (-(-T // tile), BH)
+    return lambda meta: (triton.cdiv(T, meta[tile]), BH)
 
 
 def _check_inputs(q, k, v):
@@ -396,106 +437,110 @@ def _check_inputs(q, k, v):
     _common.check_device("flash_attention", q)
 
 
-def _last_dim_contiguous(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _shared_layout(q, k, v):
+    """q, k, v with one set of strides and a contiguous last dimension (the kernels take one set):
+    as given when they already have it (separate tensors, or views of one fused projection), else copies."""
+    s = q.stride()
+    if s[3] == 1 and k.stride() == s and v.stride() == s:
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def _strides(x):
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-def _common_meta(q):
-    D = q.shape[-1]
-    block_d = _block_d(D)
-    return dict(HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
-
-
-def _forward_specs(q, k, v, o, lse, causal, scale, configs):
-    """The forward's launch: [(kernel, grid, args, keywords)]."""
-    B, H, T, D = q.shape
-    args = (q, k, v, o, lse, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, T)
-    meta = dict(_common_meta(q), CAUSAL=bool(causal))
-    return [_spec("fwd", "BLOCK_M", T, B * H, args, meta, configs)]
-
-
-def _backward_specs(do, q, k, v, o, lse, delta, dq, dk, dv, causal, scale, configs):
-    """The backward's three launches in order: Delta = rowsum(dO * O), then dK/dV, then dQ."""
-    B, H, T, D = q.shape
-    meta = _common_meta(q)
-    pre = configs["pre"] if configs is not None else _PREPROCESS_CONFIG
-    pre_meta = dict(HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], **pre)
-    pre_spec = (_attn_bwd_preprocess_kernel, (triton.cdiv(T, pre["BLOCK_M"]), B * H),
-                (o, do, delta, *_strides(o), *_strides(do), H, T), pre_meta)
-    meta["CAUSAL"] = bool(causal)
-    common = (scale, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    dkdv_args = (q, k, v, do, dk, dv, lse, delta, *common, *_strides(dk), *_strides(dv), H, T)
-    dq_args = (q, k, v, do, dq, lse, delta, *common, *_strides(dq), H, T)
-    return [pre_spec, _spec("dkdv", "BLOCK_N1", T, B * H, dkdv_args, meta, configs),
-            _spec("dq", "BLOCK_M2", T, B * H, dq_args, meta, configs)]
-
-
-def launch_specs(q, causal, configs):
-    """Every launch one forward + backward over q-shaped (B, H, T, D) inputs makes with `configs`
-    (attention_configs' form), in order, built by the launchers' own code: [(kernel, grid, args,
-    keywords)]. For tools/compile_check.py, which compiles them for GPUs this machine lacks."""
-    B, H, T, D = q.shape
-    o, do, dq, dk, dv = (torch.empty_like(q) for _ in range(5))
-    lse, delta = (torch.empty(B, H, T, dtype=torch.float32, device=q.device) for _ in range(2))
-    scale = 1.0 / math.sqrt(D)
-    return (_forward_specs(q, q, q, o, lse, causal, scale, configs)
-            + _backward_specs(do, q, q, q, o, lse, delta, dq, dk, dv, causal, scale, configs))
-
-
-def _flash_attn_forward(q, k, v, causal, scale):
-    """Launch the forward kernel. Returns o (B, H, T, D) in q's dtype and the base-2 LSE (B, H, T) fp32."""
-    _check_inputs(q, k, v)
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+def _attn_fwd(q, k, v, scale, plan, launch):
+    """Allocate o (B, H, T, D) in q's dtype and the base-2 LSE (B, H, T) fp32; launch the forward.
+    q, k, v share their strides (_shared_layout). The forward kernel's signature lives here."""
     B, H, T, D = q.shape
     o = _common.empty(q, (B, H, T, D))
     lse = _common.empty(q, (B, H, T), torch.float32)
-    if B * H == 0:
-        return o, lse
-    for spec in _forward_specs(q, k, v, o, lse, causal, scale, _configs_for(q)):
-        _common.launch(*spec)
+    if B * H:
+        kernel, tile, meta = plan["fwd"]
+        args = (q, k, v, o, lse, scale * LOG2E.value, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                *o.stride()[:3], H, T)
+        launch(kernel, _grid(T, B * H, tile), args, meta)
     return o, lse
 
 
-def _flash_attn_backward(do, q, k, v, o, lse, causal, scale):
-    """Launch the three backward kernels. Returns dq, dk, dv (B, H, T, D), contiguous, in q's dtype."""
-    q, k, v, o, do = (_last_dim_contiguous(x) for x in (q, k, v, o, do))
+def _attn_bwd(do, q, k, v, o, lse, scale, plan, launch):
+    """Launch Delta = rowsum(dO * O), then dK/dV, then dQ. Returns dq, dk, dv (B, H, T, D), contiguous,
+    in q's dtype. The three backward kernels' signatures live here."""
     B, H, T, D = q.shape
     dq, dk, dv = (_common.empty(q, (B, H, T, D)) for _ in range(3))
     if B * H == 0:
         return dq, dk, dv
+    do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _common.empty(lse, (B, H, T))  # fp32: rowsum(dO * O)
-    for spec in _backward_specs(do, q, k, v, o, lse, delta, dq, dk, dv, causal, scale, _configs_for(q)):
-        _common.launch(*spec)
+    BH = B * H
+    sb, sh, st, _ = q.stride()
+    sdb, sdh, sdt, _ = do.stride()
+    kernel, tile, meta = plan["pre"]
+    launch(kernel, (-(-T // tile), BH), (o, do, delta, *o.stride()[:3], sdb, sdh, sdt, H, T), meta)
+    kernel, tile, meta = plan["dkdv"]
+    launch(kernel, _grid(T, BH, tile), (q, k, v, do, dk, dv, lse, delta, scale, sb, sh, st, sdb, sdh, sdt, H, T),
+           meta)
+    kernel, tile, meta = plan["dq"]
+    launch(kernel, _grid(T, BH, tile), (q, k, v, do, dq, lse, delta, scale, sb, sh, st, sdb, sdh, sdt, H, T), meta)
     return dq, dk, dv
 
 
-@torch.library.custom_op("igpt_fast::flash_attn_fwd", mutates_args=())
+def _flash_attn_forward(q, k, v, causal, scale, launch=None):
+    """The forward launcher: check, lay out, allocate, launch (eagerly unless `launch` says otherwise).
+    Returns o, the base-2 LSE and the q, k, v the kernels read (to save for the backward)."""
+    _check_inputs(q, k, v)
+    q, k, v = _shared_layout(q, k, v)
+    o, lse = _attn_fwd(q, k, v, scale, _plan_for(q, causal), launch or _common.launch)
+    return o, lse, q, k, v
+
+
+def _flash_attn_backward(do, q, k, v, o, lse, causal, scale, launch=None):
+    """The backward launcher over the forward's saved q, k, v, o, lse: dq, dk, dv."""
+    return _attn_bwd(do, q, k, v, o, lse, scale, _plan_for(q, causal), launch or _common.launch)
+
+
+def launch_specs(q, causal, configs):
+    """Every launch one forward + backward over q-shaped (B, H, T, D) inputs makes with `configs`
+    (attention_configs' form), in order, recorded from the launchers themselves: [(kernel, grid, args,
+    keywords)]. For tools/compile_check.py, which compiles them for GPUs this machine lacks."""
+    specs = []
+
+    def record(*spec):
+        specs.append(spec)
+
+    plan = _make_plan(configs, q.dtype, q.shape[-1], causal)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    o, lse = _attn_fwd(q, q, q, scale, plan, record)
+    _attn_bwd(torch.empty_like(q), q, q, q, o, lse, scale, plan, record)
+    return specs
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Eager calls: the launchers and nothing else."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        o, lse, q, k, v = _flash_attn_forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        return (*_flash_attn_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale), None, None)
+
+
+@_common.kernel_op("igpt_fast::flash_attn_fwd")
 def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _flash_attn_forward(q, k, v, causal, scale)
+    o, lse, _, _, _ = _flash_attn_forward(q, k, v, causal, scale, _common.launch_traceable)
+    return o, lse
 
 
-@_flash_attn_fwd_op.register_fake
-def _(q, k, v, causal, scale):
-    B, H, T, D = q.shape
-    return q.new_empty((B, H, T, D)), q.new_empty((B, H, T), dtype=torch.float32)
-
-
-@torch.library.custom_op("igpt_fast::flash_attn_bwd", mutates_args=())
+@_common.kernel_op("igpt_fast::flash_attn_bwd")
 def _flash_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                        lse: torch.Tensor, causal: bool, scale: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _flash_attn_backward(do, q, k, v, o, lse, causal, scale)
-
-
-@_flash_attn_bwd_op.register_fake
-def _(do, q, k, v, o, lse, causal, scale):
-    return tuple(q.new_empty(q.shape) for _ in range(3))
+    q, k, v = _shared_layout(q, k, v)
+    return _flash_attn_backward(do, q, k, v, o, lse, causal, scale, _common.launch_traceable)
 
 
 def _fwd_setup_context(ctx, inputs, output):
@@ -515,7 +560,9 @@ _flash_attn_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_con
 
 
 def flash_attention(q, k, v, causal=True, scale=None):
-    """Triton flash attention over (B, H, T, D) q, k, v; differentiable, works under torch.compile."""
+    """Triton flash attention over (B, H, T, D) q, k, v; differentiable. Eagerly the autograd.Function;
+    under torch.compile the triton_op, so the compiled graph holds the Triton kernels."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _flash_attn_fwd_op(q, k, v, bool(causal), scale)[0]
-
+    if torch.compiler.is_compiling():
+        return _flash_attn_fwd_op(q, k, v, bool(causal), scale)[0]
+    return _FlashAttention.apply(q, k, v, bool(causal), scale)
