@@ -52,7 +52,7 @@ def _floor_functions(torch):
     class Attention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v, causal, scale):
-            o, lse = fa._flash_attn_forward(q, k, v, causal, scale)
+            o, lse = fa._flash_attn_forward(q, k, v, causal, scale)[:2]  # (+ the laid-out q, k, v since d237481)
             ctx.save_for_backward(q, k, v, o, lse)
             ctx.causal, ctx.scale = causal, scale
             return o
