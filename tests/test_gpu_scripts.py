@@ -7,6 +7,7 @@ hands back), the results in results.tar.gz. Their install step really installs t
 into the run's venv over this interpreter, as on the GPU, and every later step runs that venv's python.
 About a minute each on two idle cores.
 """
+import json
 import os
 import re
 import subprocess
@@ -18,7 +19,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK_STEPS = ["install", "tests", "attention_d64", "train", "attention_d96_128", "softmax", "cross_entropy",
                "attention_naive"]
-RESULTS_STEPS = ["install", "data", "timing", "train", "probe", "sample"]
+RESULTS_STEPS = ["install", "data", "train_ar", "probe_ar", "train_ar_l", "probe_ar_l", "train_bert", "probe_bert",
+                 "finetune_ar", "finetune_bert", "findings"]
 
 
 def _run(script, tmp_path, *args, env=None):
@@ -92,14 +94,29 @@ def test_gpu_results_dry_run(tmp_path):
     summary, members = _dry_run("gpu_results.sh", tmp_path)
     _assert_steps_ok(summary, RESULTS_STEPS)
     _assert_installed_in_venv(summary, members, tmp_path, RESULTS_STEPS)
-    for obj in ("ar", "bert"):
-        for name in ("config.json", "log.jsonl", "loss.png", "probe.json", "probe.png", "samples/completions.png"):
-            assert f"results/runs/{obj}/{name}" in members, (obj, name)
-    assert re.search(r"^\| ar \| [\d.]+M \| \d+ \| \d+ \|", summary, flags=re.M)  # the training table
-    assert re.search(r"^\| bert( \| [01]\.\d{3})+ \| \d+ \| [01]\.\d{3} \|$", summary, flags=re.M)  # probe table
+    total = re.search(r"^Expected total (\d+) s; x 1\.2 = (\d+) s of the 600 s window", summary, flags=re.M)
+    assert total and int(total[2]) <= 600, summary[:3000]  # the plan with its 20% margin
+    for name in ("ar", "ar_l", "bert"):
+        for f in ("config.json", "log.jsonl", "loss.png", "probe.json", "probe.png"):
+            assert f"results/runs/{name}/{f}" in members, (name, f)
+        rows = [json.loads(ln) for ln in members[f"results/runs/{name}/log.jsonl"].decode().splitlines()]
+        plan = next(r["time_plan"] for r in rows if "time_plan" in r)  # every run fitted its steps to its budget
+        assert plan["budget_s"] > 0 and plan["steps"] <= plan["upper_bound"], plan
+        probe = json.loads(members[f"results/runs/{name}/probe.json"])
+        assert probe["n_train"] == 192 and probe["n_test"] == 80  # every train image (240 less 20% val), all test
+    steps = {name: [r["step"] for r in map(json.loads, members[f"results/runs/{name}/log.jsonl"].decode().splitlines())
+                    if "loss" in r][-1] for name in ("ar", "ar_l", "bert")}
+    assert steps["ar_l"] <= steps["ar"] and steps["bert"] <= steps["ar"], steps  # no more tokens than AR-S
+    for name in ("ar", "bert"):
+        assert f"results/runs/{name}/finetune/finetune.json" in members, name
+    assert re.search(r"^\| ar_l \| ar \| 4 x 32 \| [\d.]+M \| \d+ \(\d+\) \|", summary, flags=re.M)  # training table
+    assert re.search(r"^\| bert( \| [01]\.\d{3})+ \| \d+ \([01]\.\d{3}\) \| [01]\.\d{3} \|$", summary, flags=re.M)
+    assert re.search(r"^\| ar finetuned \| \d+ \| 8 \| [\d.e-]+ \| \d+ \| [01]\.\d{3} \| [01]\.\d{3} \|$", summary, flags=re.M)
+    findings = re.findall(r"^\| \((\d\w?)\) .* \| (yes|no) \|$", summary, flags=re.M)
+    assert [f for f, _ in findings] == ["1", "1", "2", "3a", "3b", "4"], findings
     assert sorted(os.listdir(tmp_path / "out")) == sorted(
-        ["summary.md", "results.tar.gz", "loss_ar.png", "loss_bert.png", "probe_ar.png", "probe_bert.png",
-         "completions_ar.png", "completions_bert.png"])
+        ["summary.md", "results.tar.gz", "probe_layers.png", "loss_ar.png", "loss_ar_l.png", "loss_bert.png",
+         "finetune_ar.png", "finetune_bert.png"])
 
 
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_results.sh"])
