@@ -89,7 +89,8 @@ def test_wheel_holds_the_kernels_and_the_license(source_copy, tmp_path):
         licenses = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
         assert len(licenses) == 1, sorted(names)
         assert archive.read(licenses[0]) == (source_copy / "LICENSE").read_bytes()
-    expected = {f"igpt_fast/kernels/{m}.py" for m in KERNEL_MODULES} | {"igpt_fast/py.typed"}
+    expected = ({f"igpt_fast/kernels/{m}.py" for m in KERNEL_MODULES}
+                | {"igpt_fast/py.typed", "igpt_fast/kernels/defaults.py", "igpt_fast/kernels/defaults.json"})
     assert expected <= names, sorted(expected - names)
     assert not [n for n in names if n.startswith("kernels/")], sorted(names)
 
