@@ -1,6 +1,7 @@
 """Shared test setup. Without CUDA, Triton kernels run under the interpreter: TRITON_INTERPRET must be
 set before anything imports triton, so it is set here, first; persisted palette lookup tables go to
-a temporary folder of the session."""
+a temporary folder of the session. Tests marked `cuda` (registered in pyproject.toml) are skipped
+where torch sees no CUDA device. The fixtures several test modules share are defined here, once."""
 import os
 import shutil
 import tempfile
@@ -14,6 +15,16 @@ import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked `cuda` when torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture

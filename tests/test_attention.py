@@ -24,7 +24,6 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 pytestmark = pytest.mark.skipif(not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="no CUDA and TRITON_INTERPRET is not set")
-requires_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 _COVER = [(1, 32, True), (17, 64, False), (100, 96, True), (256, 128, False), (576, 64, True)]
 _COVER_FLIPPED = [(1, 128, False), (17, 32, True), (100, 64, False), (256, 96, True)]
@@ -142,13 +141,13 @@ def test_compiled_graph_matches_eager_aot_eager():
         torch.testing.assert_close(c, e, atol=1e-6, rtol=1e-6)
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("T,D,causal", _COVER + _COVER_FLIPPED)
 def test_attention_bf16_cuda(T, D, causal):
     _check(*_inputs(T, D, torch.bfloat16), causal)
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("T", [4096, 16384])
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_long_cuda(T, causal):
@@ -157,7 +156,7 @@ def test_attention_long_cuda(T, causal):
     _check(q, k, v, causal)
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_attention_compile_vs_eager_cuda():
     torch.manual_seed(0)
     B, T, H, D = 2, 576, 4, 64

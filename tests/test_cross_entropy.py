@@ -110,7 +110,7 @@ def test_cross_entropy_dispatch_and_compile():
     torch.testing.assert_close(g_compiled, x.grad)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("N,V", [(4096, 512), (100, 17), (64, 50000)])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_cross_entropy_bf16_cuda(N, V, reduction):
