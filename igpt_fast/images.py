@@ -25,12 +25,12 @@ Resize modes (`resize_image`), all PIL bilinear on 8-bit RGB:
 import numpy as np
 from PIL import Image
 
+from .options import RESIZE_MODES
 from .readers import TokenizeError
 
 __all__ = ["RESIZE_MODES", "to_rgb", "to_rgb_kind", "resize_image", "prepare", "prepare_batch", "fast_batch",
            "array_kind"]
 
-RESIZE_MODES = ("squash", "center-crop", "pad")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _MODE_KINDS = {"L": "grey", "1": "bilevel", "P": "palette", "CMYK": "cmyk", "YCbCr": "ycbcr", "LAB": "lab",
                "HSV": "hsv", "I": "32-bit", "F": "float"}

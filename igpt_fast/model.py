@@ -39,8 +39,8 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from igpt_fast.kernels import attention, cross_entropy
+from igpt_fast.options import IMPLS
 
-IMPLS = ("auto", "triton", "torch")
 QUICK_GELU = 1.702  # quick GELU x * sigmoid(1.702 x)
 
 

@@ -1,6 +1,10 @@
 """Command-line options several `igpt-fast` verbs share, defined once; torch-free, so importing the CLI
 stays instant.
 
+The enumerations the library accepts are defined here, once, so that a flag's click.Choice and the
+library's own check take the same tuple: IMPLS (the impl= of igpt_fast.model.IGPT and of the kernels'
+dispatch) and RESIZE_MODES (igpt_fast.images.resize_image, tokenize).
+
 --impl, --resize, --workers, --device, --overwrite, and the parameter types: a finite float for every
 numeric flag (`--lr nan` or `--lr inf` is a usage error, not a run that diverges at its first step),
 a comma-separated list of them, a torch device checked against what the machine has, and an output
