@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from igpt_fast import data as data_mod
+from igpt_fast import shard as shard_mod
 from igpt_fast.data import DataError, eval_loader, read_meta, train_loader
 from igpt_fast.palette import Palette
 from shards import write_meta, write_split
@@ -95,8 +95,8 @@ def serve():
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch):
-    monkeypatch.setattr(data_mod, "FETCH_BACKOFF_S", 0.01)
-    monkeypatch.setattr(data_mod, "FETCH_TIMEOUT_S", 5.0)
+    monkeypatch.setattr(shard_mod, "FETCH_BACKOFF_S", 0.01)
+    monkeypatch.setattr(shard_mod, "FETCH_TIMEOUT_S", 5.0)
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
 
@@ -154,7 +154,7 @@ def test_dropped_shard_is_read_again_from_the_start(shards, serve, world_size, n
 def test_retries_are_bounded_and_backed_off(shards, serve, monkeypatch):
     url, server = serve(shards, faults={"val-000001.tar": ["drop"] * 3})
     sleeps = []
-    monkeypatch.setattr(data_mod.time, "sleep", sleeps.append)
+    monkeypatch.setattr(shard_mod.time, "sleep", sleeps.append)
     with pytest.raises(DataError, match=r"cannot read http://127\.0\.0\.1:\d+/val-000001\.tar: IncompleteRead.*"
                                         r"\(3 of 3 tries\)"):
         list(eval_loader(f"{url}/val-{{000000..000003}}.tar", "val", 6))
@@ -179,7 +179,7 @@ def test_missing_shard_is_not_retried(shards, serve):
 def test_slow_server(shards, serve, monkeypatch):
     url, server = serve(shards, faults={"val-000000.tar": ["slow"]}, delay=0.3)
     assert sorted(_ids(eval_loader(f"{url}/val-{{000000..000003}}.tar", "val", 6))) == list(range(40))
-    monkeypatch.setattr(data_mod, "FETCH_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(shard_mod, "FETCH_TIMEOUT_S", 0.1)
     url, server = serve(shards, faults={"val-000000.tar": ["slow"] * 3}, delay=0.5)
     with pytest.raises(DataError, match=r"val-000000\.tar: TimeoutError: timed out \(3 of 3 tries\)"):
         list(eval_loader(f"{url}/val-{{000000..000003}}.tar", "val", 6))

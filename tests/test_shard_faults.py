@@ -331,9 +331,9 @@ def test_a_missing_shard_file_is_an_error(data):
 
 
 def test_pipe_failure_names_the_url(data, monkeypatch):
-    from igpt_fast import data as data_mod
+    from igpt_fast import shard as shard_mod
 
-    monkeypatch.setattr(data_mod, "FETCH_BACKOFF_S", 0.0)
+    monkeypatch.setattr(shard_mod, "FETCH_BACKOFF_S", 0.0)
     spec = f"pipe:cat {data}/val-00000{{0..4}}.tar"
     with pytest.raises(DataError, match=rf"cannot read pipe:cat {re.escape(str(data))}/val-000004.tar: .*exit 1.*"
                                         r"\(3 of 3 tries\)"):
