@@ -533,6 +533,30 @@ def _load_sharded_model(path):
     return model
 
 
+def _check_loadable(path, err=None):
+    """CheckpointError, one line, for a file that is not what torch.load reads (what it holds, sniffed by
+    convert.describe_file, and what was expected) or, given torch.load's error, one it could not read;
+    never torch's advice to drop weights_only."""
+    from igpt_fast.convert import describe_file
+
+    kind = describe_file(path)
+    if kind.startswith("a damaged zip"):
+        raise CheckpointError(f"{path} is not a readable igpt-fast checkpoint: truncated or damaged (a zip archive, "
+                              "as torch.save writes, that does not open)")
+    if not kind.startswith(("a PyTorch file", "a Python pickle")):
+        hint = ("; import it first with `igpt-fast convert`"
+                if kind.startswith(("a safetensors", "a TensorFlow", "a Hugging Face")) else "")
+        raise CheckpointError(f"{path} is {kind}, not a readable igpt-fast checkpoint (a run folder, ckpt.pt or a "
+                              f"file from export or convert){hint}")
+    if isinstance(err, pickle.UnpicklingError):
+        raise CheckpointError(f"{path} is not a readable igpt-fast checkpoint: a pickle holding Python objects "
+                              "besides tensors, which are not loaded (loading them could run code)")
+    if err is not None:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable igpt-fast checkpoint: a truncated or damaged PyTorch "
+                              f"file ({first[:200]})")
+
+
 def load_checkpoint(run, map_location="cpu", weights=True):
     """The checkpoint dict of a run folder, file (weights_only=True) or DCP folder; CheckpointError, one
     line, for a file that is not an igpt-fast checkpoint, is truncated, or comes from a newer igpt-fast.
@@ -545,12 +569,11 @@ def load_checkpoint(run, map_location="cpu", weights=True):
             ckpt["model"] = {k: v.to(map_location) for k, v in _load_sharded_model(path).items()}
         ckpt["sharded"] = True
     else:
+        _check_loadable(path)
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path} is not a readable igpt-fast checkpoint (truncated or another kind of "
-                                  f"file): {first[:200]}") from None
+            _check_loadable(path, e)
         if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
             raise CheckpointError(f"{path} is a torch file but not an igpt-fast checkpoint (no model / model_config)")
     version = ckpt.get("version", 1)

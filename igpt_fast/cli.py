@@ -289,22 +289,27 @@ def export_cmd(run, out):
 
 
 @cli.command("convert")
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source")
 @click.option("--out", required=True, type=OutputPath(),
               help="Output: a checkpoint file (--to igpt, e.g. igpt-s.pt) or a folder (--to hf).")
 @click.option("--to", "to", type=click.Choice(["igpt", "hf"]), default="igpt", show_default=True,
-              help="igpt: Hugging Face ImageGPT -> igpt-fast checkpoint; hf: igpt-fast run -> Hugging Face folder.")
+              help="igpt: Hugging Face ImageGPT or OpenAI checkpoint -> igpt-fast checkpoint; hf: igpt-fast run -> "
+                   "Hugging Face folder.")
 @click.option("--n-head", type=click.IntRange(1), help="--to igpt: needed when SOURCE is a bare weights file.")
 @click.option("--palette", "palette_path", type=click.Path(exists=True, dir_okay=False),
-              help="palette.npy to store (default: SOURCE's own: HF clusters or the checkpoint's palette).")
+              help="palette.npy to store (default: SOURCE's own: HF clusters, OpenAI's kmeans_centers.npy beside "
+                   "the checkpoint, or the checkpoint's palette).")
 @click.option("--head", type=click.Choice(["lm", "classifier"]),
               help="--to hf: ImageGPTForCausalImageModeling (lm, the default) or ImageGPTForImageClassification "
                    "(classifier, for finetuned runs).")
 def convert_cmd(source, out, to, n_head, palette_path, head):
-    """Convert between Hugging Face ImageGPT and igpt-fast.
+    """Convert between Hugging Face ImageGPT (or OpenAI's TensorFlow release) and igpt-fast.
 
-    --to igpt (default): SOURCE is an HF ImageGPT folder or weights file; OUT is an igpt-fast checkpoint
-    (loads with model_from_checkpoint) whose logits for x equal HF's for [n_vocab] + x[:-1].
+    --to igpt (default): SOURCE is an HF ImageGPT folder or weights file, a hub id such as
+    openai/imagegpt-small that is in the local Hugging Face cache (`hf download openai/imagegpt-small`
+    puts it there), or an OpenAI image-gpt TensorFlow checkpoint (its folder or model.ckpt-N.index; read
+    without TensorFlow; kmeans_centers.npy beside it becomes the palette). OUT is an igpt-fast
+    checkpoint (loads with model_from_checkpoint) whose logits for x equal HF's for [n_vocab] + x[:-1].
 
     --to hf: SOURCE is an igpt-fast run folder or checkpoint; OUT is a folder that
     ImageGPTForCausalImageModeling.from_pretrained and ImageGPTImageProcessor.from_pretrained load
@@ -314,16 +319,19 @@ def convert_cmd(source, out, to, n_head, palette_path, head):
     """
     from .checkpoint import (check_output, load_checkpoint, model_from_checkpoint, model_state, palette_from_checkpoint,
                              save_checkpoint)
-    from .convert import from_hf_imagegpt, read_hf_palette, source_format, to_hf_imagegpt
+    from .convert import (from_hf_imagegpt, from_openai_imagegpt, read_hf_palette, read_openai_palette, resolve_source,
+                          source_format, to_hf_imagegpt)
     from .palette import Palette
 
-    kind = source_format(source)
+    check_output(out)  # never over a run's checkpoint or log
+    local = resolve_source(source) if to == "igpt" else source  # a hub id -> its folder in the local HF cache
+    kind = source_format(local)
     if to == "igpt" and kind == "igpt":
         raise click.UsageError(f"{source} is an igpt-fast run or checkpoint already; to export it to Hugging Face "
                                "pass --to hf")
-    if to == "hf" and kind == "hf":
-        raise click.UsageError(f"{source} is a Hugging Face ImageGPT checkpoint; to import it leave out --to hf")
-    check_output(out)  # never over a run's checkpoint or log
+    if to == "hf" and kind in ("hf", "openai"):
+        what = "a Hugging Face ImageGPT" if kind == "hf" else "an OpenAI TensorFlow"
+        raise click.UsageError(f"{source} is {what} checkpoint; to import it leave out --to hf")
     if to == "hf" and n_head is not None:
         raise click.UsageError("--n-head is for --to igpt (a bare HF weights file); a checkpoint knows its heads")
     if to == "igpt" and head is not None:
@@ -332,12 +340,16 @@ def convert_cmd(source, out, to, n_head, palette_path, head):
         raise click.UsageError(f"--out {out} is a folder; --to igpt writes one checkpoint file (e.g. {out}/model.pt)")
 
     palette = Palette.load(palette_path) if palette_path is not None else None
-    if to == "igpt":
-        model = from_hf_imagegpt(source, n_head=n_head)
-        clusters = read_hf_palette(source) if palette is None and os.path.isdir(source) else None
+    if to == "igpt" and kind == "openai":
+        model = from_openai_imagegpt(local, n_head=n_head)
+        clusters = read_openai_palette(local) if palette is None else None
+        palette = Palette(clusters) if clusters is not None else palette
+    elif to == "igpt":
+        model = from_hf_imagegpt(local, n_head=n_head)
+        clusters = read_hf_palette(local) if palette is None and os.path.isdir(local) else None
         palette = Palette(clusters) if clusters is not None else palette
     else:
-        ckpt = load_checkpoint(source)
+        ckpt = load_checkpoint(local)
         model = model_from_checkpoint(ckpt)
         own = palette_from_checkpoint(ckpt)
         if own is not None and palette is not None and own.sha256 != palette.sha256:
@@ -358,9 +370,12 @@ def convert_cmd(source, out, to, n_head, palette_path, head):
             notes.append(f"the {c.n_classes}-class head is left out (--head classifier exports it)")
         click.echo(f"exported {source} -> {out} | " + " | ".join(notes))
         return
-    save_checkpoint(out, model_state(model, palette, source=os.path.abspath(source)))
+    save_checkpoint(out, model_state(model, palette, source=source if local != source else os.path.abspath(source)))
     where = "no palette (pass --palette)" if palette is None else f"palette {palette.sha256[:12]}"
-    click.echo(f"converted {source} -> {out} | {shape}, {model.num_params() / 1e6:.1f}M params | {where}")
+    origin = f" (Hugging Face cache: {local})" if local != source else ""
+    objective = " | BERT objective (no sos in the checkpoint)" if c.objective == "bert" else ""
+    click.echo(f"converted {source}{origin} -> {out} | {shape}, {model.num_params() / 1e6:.1f}M params | "
+               f"{where}{objective}")
 
 
 @cli.command("demo")

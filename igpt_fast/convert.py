@@ -1,7 +1,8 @@
-"""Hugging Face ImageGPT <-> IGPT: import (from_hf_imagegpt) and export (to_hf_imagegpt).
+"""Hugging Face ImageGPT <-> IGPT, and OpenAI's TensorFlow release -> IGPT: import (from_hf_imagegpt,
+from_openai_imagegpt) and export (to_hf_imagegpt).
 
 Reference: transformers src/transformers/models/imagegpt/modeling_imagegpt.py,
-configuration_imagegpt.py and image_processing_imagegpt.py.
+configuration_imagegpt.py and image_processing_imagegpt.py; openai/image-gpt src/model.py.
 - HF vocab is n_vocab + 1: row n_vocab (512) of `wte.weight` is the sos vector; HF never adds it, so
   HF logits for input [512] + x[:-1] equal IGPT logits for x.
 - HF Conv1D weights are [in, out] (transposed for nn.Linear); c_attn fuses q | k | v in that column
@@ -20,11 +21,28 @@ configuration_imagegpt.py and image_processing_imagegpt.py.
 - Export writes a folder that `ImageGPTForCausalImageModeling.from_pretrained` (head="lm", the
   default: a finetuned model's classification head is left out) or
   `ImageGPTForImageClassification.from_pretrained` (head="classifier": the lm_head is left out, as HF's
-  class has none) loads: config.json, model.safetensors (fp32 as stored), and, given the palette,
+  class has none) loads: config.json, model.safetensors (fp32 as stored), generation_config.json
+  (head "lm": sample from sos, n_ctx tokens, temperature 1, no top-k), and, given the palette,
   preprocessor_config.json for `ImageGPTImageProcessor` (palette as `clusters`, bilinear squash resize
   to n_px, as `igpt-fast tokenize --resize squash`). HF -> IGPT -> HF gives back the same tensors bit
   for bit. BERT-objective models have no HF class (HF's ImageGPT is causal only): export refuses them.
 - The palette: HF stores it as `clusters` in preprocessor_config.json (read_hf_palette).
+- Hub ids: `openai/imagegpt-small` is read from the local Hugging Face cache (HF_HOME / HF_HUB_CACHE,
+  resolved by huggingface_hub's snapshot_download(local_files_only=True): nothing is downloaded, so
+  HF_HUB_OFFLINE changes nothing here); a model not in the cache is one line naming the command that
+  fetches it (`hf download ID`, or `huggingface-cli download ID` with an older huggingface_hub).
+- OpenAI's TensorFlow release (openai/image-gpt: model.ckpt-N.index + .data-*-of-* shards, and
+  kmeans_centers.npy for the palette) is read without TensorFlow (igpt_fast.tf_checkpoint). Its
+  variables (src/model.py, scope `model/`): wte (n_vocab, C), wpe (n_ctx, C), sos (C), wtet (the
+  untied head, (n_vocab, C)), ln_f/g, h{i}/ln_1/g, h{i}/ln_2/g; h{i}/attn/{q,k,v}_proj of shape
+  (n_head, C / n_head, C) used as einsum "bsf,hef->bhse" (output (h, e), input f: nn.Linear's layout
+  once flattened, so the head count comes from the shape); h{i}/attn/c_proj of the same shape used as
+  "bhse,hef->bsf" (input (h, e), output f: transposed for nn.Linear); h{i}/mlp/c_fc/w (C, 4C) and
+  h{i}/mlp/c_proj/w (4C, C), [in, out]; clf/wclf (classes, C) after finetuning. No biases. A
+  checkpoint without sos was trained with the BERT objective. Optimizer slots (.../Adam, .../Adam_1,
+  beta powers, global_step) are skipped; any other variable is refused, naming it.
+- describe_file(path) names what a path holds (NumPy array, PyTorch file, safetensors, tar, TF
+  checkpoint, JSON, image, folder kinds) so a verb given the wrong kind of file says what it got.
 """
 import json
 import math
@@ -40,8 +58,8 @@ import torch
 from igpt_fast.errors import IGPTError
 from igpt_fast.model import GPTConfig, IGPT
 
-__all__ = ["from_hf_imagegpt", "to_hf_imagegpt", "read_hf_palette", "load_hf_state_dict", "source_format",
-           "ConversionError"]
+__all__ = ["from_hf_imagegpt", "from_openai_imagegpt", "to_hf_imagegpt", "read_hf_palette", "read_openai_palette",
+           "load_hf_state_dict", "resolve_source", "source_format", "describe_file", "ConversionError"]
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
@@ -50,6 +68,221 @@ _LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 class ConversionError(IGPTError, ValueError):
     """A checkpoint that cannot be mapped exactly between HF ImageGPT and IGPT."""
+
+
+_IMAGE_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+                (b"BM", "a BMP image"))
+
+
+def _describe_folder(path):
+    names = set(os.listdir(path))
+    if {"ckpt.pt", "ckpt.dcp", "ckpt.prev.pt", "log.jsonl"} & names:
+        return "an igpt-fast run folder"
+    if ".metadata" in names:
+        return "a sharded (DCP) checkpoint folder"
+    if "config.json" in names and names & set(_WEIGHT_FILES):
+        return "a Hugging Face model folder"
+    if "meta.json" in names and any(n.endswith(".tar") for n in names):
+        return "a folder of tokenized shards (meta.json and .tar shards)"
+    if any(n.endswith(".index") for n in names) and any(".data-" in n for n in names):
+        return "a folder holding a TensorFlow checkpoint"
+    if any(n.startswith("models--") for n in names):
+        return "a Hugging Face cache folder"
+    return "an empty folder" if not names else f"a folder of {len(names)} entries"
+
+
+def describe_file(path):
+    """What `path` holds, as a short phrase for error messages ("a NumPy array (.npy), float32 (512, 3)",
+    "a PyTorch file (torch.save)", "a tar archive", ...), sniffed from its first bytes, never loaded."""
+    import numpy as np
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _describe_folder(path)
+    if not os.path.isfile(path):
+        return "nothing (no such file or folder)"
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+        f.seek(max(size - 8, 0))
+        tail = f.read(8)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x93NUMPY"):
+        try:
+            with open(path, "rb") as f:
+                fmt = np.lib.format
+                version = fmt.read_magic(f)
+                shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+            return f"a NumPy array (.npy), {dtype} {tuple(shape)}"
+        except (ValueError, OSError):
+            return "a damaged NumPy array file (.npy)"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "a damaged zip archive"
+        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            return "a PyTorch file (torch.save)"
+        if names and all(n.endswith(".npy") for n in names):
+            return "a NumPy archive (.npz)"
+        return "a zip archive"
+    if len(head) >= 8 + 2 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return "a safetensors file"
+    if head[257:262] == b"ustar" or path.endswith(".tar"):
+        return "a tar archive (e.g. a tokenized shard)" if head[257:262] == b"ustar" else "a damaged tar archive"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip file"
+    if size >= 48 and int.from_bytes(tail, "little") == 0xDB4775248B80FB57:
+        return "a TensorFlow checkpoint index"
+    if re.search(r"\.data-\d{5}-of-\d{5}$", path):
+        return "a TensorFlow checkpoint data shard"
+    for magic, what in _IMAGE_MAGIC:
+        if head.startswith(magic):
+            return what
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle (a legacy torch.save file?)"
+    text = head.lstrip()
+    if text[:1] in (b"{", b"["):
+        try:
+            with open(path) as f:
+                obj = json.load(f)
+        except (ValueError, OSError):
+            return "a damaged JSON file"
+        if isinstance(obj, dict) and obj.get("model_type"):
+            return f"a model config (JSON, model_type {obj['model_type']!r})"
+        if isinstance(obj, dict) and "n_ctx" in obj and "palette_sha256" in obj:
+            return "a tokenized data description (meta.json)"
+        return "a JSON file"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return f"a binary file ({size} bytes) of no kind igpt-fast knows"
+
+
+def _hub_download_command(repo_id):
+    """The command the installed huggingface_hub ships for downloading a model."""
+    from importlib import metadata
+
+    try:
+        scripts = {e.name for e in metadata.distribution("huggingface_hub").entry_points}
+    except metadata.PackageNotFoundError:
+        return f"pip install huggingface_hub, then: hf download {repo_id}"
+    return f"hf download {repo_id}" if "hf" in scripts else f"huggingface-cli download {repo_id}"
+
+
+def resolve_source(source):
+    """A local path for a conversion source: an existing path as it is, a TF checkpoint prefix
+    (PREFIX.index exists) as it is, or a Hugging Face hub id ("openai/imagegpt-small") as its snapshot
+    folder in the local HF cache. ConversionError, one line, otherwise: for a hub id not in the cache, the
+    command that downloads it."""
+    from igpt_fast.tf_checkpoint import tf_checkpoint_prefix
+
+    source = os.fspath(source)
+    if os.path.exists(source) or tf_checkpoint_prefix(source):
+        return source
+    if not re.fullmatch(r"[\w][\w.-]*(/[\w][\w.-]*)?", source):
+        raise ConversionError(f"no such file or directory: {source}")
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
+    except ImportError:
+        raise ConversionError(f"no such file or directory: {source} (to read a Hugging Face hub id from the local "
+                              "cache, pip install huggingface_hub)") from None
+    offline = " (HF_HUB_OFFLINE is set: unset it for the download)" if constants.HF_HUB_OFFLINE else ""
+    try:
+        return snapshot_download(source, local_files_only=True)
+    except IncompleteSnapshotError:
+        raise ConversionError(f"the Hugging Face cache ({constants.HF_HUB_CACHE}) holds {source} only in part; "
+                              f"complete it with `{_hub_download_command(source)}`{offline}") from None
+    except LocalEntryNotFoundError:
+        raise ConversionError(f"{source} is neither a local path nor a model in the Hugging Face cache "
+                              f"({constants.HF_HUB_CACHE}); download it first with `{_hub_download_command(source)}`"
+                              f"{offline}, or pass the folder it is in") from None
+    except HFValidationError:
+        raise ConversionError(f"no such file or directory: {source}") from None
+
+
+_TF_SKIP = re.compile(r"(^|/)(Adam|Adam_1|adam_m|adam_v|Momentum|ExponentialMovingAverage|global_step|beta1_power|"
+                      r"beta2_power)$")
+
+
+def read_openai_palette(source):
+    """The (k, 3) float32 kmeans_centers.npy beside an OpenAI checkpoint (its folder), or None."""
+    from igpt_fast.palette import Palette
+
+    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+    path = os.path.join(folder, "kmeans_centers.npy")
+    return Palette.load(path).centers if os.path.isfile(path) else None
+
+
+def from_openai_imagegpt(source, n_head=None):
+    """Build an IGPT (fp32, eval mode) from an OpenAI image-gpt TensorFlow checkpoint: a folder holding
+    one, its .index file, a data shard or its prefix (model.ckpt-1000000). Variable layout: see the
+    module docstring. The head count comes from the q_proj shape (n_head, if given, must agree)."""
+    from dataclasses import replace
+
+    from igpt_fast.tf_checkpoint import read_tf_checkpoint, read_tf_index, tf_checkpoint_prefix
+
+    prefix = tf_checkpoint_prefix(source)
+    if prefix is None:
+        raise ConversionError(f"{source} is {describe_file(source)}, not a TensorFlow checkpoint")
+    _, entries = read_tf_index(prefix)
+    names = [n for n in entries if n.startswith("model/") and not _TF_SKIP.search(n)]
+    if "model/wte" not in names or "model/wpe" not in names:
+        raise ConversionError(f"{prefix} is a TensorFlow checkpoint without model/wte and model/wpe: not an "
+                              "OpenAI image-gpt checkpoint")
+    arrays = read_tf_checkpoint(prefix, names)
+    tf = {n[len("model/"):]: torch.from_numpy(a.astype("float32")) for n, a in arrays.items()}
+    n_vocab, C = tf["wte"].shape
+    known = {"wte", "wpe", "wtet", "sos", "ln_f/g", "clf/wclf"}
+    layers = sorted({int(m.group(1)) for n in tf if (m := re.match(r"h(\d+)/", n))})
+    for i in layers:
+        known |= {f"h{i}/{n}" for n in ("ln_1/g", "ln_2/g", "attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/c_proj",
+                                        "mlp/c_fc/w", "mlp/c_proj/w")}
+    unknown = sorted(set(tf) - known)
+    if unknown:
+        raise ConversionError(f"{prefix}: unexpected variables that IGPT cannot represent: "
+                              f"{', '.join('model/' + n for n in unknown[:5])}")
+    q0 = tf.get("h0/attn/q_proj")
+    if q0 is not None and q0.dim() == 3:
+        if n_head is not None and n_head != q0.shape[0]:
+            raise ConversionError(f"n_head={n_head} disagrees with the checkpoint (model/h0/attn/q_proj has "
+                                  f"{q0.shape[0]} heads)")
+        n_head = q0.shape[0]
+    sos = tf.get("sos")
+    sd = {"wte.weight": torch.cat([tf["wte"], (sos if sos is not None else torch.zeros(C))[None]]),  # (n_vocab + 1, C)
+          "wpe.weight": tf["wpe"], "ln_f.weight": tf.get("ln_f/g")}
+    if "wtet" in tf:
+        sd["lm_head.weight"] = tf["wtet"]
+    if "clf/wclf" in tf:
+        sd["score.weight"] = tf["clf/wclf"]
+    try:
+        for i in layers:
+            p, g = f"h.{i}.", f"h{i}/"
+            flat = {n: tf[g + "attn/" + n].reshape(C, C) for n in ("q_proj", "k_proj", "v_proj", "c_proj")}
+            sd[p + "ln_1.weight"], sd[p + "ln_2.weight"] = tf[g + "ln_1/g"], tf[g + "ln_2/g"]
+            # q/k/v: [out (h, e), in f] -> HF Conv1D [in, out], q | k | v along out
+            sd[p + "attn.c_attn.weight"] = torch.cat([flat["q_proj"], flat["k_proj"], flat["v_proj"]]).t()  # (C, 3C)
+            sd[p + "attn.c_proj.weight"] = flat["c_proj"]  # [in (h, e), out f]: Conv1D's layout already
+            sd[p + "mlp.c_fc.weight"] = tf[g + "mlp/c_fc/w"].reshape(C, 4 * C)
+            sd[p + "mlp.c_proj.weight"] = tf[g + "mlp/c_proj/w"].reshape(4 * C, C)
+    except KeyError as e:
+        raise ConversionError(f"{prefix}: model/{e.args[0]} is missing") from None
+    except RuntimeError as e:  # a reshape that does not fit n_embd
+        raise ConversionError(f"{prefix}: a layer's weights do not fit n_embd {C}: {str(e)[:200]}") from None
+    if sd["ln_f.weight"] is None:
+        raise ConversionError(f"{prefix}: model/ln_f/g is missing")
+    model = from_hf_imagegpt(sd, n_head=n_head)
+    if sos is None:  # trained with the BERT objective: no sos, no causal mask
+        bert = IGPT(replace(model.config, objective="bert"))
+        bert.load_state_dict(model.state_dict())
+        model = bert.eval()
+    return model
 
 
 def _load_weights_file(path):
@@ -72,9 +305,15 @@ def _load_weights_file(path):
         for shard in shards:
             sd.update(_load_weights_file(os.path.join(os.path.dirname(path), shard)))
         return sd
+    kind = describe_file(path)
+    if kind not in ("a PyTorch file (torch.save)", "a Python pickle (a legacy torch.save file?)"):
+        raise ConversionError(f"{path} is {kind}, not a weights file (model.safetensors, pytorch_model.bin)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except pickle.UnpicklingError:
+        raise ConversionError(f"{path} holds Python objects besides tensors, which are not loaded (loading them "
+                              "could run code): not a weights file") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ConversionError(f"{path} is truncated or not a weights file: {first}") from None
 
@@ -85,7 +324,7 @@ def load_hf_state_dict(source):
         return dict(source), None
     if hasattr(source, "state_dict") and hasattr(source, "config"):
         return source.state_dict(), source.config.to_dict()
-    path = os.fspath(source)
+    path = resolve_source(source)
     if os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
@@ -101,9 +340,7 @@ def load_hf_state_dict(source):
             if os.path.isfile(os.path.join(path, name)):
                 return _load_weights_file(os.path.join(path, name)), hf_config
         raise ConversionError(f"{path} has none of {', '.join(_WEIGHT_FILES)}")
-    if os.path.isfile(path):
-        return _load_weights_file(path), None
-    raise ConversionError(f"no such file or directory: {path}")
+    return _load_weights_file(path), None
 
 
 def read_hf_palette(directory):
@@ -210,11 +447,20 @@ def from_hf_imagegpt(source, n_head=None):
 
 
 def source_format(path):
-    """"hf" for an HF ImageGPT folder or weights file, "igpt" for an igpt-fast run folder or checkpoint;
-    ConversionError for anything else. Lets the CLI tell a user which direction they meant."""
+    """"hf" for an HF ImageGPT folder or weights file, "openai" for an OpenAI TensorFlow checkpoint, "igpt"
+    for an igpt-fast run folder or checkpoint; ConversionError, naming what path holds, for anything else.
+    path must be local (resolve_source first). Lets the CLI tell a user which direction they meant."""
     from igpt_fast.checkpoint import CheckpointError, resolve_checkpoint
+    from igpt_fast.tf_checkpoint import TFCheckpointError, tf_checkpoint_prefix
 
     path = os.fspath(path)
+    expected = ("expected a Hugging Face ImageGPT folder or weights file (config.json + model.safetensors), an "
+                "OpenAI TensorFlow checkpoint (model.ckpt-N.index + data shards) or an igpt-fast run or checkpoint")
+    try:
+        if tf_checkpoint_prefix(path) is not None:
+            return "openai"
+    except TFCheckpointError as e:
+        raise ConversionError(str(e)) from None
     if os.path.isdir(path):
         try:
             resolve_checkpoint(path)  # a run folder (or a sharded checkpoint folder)
@@ -223,22 +469,28 @@ def source_format(path):
             if os.path.isfile(os.path.join(path, "config.json")) and any(
                     os.path.isfile(os.path.join(path, name)) for name in _WEIGHT_FILES):
                 return "hf"
-        raise ConversionError(f"{path} is neither an igpt-fast run (no checkpoint) nor a Hugging Face ImageGPT "
-                              f"folder (config.json + one of {', '.join(_WEIGHT_FILES)})")
+        raise ConversionError(f"{path} is {describe_file(path)}: {expected}")
     if not os.path.isfile(path):
         raise ConversionError(f"no such file or directory: {path}")
-    if path.endswith((".safetensors", ".index.json")):
+    kind = describe_file(path)
+    if kind == "a safetensors file" or path.endswith(".index.json"):
         return "hf"
+    if kind not in ("a PyTorch file (torch.save)", "a Python pickle (a legacy torch.save file?)"):
+        raise ConversionError(f"{path} is {kind}: {expected}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind.startswith("a PyTorch"))
+    except pickle.UnpicklingError:
+        raise ConversionError(f"{path} is a pickle holding Python objects besides tensors, which are not loaded "
+                              f"(loading them could run code): {expected}") from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ConversionError(f"{path} is not a readable checkpoint: {first}") from None
     if isinstance(obj, Mapping) and "model_config" in obj:
         return "igpt"
     if isinstance(obj, Mapping) and any(k in obj for k in ("wte.weight", "transformer.wte.weight")):
         return "hf"
-    raise ConversionError(f"{path} holds neither an igpt-fast checkpoint nor ImageGPT weights")
+    raise ConversionError(f"{path} is a PyTorch file holding neither an igpt-fast checkpoint nor ImageGPT weights: "
+                          f"{expected}")
 
 
 def _hf_config(config, head, dropout):
@@ -312,7 +564,8 @@ def to_hf_imagegpt(model, palette=None, out_dir=None, head="lm"):
     hf_config = _hf_config(config, head, config.dropout)
     if out_dir is not None:
         _write_hf_folder(os.fspath(out_dir), sd, hf_config,
-                         None if clusters is None else _preprocessor_config(clusters, config.n_px))
+                         None if clusters is None else _preprocessor_config(clusters, config.n_px),
+                         _generation_config(config) if head == "lm" else None)
     return sd, hf_config
 
 
@@ -325,9 +578,28 @@ def _is_hf_export(path):
         return False
 
 
-def _write_hf_folder(out_dir, state_dict, hf_config, preprocessor):
-    """Write the files into a temp folder beside out_dir, then rename it into place. An existing
-    out_dir is replaced only when it is empty or an earlier ImageGPT export."""
+def _generation_config(config):
+    """generation_config.json for ImageGPTForCausalImageModeling.generate: start from sos (id n_vocab; HF
+    has no separate end or pad token, so sos stands for both and is never sampled: the head has n_vocab
+    outputs), sample n_ctx tokens at temperature 1 from the full distribution, as OpenAI did (top_k 0:
+    transformers' default of 50 would truncate it)."""
+    sos = config.n_vocab
+    return {"bos_token_id": sos, "eos_token_id": sos, "pad_token_id": sos, "decoder_start_token_id": sos,
+            "max_length": config.n_ctx + 1, "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_hf_folder(out_dir, state_dict, hf_config, preprocessor, generation=None):
+    """Write the folder through igpt_fast.atomic.atomic_path (a temp folder beside out_dir, renamed into
+    place). An existing out_dir is replaced only when it is empty or an earlier ImageGPT export. Files get
+    the ordinary mode (0666 less the umask): safetensors writes model.safetensors 0600."""
+    from igpt_fast.atomic import atomic_path
+
     try:
         from safetensors.torch import save_file
     except ImportError:
@@ -339,21 +611,24 @@ def _write_hf_folder(out_dir, state_dict, hf_config, preprocessor):
         if os.listdir(out_dir) and not _is_hf_export(out_dir):
             raise ConversionError(f"{out_dir} exists and is not an ImageGPT folder; choose a new or empty --out")
     out_dir = os.path.abspath(out_dir)
-    tmp, old = f"{out_dir}.tmp{os.getpid()}", f"{out_dir}.old{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed export of this pid
-    os.makedirs(tmp)
+    old = f"{out_dir}.old{os.getpid()}"
+    files = {"config.json": hf_config, "preprocessor_config.json": preprocessor, "generation_config.json": generation}
     try:
-        save_file(state_dict, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        files = {"config.json": hf_config}
-        if preprocessor is not None:
-            files["preprocessor_config.json"] = preprocessor
-        for name, obj in files.items():
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=2)
-                f.write("\n")
-        if os.path.isdir(out_dir):
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(out_dir) as tmp:
+            os.makedirs(tmp)
+            weights = os.path.join(tmp, "model.safetensors")
+            save_file(state_dict, weights, metadata={"format": "pt"})
+            os.chmod(weights, 0o666 & ~_umask())
+            for name, obj in files.items():
+                if obj is not None:
+                    with open(os.path.join(tmp, name), "w") as f:
+                        json.dump(obj, f, indent=2)
+                        f.write("\n")
+            if os.path.isdir(out_dir) and os.listdir(out_dir):  # an earlier export: set aside, removed below
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out_dir, old)
+    except BaseException:
+        if os.path.isdir(old) and not os.path.exists(out_dir):
+            os.replace(old, out_dir)  # the rename failed: the earlier export stays
+        raise
+    shutil.rmtree(old, ignore_errors=True)

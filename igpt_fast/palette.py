@@ -179,9 +179,15 @@ class Palette:
         try:
             arr = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
-            raise PaletteError(f"{path} is not a readable .npy palette: {e}") from None
+            from igpt_fast.convert import describe_file
+
+            kind = describe_file(path)
+            why = f": {e}" if kind.startswith("a NumPy array") else ""
+            raise PaletteError(f"{path} is {kind}, not a readable .npy palette (a (k, 3) float array){why}") from None
         if not isinstance(arr, np.ndarray):
-            raise PaletteError(f"{path} holds an archive, not a (k, 3) array")
+            from igpt_fast.convert import describe_file
+
+            raise PaletteError(f"{path} is {describe_file(path)}, not a .npy palette (a (k, 3) float array)")
         try:
             return cls(arr)
         except PaletteError as e:
