@@ -70,7 +70,7 @@ __all__ = ["CKPT_NAME", "PREV_NAME", "DCP_NAME", "DCP_PREV_NAME", "FORMAT_VERSIO
            "load_checkpoint", "load_sharded_state", "load_full_optimizer_state", "checkpoint_step",
            "restore_previous", "remove_checkpoints", "model_state", "run_info", "model_from_checkpoint",
            "palette_from_checkpoint", "export_checkpoint", "recover_checkpoint", "run_files", "RUN_FILES",
-           "check_resumable", "check_output"]
+           "check_resumable", "check_output", "load_run"]
 
 CKPT_NAME = "ckpt.pt"
 PREV_NAME = "ckpt.prev.pt"
@@ -719,3 +719,19 @@ def export_checkpoint(run, out):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_checkpoint(out, {**keep, "model": model.state_dict(), "source": os.path.abspath(ckpt["path"])})
     return ckpt
+
+
+def load_run(run_dir, device="cpu", impl="auto", data_dir=None, meta=None):
+    """What probe and sample start from: a run folder or checkpoint -> (IGPT in eval mode on device, Palette
+    or None, checkpoint path, meta.json of data_dir or None). The model comes from the checkpoint's own
+    config; impl is how to run it; with data_dir, its meta.json (`meta` when the caller read it) is
+    checked against the model and the run's palette."""
+    from igpt_fast.data import check_data, read_meta
+
+    ckpt = load_checkpoint(run_dir)
+    model = model_from_checkpoint(ckpt, impl=impl).to(device).eval()
+    palette = palette_from_checkpoint(ckpt)
+    if data_dir is not None:
+        meta = meta if meta is not None else read_meta(data_dir)
+        check_data(meta, model.config, palette.sha256 if palette is not None else None, data_dir)
+    return model, palette, ckpt["path"], meta

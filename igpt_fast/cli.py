@@ -1,4 +1,5 @@
-"""The `igpt-fast` command line: one click group, one verb per stage.
+"""The `igpt-fast` command line: one click group, one verb per stage (`demo` is defined in demo.py and
+the `bench` passthrough group in bench.py; both are added here).
 
 Heavy imports (torch, faiss, webdataset) happen inside each command so `igpt-fast --help` is instant;
 this module imports neither torch nor numpy. The options several verbs share (--impl, --resize,
@@ -12,6 +13,8 @@ import os
 import click
 
 from . import __version__
+from .bench import bench
+from .demo import demo_cmd
 from .errors import IGPTError
 from .options import (NON_NEGATIVE, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, FiniteFloat, FloatList, OutputPath,
                       device_option, impl_option, overwrite_option, resize_option, workers_option)
@@ -42,6 +45,11 @@ def _explicit(ctx, names):
                                                                  ParameterSource.ENVIRONMENT)}
 
 
+def _pop(flags, *names):
+    """The named entries of a command's keyword arguments, taken out of them (a dict of one kind of option)."""
+    return {name: flags.pop(name) for name in names}
+
+
 def _main_process():
     from .distributed import is_main_process
 
@@ -52,6 +60,10 @@ def _main_process():
 @click.version_option(__version__, prog_name="igpt-fast")
 def cli():
     """Image GPT: palette -> tokenize -> train -> probe / finetune / sample."""
+
+
+cli.add_command(demo_cmd)
+cli.add_command(bench)
 
 
 @cli.command("palette")
@@ -71,18 +83,15 @@ def palette_cmd(src, out, k, n_px, resize, max_pixels, seed, workers):
     import time
     import warnings
 
-    from .palette import Palette, PaletteError
-    from .tokenize import TokenizeError, sample_pixels
+    from .palette import Palette
+    from .tokenize import sample_pixels
 
     t0 = time.perf_counter()
-    try:
-        pixels = sample_pixels(list(src), n_px, resize=resize, max_pixels=max_pixels, seed=seed, workers=workers)
-        t1 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            palette = Palette.fit(pixels, k=k, seed=seed)
-    except (TokenizeError, PaletteError) as e:
-        raise click.ClickException(str(e)) from None
+    pixels = sample_pixels(list(src), n_px, resize=resize, max_pixels=max_pixels, seed=seed, workers=workers)
+    t1 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        palette = Palette.fit(pixels, k=k, seed=seed)
     t2 = time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     palette.save(out)
@@ -120,18 +129,15 @@ def tokenize_cmd(src, palette_path, out, n_px, resize, val_fraction, workers, sh
     """
     import warnings
 
-    from .palette import Palette, PaletteError
-    from .tokenize import TokenizeError, tokenize_dataset
+    from .palette import Palette
+    from .tokenize import tokenize_dataset
 
-    try:
-        palette = Palette.load(palette_path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"note: {message}", err=True)
-            meta = tokenize_dataset(list(src), palette, out, n_px=n_px, resize=resize, val_fraction=val_fraction,
-                                    workers=workers, shard_size=shard_size, seed=seed, restart=restart)
-    except (TokenizeError, PaletteError) as e:
-        raise click.ClickException(str(e)) from None
+    palette = Palette.load(palette_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"note: {message}", err=True)
+        meta = tokenize_dataset(list(src), palette, out, n_px=n_px, resize=resize, val_fraction=val_fraction,
+                                workers=workers, shard_size=shard_size, seed=seed, restart=restart)
     splits = " | ".join(f"{s} {m['samples']} in {m['shards']} shards, "
                         f"{m.get('skipped_count', len(m['skipped']))} skipped" for s, m in meta["splits"].items())
     if meta.get("converted"):
@@ -174,14 +180,14 @@ def verify_cmd(data_dir):
 @click.option("--preset", type=click.Choice(["tiny", "igpt-s", "igpt-m", "igpt-l", "igpt-xl"]), default="tiny",
               show_default=True, help="Model size; n_vocab always comes from the data's palette.")
 @click.option("--objective", type=click.Choice(["ar", "bert"]), default="ar", show_default=True)
-@click.option("--n-px", type=click.IntRange(1), help="Image side; default: the data's (meta.json). Must match the data.")
+@click.option("--n-px", type=click.IntRange(1), hidden=True, help="The image side is the data's (meta.json).")
 @click.option("--n-layer", type=click.IntRange(1), help="Override the preset's depth.")
 @click.option("--n-head", type=click.IntRange(1), help="Override the preset's head count.")
 @click.option("--n-embd", type=click.IntRange(1), help="Override the preset's width.")
 @click.option("--dropout", type=FiniteFloat(0, 0.999), default=0.0, show_default=True)
 @click.option("--grad-checkpoint", is_flag=True, help="Activation checkpointing (recompute blocks in backward).")
 @impl_option
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--compile", is_flag=True, help="torch.compile the model.")
 @click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
               help="Under torchrun: DDP (replicas, RUN/ckpt.pt) or FSDP2 (sharded model and optimizer, "
                    "RUN/ckpt.dcp/ written by every rank). Chosen per run; a checkpoint of either resumes with either.")
@@ -218,8 +224,7 @@ def verify_cmd(data_dir):
               "given with it: training flags override the checkpoint's; architecture flags must match it.")
 @overwrite_option
 @click.pass_context
-def train_cmd(ctx, data_dir, out, preset, objective, n_px, n_layer, n_head, n_embd, dropout, grad_checkpoint, impl,
-              compile_, parallel, mixed_precision, resume, overwrite, **train_flags):
+def train_cmd(ctx, data_dir, out, preset, resume, overwrite, **flags):
     """Pretrain an Image GPT on the token shards in DATA_DIR (from `igpt-fast tokenize`).
 
     Under `torchrun --nproc_per_node=K` (or `--nnodes N` with a c10d rendezvous) the same command runs
@@ -232,33 +237,35 @@ def train_cmd(ctx, data_dir, out, preset, objective, n_px, n_layer, n_head, n_em
     from .data import read_meta
     from .model import PRESETS, GPTConfig
     from .distributed import cleanup_distributed
-    from .train import UNBOUNDED_STEPS, TrainConfig, train
+    from .train import UNBOUNDED_STEPS, RunOptions, TrainConfig, train
 
     if resume is not None and resume != "auto" and not (os.path.isfile(resume) or is_sharded(resume)):
         raise click.UsageError(f"--resume {resume}: no such checkpoint (use 'auto', a ckpt.pt path or a ckpt.dcp "
                                "folder)")
     if resume is not None and overwrite:
         raise click.UsageError("--resume and --overwrite contradict each other; pass one")
-    if mixed_precision is not None and parallel != "fsdp":
+    if flags["mixed_precision"] is not None and flags["parallel"] != "fsdp":
         raise click.UsageError("--mixed-precision is for --parallel fsdp (DDP runs use bf16 autocast on CUDA)")
-    meta = read_meta(data_dir)
-    arch = dict(PRESETS[preset], n_px=meta["n_px"])  # the image side is the data's unless --n-px says otherwise
-    given = dict(n_px=n_px, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-    arch.update({k: v for k, v in given.items() if v is not None})
+    options = RunOptions(**_pop(flags, "impl", "grad_checkpoint", "compile", "parallel", "mixed_precision"))
+    meta = read_meta(data_dir)  # the one read of this command: passed down
+    n_px = flags.pop("n_px")  # a hidden check: old command lines gave it, the data alone decides it
+    if n_px is not None and n_px != meta["n_px"]:
+        raise click.UsageError(f"--n-px {n_px}: the image side is the data's, {meta['n_px']} (meta.json of "
+                               f"{data_dir}); drop --n-px, or tokenize again with --n-px {n_px} to train at that size")
+    arch = {**PRESETS[preset], **{k: v for k, v in _pop(flags, "n_layer", "n_head", "n_embd").items() if v is not None}}
     try:
-        model_config = GPTConfig(**arch, n_vocab=meta["n_vocab"], objective=objective, dropout=dropout)
+        model_config = GPTConfig(**{**arch, "n_px": meta["n_px"]}, n_vocab=meta["n_vocab"],
+                                 **_pop(flags, "objective", "dropout"))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    explicit = _explicit(ctx, ["objective", "dropout", *given, *train_flags])
+    explicit = _explicit(ctx, ["objective", "dropout", "n_layer", "n_head", "n_embd", *flags])
     if "preset" in _explicit(ctx, ["preset"]):
         explicit |= set(PRESETS[preset]) - {"n_px"}
-    if train_flags["max_minutes"] and "steps" not in explicit:
-        train_flags["steps"] = UNBOUNDED_STEPS  # the budget decides
-    tcfg = TrainConfig(data_dir=data_dir, out_dir=out, **train_flags)
+    if flags["max_minutes"] and "steps" not in explicit:
+        flags["steps"] = UNBOUNDED_STEPS  # the budget decides
     try:
-        result = train(model_config, tcfg, resume=resume, explicit=explicit, overwrite=overwrite, impl=impl,
-                       grad_checkpoint=grad_checkpoint, compile=compile_, parallel=parallel,
-                       mixed_precision=mixed_precision)
+        result = train(model_config, TrainConfig(data_dir=data_dir, out_dir=out, **flags), options, resume, overwrite,
+                       explicit, meta=meta)
     finally:
         cleanup_distributed()
     if _main_process():
@@ -378,45 +385,8 @@ def convert_cmd(source, out, to, n_head, palette_path, head):
                f"{where}{objective}")
 
 
-@cli.command("demo")
-@click.option("--src", default="/usr/share/datasets/fashion-mnist", show_default=True, type=click.Path(),
-              help="Fashion-MNIST IDX files (Debian's dataset-fashion-mnist) or any source tokenize reads.")
-@click.option("--out", default="demo", show_default=True, type=OUTPUT_DIR,
-              help="Demo folder; completed stages found there are reused.")
-@click.option("--n-px", type=click.IntRange(1, 1024), default=14, show_default=True,
-              help="Image side (14: Fashion-MNIST halved, so two CPU cores train in minutes).")
-@click.option("--k", type=click.IntRange(2, 65535), default=16, show_default=True, help="Palette colours.")
-@click.option("--steps", type=click.IntRange(1), default=250, show_default=True,
-              help="Pretraining steps (tiny preset).")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Pretraining batch.")
-@click.option("--finetune-steps", type=click.IntRange(1), default=300, show_default=True)
-@click.option("--finetune-lr", type=POSITIVE, default=1e-3, show_default=True,
-              help="Finetuning LR (pretraining uses 3e-3).")
-@click.option("--max-train", type=click.IntRange(1), default=2000, show_default=True,
-              help="Train images the probe fits on.")
-@click.option("--max-eval", type=click.IntRange(1), default=1000, show_default=True,
-              help="Val and test images the probe and the finetuned model are scored on.")
-@workers_option
-@click.pass_context
-def demo_cmd(ctx, src, out, **options):
-    """Images to results on real data: palette -> tokenize -> train -> probe -> finetune -> sample, ending
-    with a summary of the accuracies and the paths of the plots and grids.
-
-    Every stage reuses what an earlier run left in --out: the palette, complete shards, a trained
-    checkpoint (an interrupted training resumes), probe.json, finetune.json and the sample grids.
-    """
-    from .demo import run_demo, summary
-
-    if not os.path.exists(src):
-        raise click.ClickException(f"{src} not found; install Debian's Fashion-MNIST "
-                                   "(sudo apt-get install -y dataset-fashion-mnist) or pass --src DIR")
-    paths = run_demo(ctx, src, out, **options)
-    for line in summary(paths):
-        click.echo(line)
-
-
 @cli.command("probe")
-@click.argument("run", type=click.Path(exists=True))
+@click.argument("run_dir", metavar="RUN", type=click.Path(exists=True))
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Tokenized, labelled dataset (from `igpt-fast tokenize`) with the run's palette.")
 @click.option("--max-train", type=click.IntRange(1), help="Use at most N train samples (speed).")
@@ -429,7 +399,7 @@ def demo_cmd(ctx, src, out, **options):
 @click.option("--max-iter", type=click.IntRange(1), default=200, show_default=True, help="L-BFGS iterations.")
 @click.option("--no-pixels", is_flag=True, help="Skip the raw-pixel baseline.")
 @click.option("--out", type=OUTPUT_DIR, help="Folder for probe.json and probe.png (default: RUN).")
-def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, impl, l2_grid, max_iter, no_pixels, out):
+def probe_cmd(run_dir, data_dir, max_train, max_eval, batch_size, device, impl, l2_grid, max_iter, no_pixels, out):
     """Linear probe of every layer of RUN (a run folder or ckpt.pt) on the labelled shards in --data.
 
     Features of all layers in one pass per split, logistic regression per layer (L-BFGS, L2 chosen on
@@ -438,12 +408,12 @@ def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, impl, l2_g
     """
     import json
 
+    from .checkpoint import load_run
     from .probe import format_table, plot_probe, probe
     from .progress import duration, fmt
     from .runlog import write_text_atomic
-    from .sample import load_run
 
-    model, _, ckpt_path, meta = load_run(run, device, impl, data_dir)
+    model, _, ckpt_path, meta = load_run(run_dir, device, impl, data_dir)
     out = out or os.path.dirname(ckpt_path) or "."  # paths print as the user wrote them
     result = probe(model, data_dir, batch_size=batch_size, device=device, max_train=max_train, max_eval=max_eval,
                    l2_grid=l2_grid, max_iter=max_iter, pixels=not no_pixels, log=lambda s: click.echo(s, err=True),
@@ -462,7 +432,7 @@ def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, impl, l2_g
 
 
 @cli.command("finetune")
-@click.argument("run", type=click.Path(exists=True))
+@click.argument("run_dir", metavar="RUN", type=click.Path(exists=True))
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Tokenized, labelled dataset with train and val splits (test is scored when present).")
 @click.option("--out", type=OUTPUT_DIR, help="Output folder (default: RUN/finetune).")
@@ -487,8 +457,7 @@ def probe_cmd(run, data_dir, max_train, max_eval, batch_size, device, impl, l2_g
 @click.option("--resume", help="'auto' (OUT/ckpt.pt when present; a finished run is reported) or a checkpoint path.")
 @overwrite_option
 @click.pass_context
-def finetune_cmd(ctx, run, data_dir, out, gen_weight, patience, max_eval, n_classes, impl, resume, overwrite,
-                 **flags):
+def finetune_cmd(ctx, run_dir, data_dir, out, impl, resume, overwrite, **flags):
     """Finetune the pretrained RUN (run folder or ckpt.pt) as a classifier on the shards in --data.
 
     Average-pooled ln_f output -> zero-initialised bias-free linear head; loss L_CLF + w L_GEN; early
@@ -496,20 +465,20 @@ def finetune_cmd(ctx, run, data_dir, out, gen_weight, patience, max_eval, n_clas
     OUT/log.jsonl, OUT/loss.png and OUT/finetune.json (val and test accuracy of the best model).
     """
     from .checkpoint import resolve_checkpoint
-    from .finetune import BEST_NAME, FINETUNE_DIR, RESULT_NAME, finetune, finetune_config
+    from .finetune import BEST_NAME, FINETUNE_DIR, RESULT_NAME, FinetuneConfig, finetune, finetune_config
     from .progress import fmt
     from .distributed import cleanup_distributed
+    from .train import RunOptions
 
-    ckpt_path = resolve_checkpoint(run)
+    ckpt_path = resolve_checkpoint(run_dir)
     if resume is not None and resume != "auto" and not os.path.isfile(resume):
         raise click.UsageError(f"--resume {resume}: no such checkpoint (use 'auto' or a ckpt.pt path)")
     out = out or os.path.join(os.path.dirname(ckpt_path), FINETUNE_DIR)  # paths print as the user wrote them
     finished = resume == "auto" and os.path.isfile(os.path.join(out, RESULT_NAME))
+    fcfg = FinetuneConfig(**_pop(flags, "gen_weight", "patience", "max_eval", "n_classes"))
     tcfg = finetune_config(data_dir, out, **flags)
     try:
-        result = finetune(ckpt_path, tcfg, gen_weight=gen_weight, patience=patience, max_eval=max_eval,
-                          n_classes=n_classes, resume=resume, explicit=_explicit(ctx, flags), overwrite=overwrite,
-                          impl=impl)
+        result = finetune(ckpt_path, tcfg, fcfg, RunOptions(impl=impl), resume, overwrite, _explicit(ctx, flags))
     finally:
         cleanup_distributed()
     if result is None:  # not the main process of a torchrun launch
@@ -524,7 +493,7 @@ def finetune_cmd(ctx, run, data_dir, out, gen_weight, patience, max_eval, n_clas
 
 
 @cli.command("sample")
-@click.argument("run", type=click.Path(exists=True))
+@click.argument("run_dir", metavar="RUN", type=click.Path(exists=True))
 @click.argument("image_files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 @click.option("--images", "from_files", is_flag=True,
               help="Complete the image files given after RUN (tokenized with the run's palette).")
@@ -546,10 +515,10 @@ def finetune_cmd(ctx, run, data_dir, out, gen_weight, patience, max_eval, n_clas
 @click.option("--bert-steps", type=click.IntRange(1), help="BERT runs: unmasking forwards (default n_px).")
 @click.option("--scale", type=click.IntRange(1), help="Upscale factor of the grid (default: cells >= 64 px).")
 @click.option("--out", type=OUTPUT_DIR, help="Output folder (default: RUN/samples).")
-@click.option("--compile", "compile_decode", is_flag=True,
+@click.option("--compile", is_flag=True,
               help="AR runs: torch.compile the decode step (CUDA graphs on CUDA); compiling takes a while first.")
-def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, samples_per_image, n_samples,
-               temperature, top_k, seed, batch_size, device, impl, resize, bert_steps, scale, out, compile_decode):
+def sample_cmd(run_dir, image_files, from_files, data_dir, split, n_images, rows, samples_per_image, n_samples, device,
+               impl, resize, scale, out, seed, **draw):
     """Sample images from RUN (a run folder or ckpt.pt) with the KV cache.
 
     Unconditional by default (a grid of --n-samples); with --data DIR or `--images a.png b.png`,
@@ -562,13 +531,14 @@ def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, sa
     import numpy as np
     import torch
 
-    from .sample import complete, completion_grid, load_originals, load_run, samples_grid, save_png, unconditional
+    from .checkpoint import load_run
+    from .sample import complete, completion_grid, load_originals, samples_grid, save_png, unconditional
 
     if from_files and not image_files:
         raise click.UsageError("--images needs image files after RUN: igpt-fast sample RUN --images a.png b.png")
     if image_files and data_dir:
         raise click.UsageError("complete either --data shards or image files, not both")
-    model, palette, ckpt_path, meta = load_run(run, device, impl, data_dir)
+    model, palette, ckpt_path, meta = load_run(run_dir, device, impl, data_dir)
     c = model.config
     rows = c.n_px // 2 if rows is None else rows
     if rows >= c.n_px:
@@ -578,9 +548,8 @@ def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, sa
     out = out or os.path.join(os.path.dirname(ckpt_path), "samples")  # paths print as the user wrote them
     os.makedirs(out, exist_ok=True)
     scale = scale or max(1, -(-64 // c.n_px))
-    kw = dict(batch_size=batch_size, temperature=temperature, top_k=top_k or None,
-              generator=torch.Generator(device=device).manual_seed(seed), bert_steps=bert_steps, progress=True,
-              compile=compile_decode)
+    kw = dict(draw, top_k=draw["top_k"] or None, generator=torch.Generator(device=device).manual_seed(seed),
+              progress=True)
     t0 = time.perf_counter()
     if originals is not None:
         tokens = complete(model, originals, rows, samples_per_image, **kw)  # (N, S, n_ctx)
@@ -599,53 +568,6 @@ def sample_cmd(run, image_files, from_files, data_dir, split, n_images, rows, sa
     n_seq = tokens.numel() // c.n_ctx
     click.echo(f"{what} | {c.objective} | {n_seq * (c.n_ctx - given) / seconds:.0f} px/s | {seconds:.1f} s | "
                f"{png} | {os.path.join(out, name + '.npy')}")
-
-
-@cli.group("bench")
-def bench():
-    """Kernel microbenchmarks: CSV, markdown and a plot in benchmarks/results/ (needs a source checkout).
-
-    Each verb runs the script benchmarks/bench_<op>.py of the checkout this package was installed from
-    (`pip install -e .`) and passes every option through: `igpt-fast bench attention --help` lists them,
-    `--smoke` runs tiny shapes on CPU."""
-
-
-_PASSTHROUGH = dict(ignore_unknown_options=True, allow_extra_args=True)
-
-
-def _run_bench_script(script, args):
-    import subprocess
-    import sys
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(repo, "benchmarks", script)
-    if not os.path.exists(path):
-        raise click.ClickException(f"{path} not found: the benchmarks live in the source tree; clone igpt-fast, "
-                                   "`pip install -e .` there and run `igpt-fast bench ...` again")
-    returncode = subprocess.run([sys.executable, path, *args]).returncode
-    if returncode:
-        sys.exit(returncode)
-
-
-@bench.command("attention", context_settings=_PASSTHROUGH, add_help_option=False)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_attention_cmd(args):
-    """Flash attention vs SDPA backends vs naive: ms, TFLOP/s, memory (see --help)."""
-    _run_bench_script("bench_attention.py", args)
-
-
-@bench.command("softmax", context_settings=_PASSTHROUGH, add_help_option=False)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_softmax_cmd(args):
-    """Row softmax vs torch.softmax: GB/s vs the copy bandwidth (see --help)."""
-    _run_bench_script("bench_softmax.py", args)
-
-
-@bench.command("cross-entropy", context_settings=_PASSTHROUGH, add_help_option=False)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_cross_entropy_cmd(args):
-    """Fused cross-entropy vs F.cross_entropy: GB/s, memory (see --help)."""
-    _run_bench_script("bench_cross_entropy.py", args)
 
 
 def main():

@@ -3,11 +3,17 @@ through its own CLI verb, each reused when an earlier run left its result in the
 
 Sized for two CPU cores (Fashion-MNIST at 14x14, 16 grey levels, the tiny preset): about 7 minutes
 with the install. The summary lists the accuracies and the paths of the plots and grids.
+
+The verb is defined here and added to the group by cli.py; it finds its sibling verbs by name in the
+group it runs under (click's `get_command`), so this module never imports cli.py (no import cycle) and
+stays torch-free at import, like the rest of the command line.
 """
 import json
 import os
 
 import click
+
+from igpt_fast.options import OUTPUT_DIR, POSITIVE, workers_option
 
 
 def _stage(i, text):
@@ -22,9 +28,14 @@ def _reuse(path, what):
 
 
 def run_demo(ctx, src, out, n_px, k, steps, batch_size, finetune_steps, finetune_lr, max_train, max_eval, workers):
-    """Run (or reuse) every stage into `out`; returns the paths the summary reads."""
+    """Run (or reuse) every stage into `out`, each by invoking its verb of the group `ctx` runs under;
+    returns the paths the summary reads."""
     from igpt_fast.checkpoint import load_checkpoint
-    from igpt_fast.cli import finetune_cmd, palette_cmd, probe_cmd, sample_cmd, tokenize_cmd, train_cmd
+
+    group = ctx.find_root()
+
+    def invoke(verb, **params):
+        ctx.invoke(group.command.get_command(group, verb), **params)
 
     os.makedirs(out, exist_ok=True)
     p = {"palette": os.path.join(out, "palette.npy"), "data": os.path.join(out, "data"), "run": os.path.join(out, "run")}
@@ -34,29 +45,29 @@ def run_demo(ctx, src, out, n_px, k, steps, batch_size, finetune_steps, finetune
              unconditional=os.path.join(p["samples"], "samples.png"))
     _stage(1, f"palette -> {p['palette']}")
     if not _reuse(p["palette"], "the existing palette"):
-        ctx.invoke(palette_cmd, src=(src,), out=p["palette"], k=k, n_px=n_px, workers=workers)
+        invoke("palette", src=(src,), out=p["palette"], k=k, n_px=n_px, workers=workers)
     _stage(2, f"tokenize -> {p['data']}")
-    ctx.invoke(tokenize_cmd, src=(src,), palette_path=p["palette"], out=p["data"], n_px=n_px, val_fraction=0.1,
-               workers=workers)
+    invoke("tokenize", src=(src,), palette_path=p["palette"], out=p["data"], n_px=n_px, val_fraction=0.1,
+           workers=workers)
     _stage(3, f"train (tiny preset, {steps} steps) -> {p['run']}")
     done = load_checkpoint(p["ckpt"])["step"] if os.path.isfile(p["ckpt"]) else 0
     if done >= steps:
         click.echo(f"      reusing {p['ckpt']} (step {done})")
     else:
-        ctx.invoke(train_cmd, data_dir=p["data"], out=p["run"], preset="tiny", n_px=n_px, steps=steps,
-                   batch_size=batch_size, warmup_steps=max(1, steps // 10), eval_every=0, eval_batches=10,
-                   ckpt_every=50, log_every=10, resume="auto")
+        invoke("train", data_dir=p["data"], out=p["run"], preset="tiny", steps=steps, batch_size=batch_size,
+               warmup_steps=max(1, steps // 10), eval_every=0, eval_batches=10, ckpt_every=50, log_every=10,
+               resume="auto")
     _stage(4, f"probe (every layer, {max_train} train images) -> {p['probe']}")
     if not _reuse(p["probe"], "the existing probe.json"):
-        ctx.invoke(probe_cmd, run=p["run"], data_dir=p["data"], max_train=max_train, max_eval=max_eval)
+        invoke("probe", run_dir=p["run"], data_dir=p["data"], max_train=max_train, max_eval=max_eval)
     _stage(5, f"finetune ({finetune_steps} steps) -> {p['finetune']}")
-    ctx.invoke(finetune_cmd, run=p["run"], data_dir=p["data"], steps=finetune_steps, lr=finetune_lr,
-               eval_every=max(1, finetune_steps // 2), eval_batches=10, max_eval=max_eval, resume="auto")
+    invoke("finetune", run_dir=p["run"], data_dir=p["data"], steps=finetune_steps, lr=finetune_lr,
+           eval_every=max(1, finetune_steps // 2), eval_batches=10, max_eval=max_eval, resume="auto")
     _stage(6, f"sample -> {p['samples']}")
     if not _reuse(p["completions"], "the existing completions"):
-        ctx.invoke(sample_cmd, run=p["run"], data_dir=p["data"], n_images=8, samples_per_image=3)
+        invoke("sample", run_dir=p["run"], data_dir=p["data"], n_images=8, samples_per_image=3)
     if not _reuse(p["unconditional"], "the existing samples"):
-        ctx.invoke(sample_cmd, run=p["run"], n_samples=16)
+        invoke("sample", run_dir=p["run"], n_samples=16)
     return p
 
 
@@ -85,3 +96,38 @@ def summary(p):
                 ("finetune curve", os.path.join(p["finetune"], "loss.png")), ("completions", p["completions"]),
                 ("samples", p["unconditional"])]
     return lines + [f"  {name:<13} | {path}" for name, path in pictures]
+
+
+@click.command("demo")
+@click.option("--src", default="/usr/share/datasets/fashion-mnist", show_default=True, type=click.Path(),
+              help="Fashion-MNIST IDX files (Debian's dataset-fashion-mnist) or any source tokenize reads.")
+@click.option("--out", default="demo", show_default=True, type=OUTPUT_DIR,
+              help="Demo folder; completed stages found there are reused.")
+@click.option("--n-px", type=click.IntRange(1, 1024), default=14, show_default=True,
+              help="Image side (14: Fashion-MNIST halved, so two CPU cores train in minutes).")
+@click.option("--k", type=click.IntRange(2, 65535), default=16, show_default=True, help="Palette colours.")
+@click.option("--steps", type=click.IntRange(1), default=250, show_default=True,
+              help="Pretraining steps (tiny preset).")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Pretraining batch.")
+@click.option("--finetune-steps", type=click.IntRange(1), default=300, show_default=True)
+@click.option("--finetune-lr", type=POSITIVE, default=1e-3, show_default=True,
+              help="Finetuning LR (pretraining uses 3e-3).")
+@click.option("--max-train", type=click.IntRange(1), default=2000, show_default=True,
+              help="Train images the probe fits on.")
+@click.option("--max-eval", type=click.IntRange(1), default=1000, show_default=True,
+              help="Val and test images the probe and the finetuned model are scored on.")
+@workers_option
+@click.pass_context
+def demo_cmd(ctx, src, out, **options):
+    """Images to results on real data: palette -> tokenize -> train -> probe -> finetune -> sample, ending
+    with a summary of the accuracies and the paths of the plots and grids.
+
+    Every stage reuses what an earlier run left in --out: the palette, complete shards, a trained
+    checkpoint (an interrupted training resumes), probe.json, finetune.json and the sample grids.
+    """
+    if not os.path.exists(src):
+        raise click.ClickException(f"{src} not found; install Debian's Fashion-MNIST "
+                                   "(sudo apt-get install -y dataset-fashion-mnist) or pass --src DIR")
+    paths = run_demo(ctx, src, out, **options)
+    for line in summary(paths):
+        click.echo(line)

@@ -8,7 +8,7 @@ Parallelism (`parallel`, chosen per run like impl; recorded in config.json, neve
   fp32 gradient reduction on CUDA (`mixed_precision`, off on CPU unless asked). Accumulation turns
   gradient sync off (`set_requires_gradient_sync`) until the last micro-batch; clipping takes the
   global norm of the DTensor gradients. run.model is the sharded model itself, so evaluation runs
-  through it on every rank in lockstep (evaluate_lm). Checkpoints are RUN/ckpt.dcp/ folders
+  through it on every rank in lockstep (train.evaluate_gen_loss). Checkpoints are RUN/ckpt.dcp/ folders
   (torch.distributed.checkpoint, every rank writing its shards; see checkpoint.py). One process
   (no torchrun) gets a process group of its own. On CPU over gloo, fsdp gives the same losses as
   ddp, bit for bit (the weights agree to ~1e-7: the gradient norm is summed in another order).

@@ -26,27 +26,35 @@ DDP without find_unused_parameters, so gen_weight 0 is for single-process runs.
 """
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 
 from igpt_fast.checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from igpt_fast.errors import IGPTError
+from igpt_fast.errors import FinetuneError
 from igpt_fast.model import Classifier
 from igpt_fast.distributed import all_reduce_sum
 from igpt_fast.progress import line
+from igpt_fast.resume import ARCH_FIELDS
 from igpt_fast.runlog import read_log, write_text_atomic
-from igpt_fast.train import ARCH_FIELDS, TrainConfig, save, train
+from igpt_fast.train import Objective, RunOptions, TrainConfig, save, train
 
-__all__ = ["FinetuneError", "FINETUNE_DIR", "BEST_NAME", "RESULT_NAME", "count_classes", "accuracy",
-           "classifier_loss", "EarlyStopping", "finetune_config", "finetune"]
+__all__ = ["FinetuneError", "FINETUNE_DIR", "BEST_NAME", "RESULT_NAME", "FinetuneConfig", "count_classes",
+           "accuracy", "classifier_loss", "EarlyStopping", "finetune_config", "finetune"]
 
 FINETUNE_DIR = "finetune"  # RUN/finetune
 BEST_NAME = "best.pt"
 RESULT_NAME = "finetune.json"
 
 
-class FinetuneError(IGPTError, ValueError):
-    """A finetuning request that cannot run: no pretrained checkpoint, no labels."""
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What finetuning adds to its TrainConfig (finetune_config): the loss mix, early stopping, the scoring."""
+
+    gen_weight: float = 1.0  # L_CLF + gen_weight * L_GEN (0: classification loss only)
+    patience: int = 3  # evaluations without a better val accuracy before stopping (0: never)
+    max_eval: int | None = None  # the best model is scored on at most this many val and test samples
+    n_classes: int | None = None  # default: meta.json's class names, else the train labels
 
 
 def count_classes(data_dir, meta, split="train", batch_size=1024):
@@ -183,16 +191,18 @@ def finetune_config(data_dir, out_dir=None, steps=500, batch_size=16, lr=None, w
                        eval_batches=eval_batches, ckpt_every=eval_every if ckpt_every is None else ckpt_every, **kw)
 
 
-def finetune(run, tcfg, gen_weight=1.0, patience=3, max_eval=None, n_classes=None, resume=None, explicit=None,
-             overwrite=False, impl="auto", grad_checkpoint=False, compile=False, print_fn=print):
-    """Finetune the pretrained RUN (a run folder holding ckpt.pt, or a checkpoint file) on the labelled
-    shards in tcfg.data_dir; see the module docstring. Returns the dict written to OUT/finetune.json
-    ({"val_acc", "test_acc", "best_step", "stopped_early", ...}) on the main process, None elsewhere.
+def finetune(run_dir, tcfg, fcfg=None, options=None, resume=None, overwrite=False, explicit=None, meta=None,
+             print_fn=print):
+    """Finetune the pretrained run in run_dir (a run folder holding ckpt.pt, or a checkpoint file) on the
+    labelled shards in tcfg.data_dir; see the module docstring. Returns the dict written to
+    OUT/finetune.json ({"val_acc", "test_acc", "best_step", "stopped_early", ...}) on the main process,
+    None elsewhere.
 
-    tcfg.out_dir None: RUN/finetune. tcfg.lr None: the pretraining LR / 10 (3e-4 when the checkpoint has
-    no training config). resume: None (fresh), "auto" (OUT/ckpt.pt when present; a finished run --
-    OUT/finetune.json present -- is returned as it is) or a checkpoint path. explicit, overwrite, impl,
-    grad_checkpoint, compile: as train.train.
+    tcfg (finetune_config): tcfg.out_dir None: RUN/finetune; tcfg.lr None: the pretraining LR / 10 (3e-4
+    when the checkpoint has no training config). fcfg: a FinetuneConfig (default FinetuneConfig()).
+    resume: None (fresh), "auto" (OUT/ckpt.pt when present; a finished run -- OUT/finetune.json present
+    -- is returned as it is) or a checkpoint path. options (train.RunOptions; DDP only), overwrite,
+    explicit, meta: as train.train.
     """
     import dataclasses
 
@@ -200,7 +210,8 @@ def finetune(run, tcfg, gen_weight=1.0, patience=3, max_eval=None, n_classes=Non
 
     from igpt_fast.data import check_data, read_meta
 
-    ckpt_path = resolve_checkpoint(run)
+    fcfg, options = fcfg or FinetuneConfig(), options or RunOptions()
+    ckpt_path = resolve_checkpoint(run_dir)
     out_dir = tcfg.out_dir or os.path.join(os.path.dirname(ckpt_path), FINETUNE_DIR)  # as the caller wrote RUN
     result_path = os.path.join(out_dir, RESULT_NAME)
     state_path = os.path.join(out_dir, CKPT_NAME)
@@ -210,40 +221,39 @@ def finetune(run, tcfg, gen_weight=1.0, patience=3, max_eval=None, n_classes=Non
                 return json.load(f)
         resume = state_path if os.path.isfile(state_path) else None
 
-    meta = read_meta(tcfg.data_dir)
+    meta = meta if meta is not None else read_meta(tcfg.data_dir)
     if "val" not in meta["splits"]:
         raise FinetuneError(f"{tcfg.data_dir} has no val split for early stopping; re-tokenize with --val-fraction")
     pretrained = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(pretrained, impl=impl, grad_checkpoint=grad_checkpoint)
+    model = model_from_checkpoint(pretrained, impl=options.impl, grad_checkpoint=options.grad_checkpoint)
     check_data(meta, model.config, pretrained.get("palette_sha256"), tcfg.data_dir)
     pretrain_lr = (pretrained.get("train_config") or {}).get("lr")
     del pretrained
     lr = tcfg.lr if tcfg.lr is not None else (float(f"{pretrain_lr / 10:.6g}") if pretrain_lr else 3e-4)
     tcfg = dataclasses.replace(tcfg, out_dir=out_dir, lr=lr)
     if resume is None:
-        model.add_classifier(n_classes or count_classes(tcfg.data_dir, meta))
+        model.add_classifier(fcfg.n_classes or count_classes(tcfg.data_dir, meta))
 
     # the architecture is the pretrained model's (plus the head): only training fields can be explicit
     explicit = {f.name for f in dataclasses.fields(tcfg)} if explicit is None else set(explicit)
     explicit -= set(ARCH_FIELDS)
-    stopper = EarlyStopping(out_dir, patience, resumed=resume is not None)
-    out = train(model.config, tcfg, resume=resume, model=model, explicit=explicit, overwrite=overwrite, impl=impl,
-                grad_checkpoint=grad_checkpoint, compile=compile, loss_fn=classifier_loss(gen_weight),
-                evaluate=evaluate_clf, on_eval=stopper, classifier=True, print_fn=print_fn)
+    stopper = EarlyStopping(out_dir, fcfg.patience, resumed=resume is not None)
+    objective = Objective(classifier_loss(fcfg.gen_weight), evaluate_clf, stopper, classifier=True)
+    out = train(model.config, tcfg, options, resume, overwrite, explicit, model, meta, objective, print_fn)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
 
     best_ckpt = load_checkpoint(stopper.best_path)
-    scores = _score_best(best_ckpt, tcfg.data_dir, meta, max_eval, impl)
+    scores = _score_best(best_ckpt, tcfg.data_dir, meta, fcfg.max_eval, options.impl)
     c = best_ckpt["model_config"]
     result = {"val_acc": scores["val"][0], "n_val": scores["val"][1],
               "test_acc": scores["test"][0] if "test" in scores else None,
               "n_test": scores["test"][1] if "test" in scores else 0,
               "best_step": best_ckpt["extra"]["step"], "best_val_acc_during_training": best_ckpt["extra"]["val_acc"],
               "steps_run": out["step"], "stopped_early": out["step"] < tcfg.steps, "steps": tcfg.steps,
-              "n_classes": c["n_classes"], "gen_weight": gen_weight, "lr": tcfg.lr, "pretrain_lr": pretrain_lr,
+              "n_classes": c["n_classes"], "gen_weight": fcfg.gen_weight, "lr": tcfg.lr, "pretrain_lr": pretrain_lr,
               "batch_size": tcfg.batch_size, "eval_every": tcfg.eval_every, "eval_batches": tcfg.eval_batches,
-              "patience": patience, "max_eval": max_eval, "objective": c["objective"],
+              "patience": fcfg.patience, "max_eval": fcfg.max_eval, "objective": c["objective"],
               "pretrained": os.path.abspath(ckpt_path), "data": os.path.abspath(tcfg.data_dir),
               "best": os.path.abspath(stopper.best_path), "ckpt": os.path.abspath(state_path)}
     write_text_atomic(result_path, json.dumps(result, indent=2))

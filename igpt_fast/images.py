@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from .options import RESIZE_MODES
-from .readers import TokenizeError
+from .errors import TokenizeError
 
 __all__ = ["RESIZE_MODES", "to_rgb", "to_rgb_kind", "resize_image", "prepare", "prepare_batch", "fast_batch",
            "array_kind"]

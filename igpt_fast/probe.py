@@ -30,17 +30,13 @@ import time
 import numpy as np
 import torch
 
-from igpt_fast.errors import IGPTError
+from igpt_fast.errors import ProbeError
 from igpt_fast.progress import Progress, duration, fmt
 
 __all__ = ["L2_GRID", "ProbeError", "extract_features", "standardize", "lbfgs", "fit_logistic", "predict",
            "sweep", "pixel_features", "probe", "format_table", "plot_probe"]
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-
-
-class ProbeError(IGPTError, ValueError):
-    """Data that cannot be probed: no labels, a missing split, too few classes."""
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from .errors import IGPTError
+from .errors import TokenizeError
 
 __all__ = [
     "TokenizeError", "SPLITS", "IMAGE_EXTS", "IMAGE_ERRORS", "MAX_MEMBER_BYTES", "Item", "Listing", "list_sources",
@@ -57,10 +57,6 @@ _MAX_CLS_BYTES = 64
 _SPLIT_DIRS = ("train", "val", "valid", "validation", "test")
 _SPLIT_PREFIXES = (("test", "test"), ("t10k", "test"), ("validation", "val"), ("valid", "val"),
                    ("val", "val"), ("train", "train"))
-
-
-class TokenizeError(IGPTError, ValueError):
-    """A source, setting or output folder that cannot be used (one-line message naming the fix)."""
 
 
 class Item(NamedTuple):

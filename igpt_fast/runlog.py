@@ -26,8 +26,8 @@ import sys
 from igpt_fast.atomic import output_error, write_text
 from igpt_fast.errors import IGPTError, OutputError
 
-__all__ = ["RunLogError", "RunInUse", "LOCK_NAME", "RunLock", "read_log", "write_text_atomic", "truncate_log",
-           "plot_losses"]
+__all__ = ["RunLogError", "RunInUse", "LOCK_NAME", "RunLock", "lock_run_folder", "read_log", "write_text_atomic",
+           "truncate_log", "plot_losses"]
 
 LOCK_NAME = ".lock"
 
@@ -191,3 +191,27 @@ def plot_losses(log_path, png_path):
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+def lock_run_folder(out_dir, rank, world_size, say=print):
+    """RunLock of RUN taken by rank 0 before anything reads or writes the folder; under torchrun the other
+    ranks get its outcome, so every rank fails alike when the folder is in use. The lock (None off rank 0);
+    a stale lock taken over is said in one line."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(out_dir).acquire()
+        except IGPTError as e:
+            error = e
+    if world_size > 1:
+        import torch.distributed as dist
+
+        message = [None if error is None else str(error)]
+        dist.broadcast_object_list(message, src=0)
+        if error is None and message[0] is not None:
+            error = RunInUse(message[0])
+    if error is not None:
+        raise error
+    if lock is not None and lock.stale:
+        say(f"note: {lock.path} was left by {lock.stale}, which ended without releasing it; taking it over")
+    return lock

@@ -37,7 +37,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from igpt_fast.errors import IGPTError
+from igpt_fast.checkpoint import load_run  # noqa: F401 (its home before checkpoint.py; still importable here)
+from igpt_fast.errors import SampleError
 from igpt_fast.progress import Progress
 
 __all__ = ["SampleError", "load_run", "load_originals", "autocast", "sample_logits", "generate", "complete",
@@ -45,27 +46,6 @@ __all__ = ["SampleError", "load_run", "load_originals", "autocast", "sample_logi
 
 GREY = 128  # colour of the pixels a completion did not condition on, in the masked-input column
 LABEL_BAND = 16  # pixels of the band of column labels over a completion grid
-
-
-class SampleError(IGPTError, ValueError):
-    """A sampling request that cannot be served (bad rows, missing palette, missing checkpoint)."""
-
-
-def load_run(run, device="cpu", impl="auto", data_dir=None):
-    """A run folder or checkpoint -> (IGPT in eval mode on device, Palette or None, checkpoint path,
-    meta.json of data_dir or None). The model comes from the checkpoint's own config; impl is how to
-    run it; with data_dir, the data is checked against the model and the run's palette."""
-    from igpt_fast.checkpoint import load_checkpoint, model_from_checkpoint, palette_from_checkpoint
-    from igpt_fast.data import check_data, read_meta
-
-    ckpt = load_checkpoint(run)
-    model = model_from_checkpoint(ckpt, impl=impl).to(device).eval()
-    palette = palette_from_checkpoint(ckpt)
-    meta = None
-    if data_dir is not None:
-        meta = read_meta(data_dir)
-        check_data(meta, model.config, palette.sha256 if palette is not None else None, data_dir)
-    return model, palette, ckpt["path"], meta
 
 
 def load_originals(model, palette, ckpt_path, data_dir=None, meta=None, split="test", n_images=8, image_files=(),

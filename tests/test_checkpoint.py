@@ -16,7 +16,7 @@ from igpt_fast.checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoi
 from igpt_fast.cli import cli
 from igpt_fast.model import GPTConfig
 from igpt_fast.palette import Palette
-from igpt_fast.train import TrainConfig, train
+from igpt_fast.train import RunOptions, TrainConfig, train
 from shards import write_meta, write_split
 
 N_PX, N_VOCAB = 4, 16
@@ -42,7 +42,7 @@ def triton_run(data_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("triton") / "run"
     cfg = GPTConfig(n_px=N_PX, n_vocab=N_VOCAB, n_layer=2, n_head=2, n_embd=32)
     tcfg = TrainConfig(data_dir=data_dir, out_dir=str(run), steps=2, batch_size=4, eval_every=0, eval_batches=1)
-    train(cfg, tcfg, impl="triton", grad_checkpoint=True, print_fn=lambda *a: None)
+    train(cfg, tcfg, RunOptions(impl="triton", grad_checkpoint=True), print_fn=lambda *a: None)
     old = torch.load(run / "ckpt.pt", weights_only=True)
     old["version"] = 1
     old["model_config"].update(impl="triton", grad_checkpoint=True)

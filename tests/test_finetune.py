@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from igpt_fast.cli import cli
 from igpt_fast.checkpoint import CheckpointError, load_checkpoint
-from igpt_fast.finetune import EarlyStopping, finetune as finetune_run, finetune_config
+from igpt_fast.finetune import EarlyStopping, FinetuneConfig, finetune as finetune_run, finetune_config
 from igpt_fast.model import GPTConfig
 from igpt_fast.palette import Palette
 from igpt_fast.train import TrainConfig, train
@@ -47,8 +47,8 @@ def finetune(run, data_dir, out_dir=None, gen_weight=1.0, patience=3, max_eval=N
              **train_kw):
     """finetune with finetune_config's defaults for the training fields given as keywords."""
     tcfg = finetune_config(data_dir, out_dir, **train_kw)
-    return finetune_run(run, tcfg, gen_weight=gen_weight, patience=patience, max_eval=max_eval, resume=resume,
-                        print_fn=print_fn)
+    fcfg = FinetuneConfig(gen_weight=gen_weight, patience=patience, max_eval=max_eval)
+    return finetune_run(run, tcfg, fcfg, resume=resume, print_fn=print_fn)
 
 
 def pretrain(data_dir, run, objective="ar", lr=1e-2):

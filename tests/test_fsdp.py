@@ -23,7 +23,7 @@ from igpt_fast.model import GPTConfig
 from igpt_fast.palette import Palette
 from igpt_fast.distributed import cleanup_distributed
 from igpt_fast.runlog import read_log
-from igpt_fast.train import TrainConfig, TrainError, TrainingDiverged, start, train
+from igpt_fast.train import Objective, RunOptions, TrainConfig, TrainError, TrainingDiverged, start, train
 from shards import write_meta, write_split
 
 N_PX, N_VOCAB = 4, 16
@@ -189,7 +189,8 @@ def test_two_process_checkpoints_load_exactly_on_one_with_ddp_or_fsdp(data_dir, 
         for parallel in ("ddp", "fsdp"):
             tcfg = TrainConfig(data_dir=data_dir, out_dir=str(tmp_path / f"start{i}_{parallel}"), **flags)
             try:
-                run = start(model_config(), tcfg, resume=str(source), parallel=parallel, print_fn=lambda *a: None)
+                run = start(model_config(), tcfg, RunOptions(parallel=parallel), resume=str(source),
+                            print_fn=lambda *a: None)
                 assert (run.step, run.data_step, run.samples_seen, run.world_size) == (2, 4, 32, 1)
                 assert run.rng_state is None  # saved by 2 ranks: not restored on 1
                 assert_same_state(loaded_state(run), saved)
@@ -222,7 +223,8 @@ def test_divergence_restores_the_previous_checkpoint_of_either_kind(data_dir, tm
     quiet = lambda *a: None  # noqa: E731
     try:  # checkpoints at 2 and 4 (both sharded), a NaN at step 5: ckpt.prev.dcp (step 2) becomes ckpt.dcp
         with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5.*ckpt\.dcp \(step 2, restored"):
-            train(model_config(), tcfg, parallel="fsdp", loss_fn=exploding(5), print_fn=quiet)
+            train(model_config(), tcfg, RunOptions(parallel="fsdp"), objective=Objective(loss=exploding(5)),
+                  print_fn=quiet)
     finally:
         cleanup_distributed()
     assert sorted(n for n in os.listdir(tmp_path / "a") if n.startswith("ckpt")) == ["ckpt.dcp"]
@@ -233,8 +235,8 @@ def test_divergence_restores_the_previous_checkpoint_of_either_kind(data_dir, tm
     train(model_config(), b, print_fn=quiet)
     try:
         with pytest.raises(TrainingDiverged, match=r"ckpt\.pt \(step 2, restored"):
-            train(model_config(), dataclasses.replace(b, steps=8), resume="auto", parallel="fsdp",
-                  loss_fn=exploding(3), print_fn=quiet)
+            train(model_config(), dataclasses.replace(b, steps=8), RunOptions(parallel="fsdp"), resume="auto",
+                  objective=Objective(loss=exploding(3)), print_fn=quiet)
     finally:
         cleanup_distributed()
     assert sorted(n for n in os.listdir(tmp_path / "b") if n.startswith("ckpt")) == ["ckpt.pt"]
@@ -281,9 +283,9 @@ def test_single_process_fsdp_options_and_errors(data_dir, tmp_path):
     assert res.exit_code == 2 and "--parallel fsdp" in res.output
     tcfg = TrainConfig(data_dir=data_dir, out_dir=str(tmp_path / "c"))
     with pytest.raises(TrainError, match="finetuning runs with DDP"):
-        start(model_config(), tcfg, parallel="fsdp", classifier=True)
+        start(model_config(), tcfg, RunOptions(parallel="fsdp"), classifier=True)
     with pytest.raises(TrainError, match="parallel must be one of"):
-        start(model_config(), tcfg, parallel="zero")
+        RunOptions(parallel="zero")
 
 
 class _Planted:

@@ -21,7 +21,7 @@ from igpt_fast.distributed import cleanup_distributed
 from igpt_fast.model import GPTConfig
 from igpt_fast.palette import Palette
 from igpt_fast.runlog import read_log
-from igpt_fast.train import TrainConfig, save, start, train
+from igpt_fast.train import RunOptions, TrainConfig, save, start, train
 from shards import write_meta, write_split
 
 N_PX, N_VOCAB = 4, 16
@@ -52,8 +52,9 @@ def test_a_crash_at_any_file_operation_of_a_save_leaves_a_complete_checkpoint(da
                        eval_every=0, eval_batches=1)
     quiet = lambda *a: None  # noqa: E731
     try:
-        train(cfg, tcfg, parallel=parallel, print_fn=quiet)  # checkpoints at steps 1 and 2
-        run = start(cfg, dataclasses.replace(tcfg, steps=3), resume="auto", parallel=parallel, print_fn=quiet)
+        train(cfg, tcfg, RunOptions(parallel=parallel), print_fn=quiet)  # checkpoints at steps 1 and 2
+        run = start(cfg, dataclasses.replace(tcfg, steps=3), RunOptions(parallel=parallel), resume="auto",
+                    print_fn=quiet)
         run.step = 3  # the save interrupted below writes step 3
         monkeypatch.setattr(atomic, "_remove", lambda path: None)  # a killed process cleans nothing up
         real = {name: getattr(os, name) for name in ("replace", "rename", "link", "remove", "unlink", "rmdir")}
