@@ -15,11 +15,11 @@ from igpt_fast.cli import cli
 from igpt_fast.model import GPTConfig
 from igpt_fast.palette import Palette
 from igpt_fast.runlog import RunLogError, read_log
-from igpt_fast.train import TrainConfig, TrainError, lr_at, train
+from igpt_fast.train import Objective, TrainConfig, TrainError, lr_at, train
 from shards import write_meta, write_split
 
 N_PX, N_VOCAB = 4, 16
-ARCH = ["--n-px", str(N_PX), "--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
+ARCH = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_checkpoint_is_written_before_the_evaluation_of_its_step(data_dir, tmp_p
     cfg = GPTConfig(n_px=N_PX, n_vocab=N_VOCAB, n_layer=1, n_head=2, n_embd=16)
     tcfg = TrainConfig(data_dir=data_dir, out_dir=str(tmp_path), steps=6, batch_size=4, eval_every=3, ckpt_every=3)
     with pytest.raises(OSError, match="unreachable"):
-        train(cfg, tcfg, evaluate=failing_eval, print_fn=lambda *a: None)
+        train(cfg, tcfg, objective=Objective(evaluate=failing_eval), print_fn=lambda *a: None)
     assert load_checkpoint(tmp_path)["step"] == 3
 
 
