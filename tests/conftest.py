@@ -16,6 +16,8 @@ import importlib  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from shards import write_dataset  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     """Skip the tests marked `cuda` when torch sees no CUDA device."""
@@ -25,6 +27,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tiny tokenized dataset, one per test module (tests/shards.write_dataset): 4x4 images of 16
+    colours in 3 learnable classes; train 64 samples in shards of 16, val 20 in shards of 8, 8 and 4
+    (with 2 ranks and batch 4, rank 0 has 3 val batches, rank 1 has 2), test 16."""
+    return write_dataset(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -17,21 +16,8 @@ from igpt_fast.cli import cli
 from igpt_fast.model import GPTConfig
 from igpt_fast.palette import Palette
 from igpt_fast.train import RunOptions, TrainConfig, train
-from shards import write_meta, write_split
+from shards import N_PX, N_VOCAB
 
-N_PX, N_VOCAB = 4, 16
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data"))
-    rng = np.random.default_rng(0)
-    samples = [((rng.integers(0, 4) + (i % 2) * np.arange(N_PX * N_PX)) % N_VOCAB, i % 2) for i in range(96)]
-    palette = Palette(rng.uniform(-1, 1, (N_VOCAB, 3)).astype(np.float32))
-    write_meta(out, palette, N_PX, {"train": write_split(out, "train", samples[:64], 16),
-                                    "val": write_split(out, "val", samples[64:80], 8),
-                                    "test": write_split(out, "test", samples[80:], 8)}, class_names=["a", "b"])
-    return out
 
 
 @pytest.fixture(scope="module")

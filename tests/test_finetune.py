@@ -13,11 +13,10 @@ from igpt_fast.cli import cli
 from igpt_fast.checkpoint import CheckpointError, load_checkpoint
 from igpt_fast.finetune import EarlyStopping, FinetuneConfig, finetune as finetune_run, finetune_config
 from igpt_fast.model import GPTConfig
-from igpt_fast.palette import Palette
 from igpt_fast.train import TrainConfig, train
-from shards import write_meta, write_split
+from shards import N_PX, N_VOCAB, write_dataset
 
-N_PX, N_VOCAB, N_CLASSES = 4, 16, 3
+N_CLASSES = 3
 QUIET = dict(print_fn=lambda *a: None)
 
 
@@ -34,13 +33,9 @@ def label_samples(n, rng):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data"))
-    rng = np.random.default_rng(0)
-    palette = Palette(rng.uniform(-1, 1, (N_VOCAB, 3)).astype(np.float32))
-    splits = {split: write_split(out, split, label_samples(n, rng), 32)
-              for split, n in (("train", 128), ("val", 64), ("test", 64))}
-    write_meta(out, palette, N_PX, splits)
-    return out
+    """The shared tiny dataset's layout with label_samples' images, more of them, and no class names."""
+    return write_dataset(tmp_path_factory.mktemp("data"), label_samples,
+                         (("train", 128, 32), ("val", 64, 32), ("test", 64, 32)), class_names=None)
 
 
 def finetune(run, data_dir, out_dir=None, gen_weight=1.0, patience=3, max_eval=None, resume=None, print_fn=print,

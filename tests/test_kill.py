@@ -10,7 +10,6 @@ import shutil
 import signal
 import time
 
-import numpy as np
 import pytest
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -19,25 +18,12 @@ from igpt_fast import atomic
 from igpt_fast.checkpoint import latest_checkpoint, load_checkpoint, recover_checkpoint
 from igpt_fast.distributed import cleanup_distributed
 from igpt_fast.model import GPTConfig
-from igpt_fast.palette import Palette
 from igpt_fast.runlog import read_log
 from igpt_fast.train import RunOptions, TrainConfig, save, start, train
-from shards import write_meta, write_split
+from shards import N_PX, N_VOCAB
 
-N_PX, N_VOCAB = 4, 16
 FLAGS = ["--n-px", N_PX, "--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--batch-size", 2, "--lr", "1e-2",
          "--warmup-steps", 5, "--log-every", 1, "--eval-every", 0, "--eval-batches", 1]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data"))
-    rng = np.random.default_rng(0)
-    samples = [((rng.integers(0, 4) + (i % 3) * np.arange(N_PX * N_PX) // N_PX) % N_VOCAB, i % 3) for i in range(80)]
-    palette = Palette(rng.uniform(-1, 1, (N_VOCAB, 3)).astype(np.float32))
-    write_meta(out, palette, N_PX, {"train": write_split(out, "train", samples[:64], 16),
-                                    "val": write_split(out, "val", samples[64:], 8)})
-    return out
 
 
 class Killed(BaseException):

@@ -6,7 +6,7 @@ import os
 import socket
 
 from igpt_fast.checkpoint import load_checkpoint
-from test_fsdp import data_dir, launch, losses, train_command  # noqa: F401 (data_dir is a fixture)
+from test_fsdp import launch, losses, train_command
 
 STEPS = ["--steps", "2", "--ckpt-every", "0"]
 
@@ -25,7 +25,7 @@ def nodes(data_dir, out, *flags):
                           data_dir, out, *STEPS, *flags) for rank in (0, 1)]
 
 
-def test_two_nodes_match_one_launch_of_two_processes(data_dir, tmp_path):  # noqa: F811 (the fixture)
+def test_two_nodes_match_one_launch_of_two_processes(data_dir, tmp_path):
     launch([train_command(["--standalone", "--nproc_per_node=2"], data_dir, tmp_path / "single", *STEPS),
             *nodes(data_dir, tmp_path / "ddp"), *nodes(data_dir, tmp_path / "fsdp", "--parallel", "fsdp")],
            tmp_path / "logs")

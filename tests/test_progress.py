@@ -7,12 +7,9 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from igpt_fast.palette import Palette
 from igpt_fast.progress import Progress, ProgressError, duration, fmt, interval, line, metric, rate
-from shards import write_meta, write_split
 
 
 @pytest.mark.parametrize("name,value,text", [
@@ -85,17 +82,6 @@ def test_a_bar_on_a_terminal():
     assert "\r" in text and text.count("\n") == 1 and "4/4" in text and "loss 2.0000" in text
 
 
-N_PX, N_VOCAB = 4, 16
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data"))
-    rng = np.random.default_rng(0)
-    palette = Palette(rng.uniform(-1, 1, (N_VOCAB, 3)).astype(np.float32))
-    samples = (((rng.integers(0, 4) + (i % 3) * np.arange(N_PX * N_PX)) % N_VOCAB, i % 3) for i in range(32))
-    write_meta(out, palette, N_PX, {"train": write_split(out, "train", samples, 16)})
-    return out
 
 
 def run_piped(tmp_path, *args):
@@ -117,12 +103,14 @@ def test_cli_train_lines_in_a_log_file(data_dir, tmp_path):
     warning = [ln for ln in text.splitlines() if ln.startswith("warning: warmup_steps")]
     assert warning == ["warning: warmup_steps 100 >= steps 6: the learning rate only ramps up to 0.00018 (peak --lr "
                        "0.003) and never decays; lower --warmup-steps"]
-    steps = [ln for ln in text.splitlines() if ln.startswith("step ")]
+    lines = [ln for ln in text.splitlines() if ln.startswith("step ")]
+    steps = [ln for ln in lines if " | loss " in ln]
+    assert lines[-1].startswith("step 6/6 | val_loss ")  # the final evaluation
     assert [ln.split(" | ")[0] for ln in steps] == ["step 2/6", "step 4/6", "step 6/6"]
     parts = steps[0].split(" | ")
     assert parts[2] == "lr 6e-05" and parts[3].endswith(" ms/step") and parts[4].endswith(" tok/s")
     assert parts[5] == "mfu -" and parts[6].startswith("eta ")
-    assert "done | step 6 | loss " in text and f"{tmp_path / 'run' / 'ckpt.pt'}" in text
+    assert "done | step 6 | val_loss " in text and f"{tmp_path / 'run' / 'ckpt.pt'}" in text
 
 
 def test_no_final_line_when_the_work_fails_before_it_starts():

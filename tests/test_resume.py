@@ -13,24 +13,11 @@ from click.testing import CliRunner
 from igpt_fast.checkpoint import load_checkpoint
 from igpt_fast.cli import cli
 from igpt_fast.model import GPTConfig
-from igpt_fast.palette import Palette
 from igpt_fast.runlog import RunLogError, read_log
 from igpt_fast.train import Objective, TrainConfig, TrainError, lr_at, train
-from shards import write_meta, write_split
+from shards import N_PX, N_VOCAB
 
-N_PX, N_VOCAB = 4, 16
 ARCH = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data"))
-    rng = np.random.default_rng(0)
-    samples = [((rng.integers(0, 4) + (i % 3) * np.arange(N_PX * N_PX) // N_PX) % N_VOCAB, i % 3) for i in range(80)]
-    palette = Palette(rng.uniform(-1, 1, (N_VOCAB, 3)).astype(np.float32))
-    write_meta(out, palette, N_PX, {"train": write_split(out, "train", samples[:64], 16),
-                                    "val": write_split(out, "val", samples[64:], 8)})
-    return out
 
 
 def run_cli(*args):

@@ -18,37 +18,17 @@ from click.testing import CliRunner
 from igpt_fast.cli import cli
 from igpt_fast.model import GPTConfig, IGPT, PRESETS
 from igpt_fast.palette import Palette
-from shards import write_meta, write_split
+from shards import N_PX, N_VOCAB
 from igpt_fast.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from igpt_fast.data import DataMismatchError, check_data
 from igpt_fast.runlog import read_log
 from igpt_fast.train import Objective, TrainConfig, TrainingDiverged, configure_optimizer, lr_at, train
 
-N_PX, N_VOCAB = 4, 16
 ARCH = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
 
 
 def model_config(**kw):
     return GPTConfig(**{**dict(n_px=N_PX, n_vocab=N_VOCAB, n_layer=2, n_head=2, n_embd=32), **kw})
-
-
-def row_samples(n, rng):
-    """Learnable images: row r of a label-l image is colour (offset + l * r) mod n_vocab."""
-    for i in range(n):
-        offset, label = rng.integers(0, 4), i % 3
-        rows = (offset + label * np.arange(N_PX))[:, None] + np.zeros(N_PX, dtype=np.int64)  # (n_px, n_px)
-        yield (rows % N_VOCAB).reshape(-1), label  # (n_ctx,)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data"))
-    rng = np.random.default_rng(0)
-    palette = Palette(rng.uniform(-1, 1, (N_VOCAB, 3)).astype(np.float32))
-    splits = {"train": write_split(out, "train", row_samples(64, rng), 16),
-              "val": write_split(out, "val", row_samples(16, rng), 8)}
-    write_meta(out, palette, N_PX, splits, class_names=["a", "b", "c"])
-    return out
 
 
 def tcfg(data_dir, out, **kw):
