@@ -6,10 +6,16 @@ base 2 (s2 = S * log2(e), running max m and sum l, acc rescaled by exp2(m_old - 
 and the base-2 log-sum-exp L = m + log2(l) per row; nothing T x T is stored. The backward recomputes
 P = exp2(s2 - L) tile by tile, with Delta = rowsum(dO * O) precomputed:
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - Delta),   dQ = scale * dS K,   dK = scale * dS^T Q.
-Two kernels, no atomics: `_attn_bwd_dkdv_kernel` keeps a K/V tile resident and walks the query tiles,
-`_attn_bwd_dq_kernel` keeps a Q tile resident and walks the key tiles (FlashAttention-2, Sec. 3.1;
-Dao 2023, arXiv:2307.08691). Causal tiles wholly above the diagonal are never visited; only the
-diagonal tiles (and the ragged last tile) pay for masking.
+Two backward variants (the launch plan's "bwd"). "split", deterministic: `_attn_bwd_dkdv_kernel` keeps
+a K/V tile resident and walks the query tiles, `_attn_bwd_dq_kernel` keeps a Q tile resident and walks
+the key tiles (FlashAttention-2, Sec. 3.1; Dao 2023, arXiv:2307.08691): seven matmuls per tile pair.
+"fused_atomic": the dK/dV kernel also computes dQ's share of each query tile and adds it, in fp32,
+with relaxed atomics (as FlashAttention-2's own backward and FlashAttention-3 do): five matmuls, K/V
+read once. Both scale scores into base 2 in the exponent's multiply-add, exp2(S * c - L) with
+c = scale * log2(e), as the forward does. The grid order (the plan's "order"): "natural" or
+"heavy_first" (the causal tiles that do the most work start first, so the last wave is short).
+Causal tiles wholly above the diagonal are never visited; only the diagonal tiles (and the ragged
+last tile) pay for masking.
 
 References: Dao, "FlashAttention-2" (2023); triton-lang tutorial 06-fused-attention;
 Dao-AILab/flash-attention flash_attn/flash_attn_triton.py.
@@ -21,7 +27,8 @@ spill registers by the kilobyte and, at D >= 96 with three stages, overflow A100
 dispatch sends fp32 on CUDA to SDPA and this module refuses it);
 fp32 accumulation (fp32 inputs use IEEE fp32 dots, not TF32); output in the input dtype; the last
 dimension must be contiguous (other strides are free; a tensor with a strided last dimension is
-copied). Offsets into the (B, H) planes are int64. Deterministic (no atomics). On CPU the kernels
+copied). Offsets into the (B, H) planes are int64. Deterministic with bwd="split" (the built-in
+default); bwd="fused_atomic" sums dQ in an order that varies from run to run. scale > 0. On CPU the kernels
 run only under the Triton interpreter (TRITON_INTERPRET=1 set before import; fp32/fp16 only), with
 one small fixed tile configuration. On CUDA each kernel uses the config attention_configs() picks by
 compute capability and head dim (none spills or overflows shared memory on sm_90 or sm_80:
@@ -59,6 +66,28 @@ def _dot(a, b, IEEE_DOT: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(a, b, acc, IEEE_DOT: tl.constexpr):
+    """acc + a @ b accumulated inside the matmul (the tensor cores add into acc; no separate add)."""
+    if IEEE_DOT:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision="tf32")
+
+
+@triton.jit
+def _tile_index(HEAVY_FIRST: tl.constexpr, HEAVY_LAST_TILE: tl.constexpr):
+    """(tile index along T, b * H + h) of this program. Natural order: grid (tiles, B * H), tiles of
+    one head launch together. HEAVY_FIRST: grid (B * H, tiles), every head's tile of one index launches
+    together, the heaviest causal tiles first (HEAVY_LAST_TILE: the last tile is the heaviest, as in
+    the forward and dQ, whose last query tiles see every key; dK/dV's first key tiles are heaviest)."""
+    if HEAVY_FIRST:
+        tile = tl.program_id(1)
+        if HEAVY_LAST_TILE:
+            tile = tl.num_programs(1) - 1 - tile
+        return tile, tl.program_id(0).to(tl.int64)
+    return tl.program_id(0), tl.program_id(1).to(tl.int64)
+
+
+@triton.jit
 def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
     """Load a (rows, BLOCK_D) tile, zero outside n_rows and (unless EVEN_D) outside HEAD_DIM."""
     if EVEN_D:
@@ -75,19 +104,20 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, N_CTX, offs_d,
                        HEAD_DIM, EVEN_D)  # (BLOCK_N, BLOCK_D)
-        qk = _dot(q, tl.trans(k), IEEE_DOT) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        qk = _dot(q, tl.trans(k), IEEE_DOT)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
             keep = offs_n[None, :] < N_CTX
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
             qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # base 2 (qk_scale > 0)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])  # the scale folded into one multiply-add
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
         v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, N_CTX, offs_d,
                        HEAD_DIM, EVEN_D)  # (BLOCK_N, BLOCK_D)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE_DOT)
+        acc = _dot_acc(p.to(v.dtype), v, acc, IEEE_DOT)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -98,10 +128,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale,
                      stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                      H, N_CTX,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                     CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr,
+                     CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr, HEAVY_FIRST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1).to(tl.int64)
+    tile, off_bh = _tile_index(HEAVY_FIRST, True)
+    start_m = tile * BLOCK_M
     off_b = off_bh // H
     off_h = off_bh % H
     q_base = Q + off_b * stride_qb + off_h * stride_qh
@@ -160,39 +190,50 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, s
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                         offs_n, offs_d, lo, hi, N_CTX, qk_scale,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
+                         offs_n, offs_d, lo, hi, N_CTX, qk_scale, sm_scale,
                          MASKED: tl.constexpr, BLOCK_M1: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr):
+                         EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr, FUSED_DQ: tl.constexpr):
     # Query rows past N_CTX load as zeros (q, dO, L, Delta), which makes their P^T dO and dS^T Q zero.
+    # FUSED_DQ: also dQ += scale * dS K for this query tile, added atomically into the fp32 dq_base
+    # (five matmuls per tile pair instead of the split kernels' seven).
     for start_m in range(lo, hi, BLOCK_M1):
         offs_m = start_m + tl.arange(0, BLOCK_M1)
         row_ok = offs_m < N_CTX
         q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, N_CTX, offs_d,
                        HEAD_DIM, EVEN_D)  # (BLOCK_M1, BLOCK_D)
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
-        qk_t = _dot(k, tl.trans(q), IEEE_DOT) * qk_scale  # (BLOCK_N1, BLOCK_M1)
-        p_t = tl.exp2(qk_t - lse[None, :])
+        qk_t = _dot(k, tl.trans(q), IEEE_DOT)  # (BLOCK_N1, BLOCK_M1)
+        p_t = tl.exp2(qk_t * qk_scale - lse[None, :])  # one multiply-add
         if MASKED:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         do = _load_tile(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, N_CTX, offs_d,
                         HEAD_DIM, EVEN_D)  # (BLOCK_M1, BLOCK_D)
-        dv += _dot(p_t.to(do.dtype), do, IEEE_DOT)
+        dv = _dot_acc(p_t.to(do.dtype), do, dv, IEEE_DOT)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         dp_t = _dot(v, tl.trans(do), IEEE_DOT)  # (BLOCK_N1, BLOCK_M1)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += _dot(ds_t.to(q.dtype), q, IEEE_DOT)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = _dot_acc(ds_t, q, dk, IEEE_DOT)
+        if FUSED_DQ:
+            dq = _dot(tl.trans(ds_t), k, IEEE_DOT) * sm_scale  # (BLOCK_M1, BLOCK_D)
+            dq_mask = row_ok[:, None]
+            if not EVEN_D:
+                dq_mask = dq_mask & (offs_d[None, :] < HEAD_DIM)
+            tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=dq_mask,
+                          sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, stride_b, stride_h, stride_t,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, sm_scale, stride_b, stride_h, stride_t,
                           stride_dob, stride_doh, stride_dot, H, N_CTX,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                          CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr,
-                          BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N1
-    off_bh = tl.program_id(1).to(tl.int64)
+                          CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+                          FUSED_DQ: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr):
+    """dK, dV of one key tile; with FUSED_DQ also dQ, accumulated in fp32 in DQ (zeroed by the host)
+    with relaxed atomic adds (bwd="fused_atomic"; DQ unused otherwise)."""
+    tile, off_bh = _tile_index(HEAVY_FIRST, False)
+    start_n = tile * BLOCK_N1
     off_b = off_bh // H
     off_h = off_bh % H
     qk_scale = sm_scale * LOG2E
@@ -200,6 +241,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, stride_b, s
     do_base = DO + off_b * stride_dob + off_h * stride_doh
     lse_base = LSE + off_bh * N_CTX
     delta_base = DELTA + off_bh * N_CTX
+    dq_base = DQ + off_bh * N_CTX * HEAD_DIM  # DQ contiguous fp32
 
     offs_n = start_n + tl.arange(0, BLOCK_N1)
     offs_d = tl.arange(0, BLOCK_D)
@@ -214,14 +256,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, stride_b, s
     # ones see every key of this tile; the earlier ones see none and are skipped.
     if CAUSAL:
         diag_hi = start_n + BLOCK_N1
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_t,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_t,
                                       stride_dot, offs_n, offs_d, start_n, tl.minimum(diag_hi, N_CTX),
-                                      N_CTX, qk_scale, True, BLOCK_M1, HEAD_DIM, EVEN_D, IEEE_DOT)
+                                      N_CTX, qk_scale, sm_scale, True, BLOCK_M1, HEAD_DIM, EVEN_D, IEEE_DOT,
+                                      FUSED_DQ)
     else:
         diag_hi = 0
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_t,
-                                  stride_dot, offs_n, offs_d, diag_hi, N_CTX, N_CTX, qk_scale, False,
-                                  BLOCK_M1, HEAD_DIM, EVEN_D, IEEE_DOT)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_t,
+                                  stride_dot, offs_n, offs_d, diag_hi, N_CTX, N_CTX, qk_scale, sm_scale, False,
+                                  BLOCK_M1, HEAD_DIM, EVEN_D, IEEE_DOT, FUSED_DQ)
 
     dk *= sm_scale
     row_ok = offs_n[:, None] < N_CTX
@@ -245,8 +288,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_
                        HEAD_DIM, EVEN_D)  # (BLOCK_N2, BLOCK_D)
         v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, N_CTX, offs_d,
                        HEAD_DIM, EVEN_D)  # (BLOCK_N2, BLOCK_D)
-        qk = _dot(q, tl.trans(k), IEEE_DOT) * qk_scale  # (BLOCK_M2, BLOCK_N2)
-        p = tl.exp2(qk - lse[:, None])
+        qk = _dot(q, tl.trans(k), IEEE_DOT)  # (BLOCK_M2, BLOCK_N2)
+        p = tl.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
             keep = offs_n[None, :] < N_CTX
             if CAUSAL:
@@ -254,7 +297,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_
             p = tl.where(keep, p, 0.0)
         dp = _dot(do, tl.trans(v), IEEE_DOT)  # (BLOCK_M2, BLOCK_N2)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE_DOT)
+        dq = _dot_acc(ds.to(k.dtype), k, dq, IEEE_DOT)
     return dq
 
 
@@ -262,10 +305,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_
 def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, stride_b, stride_h, stride_t,
                         stride_dob, stride_doh, stride_dot, H, N_CTX,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                        CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr,
+                        CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr, HEAVY_FIRST: tl.constexpr,
                         BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M2
-    off_bh = tl.program_id(1).to(tl.int64)
+    tile, off_bh = _tile_index(HEAVY_FIRST, True)
+    start_m = tile * BLOCK_M2
     off_b = off_bh // H
     off_h = off_bh % H
     qk_scale = sm_scale * LOG2E
@@ -304,45 +347,75 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, stride_b, stride_
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
 
 
-# Tile configurations. The causal loop bounds need BLOCK_M % BLOCK_N == 0 (forward, dQ) and
-# BLOCK_N1 % BLOCK_M1 == 0 (dK/dV); every config below keeps that. On CUDA each kernel uses the fixed
-# config attention_configs() picks by compute capability and head-dim tile, unless
-# IGPT_FAST_AUTOTUNE=1 (read at import), which autotunes over _TUNE_SETS (keyed on T, D and causal;
-# the first call per key pays for the tuning). The interpreter uses one small fixed config
-# (autotuning there would only burn CPU) that still gives several tiles per row at T = 100.
+# Tile configurations and variants. The causal loop bounds need BLOCK_M % BLOCK_N == 0 (forward, dQ)
+# and BLOCK_N1 % BLOCK_M1 == 0 (dK/dV, fused); every config below keeps that. A config is a dict:
+#   fwd, dkdv, dq, fused: (block rows, block cols, num_warps, num_stages) of each kernel (fused: the
+#       dK/dV kernel with dQ added atomically, (BLOCK_M1, BLOCK_N1));
+#   bwd: "split" (dK/dV kernel + dQ kernel, deterministic) | "fused_atomic" (one pass per K/V tile);
+#   order: "natural" (grid (tiles, B * H)) | "heavy_first" (grid (B * H, tiles), heaviest causal tiles
+#       of every head first).
+# Where it comes from, first match wins: use_configs() (benchmarks, the GPU sweep), the environment
+# variable IGPT_FAST_ATTENTION_CONFIG (JSON of any of those keys, read when a plan is built, e.g.
+# '{"bwd": "fused_atomic", "fwd": [128, 64, 8, 3]}'), the per-GPU defaults table's "config" for the
+# shape class (written by benchmarks/gpu_sweep.sh), then the built-in table below; keys a source
+# lacks come from the next. IGPT_FAST_AUTOTUNE=1 (read at import) autotunes the tiles over
+# _TUNE_SETS instead (keyed on T, D, causal and the variant; the first call per key pays for it).
+# The interpreter uses one small fixed tile set (autotuning there would only burn CPU) that still
+# gives several tiles per row at T = 100.
+#
+# Predicted effects on an H100/H200 (bf16, fwd+bwd; unmeasured until a GPU sweep times them):
+#   bwd="fused_atomic": five matmuls per (query tile, key tile) pair instead of seven, K/V read once
+#       instead of twice; fp32 atomics on dQ and a zero-fill + cast pass cost some of it back. Backward
+#       +15-25% at D 64, T >= 4096; less at D 128 (the dQ tile adds registers) and at T = 1024 (the
+#       extra passes weigh more). Not deterministic (the order of the atomic adds varies).
+#   order="heavy_first": causal only; the longest programs start first so the last wave is short.
+#       +3-8% at T = 1024 causal (8-16 tiles per head), within noise at T >= 4096 or non-causal.
+#   acc = tl.dot(p, v, acc) and the scale folded into the exponent's multiply-add (all variants):
+#       +2-5% forward.
+#   sm_90 forward at D 32/64 on 8 warps instead of 4: triton 3.6 gave the 4-warp tile 255 registers
+#       (at ptxas' cap); 8 warps hold it in ~115. +5-10% forward at D 64 with triton 3.6.
 _AUTOTUNE = os.environ.get("IGPT_FAST_AUTOTUNE") == "1"
-_BLOCK_NAMES = dict(fwd=("BLOCK_M", "BLOCK_N"), dkdv=("BLOCK_M1", "BLOCK_N1"), dq=("BLOCK_M2", "BLOCK_N2"))
-_INTERPRET_CONFIGS = dict(fwd=(64, 32, 4, 1), dkdv=(32, 64, 4, 1), dq=(64, 32, 4, 1))
-# (block rows, block cols, num_warps, num_stages) for fwd (BLOCK_M, BLOCK_N), dkdv (BLOCK_M1, BLOCK_N1)
-# and dq (BLOCK_M2, BLOCK_N2), by target and BLOCK_D. Rule: no register spill, with a margin below
-# ptxas' 255-register cap in both fp16 and bf16, causal or not (benchmarks/results/compile_check.md).
+_CONFIG_ENV = "IGPT_FAST_ATTENTION_CONFIG"
+_TILE_KEYS = ("fwd", "dkdv", "dq", "fused")
+_VARIANTS = dict(bwd=("split", "fused_atomic"), order=("natural", "heavy_first"))
+_BLOCK_NAMES = dict(fwd=("BLOCK_M", "BLOCK_N"), dkdv=("BLOCK_M1", "BLOCK_N1"), dq=("BLOCK_M2", "BLOCK_N2"),
+                    fused=("BLOCK_M1", "BLOCK_N1"))
+_INTERPRET_CONFIGS = dict(fwd=(64, 32, 4, 1), dkdv=(32, 64, 4, 1), dq=(64, 32, 4, 1), fused=(32, 64, 4, 1),
+                          bwd="split", order="natural")
+# By target and BLOCK_D. Rule: no register spill, with a margin below ptxas' 255-register cap in
+# both fp16 and bf16, causal or not, with triton 3.6 and 3.9 (benchmarks/results/compile_check*.md).
 # Where a tile spilled (or sat at the cap) with 4 warps, it keeps its shape and gets 8 warps (half
 # the accumulator registers per thread) or one pipeline stage less, so the work split is unchanged:
-# sm_90 dK/dV at D64 (4 -> 8 warps); sm_80 forward at D64 (4 -> 8 warps) and D128 (3 -> 2 stages),
-# dK/dV at D64 and D128 and dQ at D64 (4 -> 8 warps).
+# sm_90 forward at D32/64 and dK/dV at D64 (4 -> 8 warps); sm_80 forward at D64 (4 -> 8 warps) and
+# D128 (3 -> 2 stages), dK/dV at D32, D64 and D128 and dQ at D64 (4 -> 8 warps). The variants stay at
+# the ones a GPU measured (split, natural) until a sweep's table entry names others.
 _DEFAULT_CONFIGS = {
     "sm90": {
-        32: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
-        64: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 4, 3)),
-        128: dict(fwd=(128, 64, 8, 3), dkdv=(32, 64, 4, 3), dq=(64, 32, 4, 3)),
+        32: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3), fused=(64, 128, 8, 2)),
+        64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 4, 3), fused=(64, 128, 8, 2)),
+        128: dict(fwd=(128, 64, 8, 3), dkdv=(32, 64, 4, 3), dq=(64, 32, 4, 3), fused=(64, 64, 8, 2)),
     },
     "sm80": {
-        32: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
-        64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
-        128: dict(fwd=(128, 64, 8, 2), dkdv=(32, 64, 8, 3), dq=(64, 32, 4, 3)),
+        32: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 4, 3), fused=(32, 64, 4, 2)),
+        64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3), fused=(32, 64, 4, 2)),
+        128: dict(fwd=(128, 64, 8, 2), dkdv=(32, 64, 8, 3), dq=(64, 32, 4, 3), fused=(32, 64, 4, 2)),
     },
 }
+# The autotune sets, and the tiles the GPU sweep times (benchmarks/bench_attention.py --sweep).
 _TUNE_SETS = dict(
     fwd=[(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
     dkdv=[(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
     dq=[(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+    fused=[(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
 )
 _PREPROCESS_CONFIG = dict(BLOCK_M=64, num_warps=4)
-_KERNELS = dict(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)
+_KERNELS = dict(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel,
+                fused=_attn_bwd_dkdv_kernel)
 _TUNED = {name: triton.autotune(
     configs=[triton.Config(dict(zip(_BLOCK_NAMES[name], (r, c))), num_warps=w, num_stages=st)
              for r, c, w, st in _TUNE_SETS[name]],
-    key=["N_CTX", "HEAD_DIM", "CAUSAL"])(kernel) for name, kernel in _KERNELS.items()}
+    key=["N_CTX", "HEAD_DIM", "CAUSAL", "HEAVY_FIRST"],
+    reset_to_zero=["DQ"] if name == "fused" else None)(kernel) for name, kernel in _KERNELS.items()}
 
 
 def _config(name, tile):
@@ -361,15 +434,41 @@ def attention_target(capability):
     return "sm90" if capability[0] == 9 else "sm80"
 
 
-def attention_configs(capability, head_dim):
-    """Launch keywords of each attention kernel ("fwd", "dkdv", "dq", "pre") on a GPU of compute
-    `capability` (major, minor) at `head_dim`; capability None: the interpreter's small tiles. The
-    launchers and tools/compile_check.py both call this, so CI compiles exactly what runs."""
+def check_config(config, where="attention config"):
+    """Raise a readable ValueError unless `config` (a dict of the keys above, any subset) is valid."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: expected a dict, got {config!r}")
+    for key, value in config.items():
+        if key in _VARIANTS:
+            if value not in _VARIANTS[key]:
+                raise ValueError(f"{where}: {key} must be one of {_VARIANTS[key]}, got {value!r}")
+        elif key in _TILE_KEYS:
+            if (not isinstance(value, (list, tuple)) or len(value) != 4
+                    or not all(isinstance(x, int) and x > 0 for x in value)):
+                raise ValueError(f"{where}: {key} must be (rows, cols, num_warps, num_stages), got {value!r}")
+            rows, cols = value[:2]
+            if key in ("fwd", "dq") and rows % cols or key in ("dkdv", "fused") and cols % rows:
+                raise ValueError(f"{where}: {key} tile {rows} x {cols}: the causal bounds need "
+                                 f"{'rows % cols' if key in ('fwd', 'dq') else 'cols % rows'} == 0")
+        else:
+            raise ValueError(f"{where}: unknown key {key!r}; keys: {_TILE_KEYS + tuple(_VARIANTS)}")
+    return config
+
+
+def attention_configs(capability, head_dim, override=None):
+    """Launch keywords of each attention kernel ("fwd", "dkdv", "dq", "fused", "pre") and the variants
+    ("bwd", "order") on a GPU of compute `capability` (major, minor) at `head_dim`; capability None:
+    the interpreter's small tiles. `override`: a config dict (any subset of the keys) replacing the
+    built-in entries. The launchers and tools/compile_check.py both call this, so CI compiles exactly
+    what runs."""
     if capability is None:
-        tiles = _INTERPRET_CONFIGS
+        tiles = dict(_INTERPRET_CONFIGS)
     else:
-        tiles = _DEFAULT_CONFIGS[attention_target(capability)][min(128, max(32, _block_d(head_dim)))]
-    return dict({name: _config(name, tile) for name, tile in tiles.items()}, pre=dict(_PREPROCESS_CONFIG))
+        tiles = dict(_DEFAULT_CONFIGS[attention_target(capability)][min(128, max(32, _block_d(head_dim)))],
+                     bwd="split", order="natural")
+    tiles.update(check_config(dict(override or {})))
+    configs = {name: _config(name, tiles[name]) for name in _TILE_KEYS}
+    return dict(configs, pre=dict(_PREPROCESS_CONFIG), bwd=tiles["bwd"], order=tiles["order"])
 
 
 def attention_tune_configs(name):
@@ -377,46 +476,97 @@ def attention_tune_configs(name):
     return [_config(name, tile) for tile in _TUNE_SETS[name]]
 
 
-def _make_plan(configs, dtype, head_dim, causal):
+def attention_tune_tiles(name):
+    """The (rows, cols, num_warps, num_stages) tiles of kernel `name`'s autotune set: what the GPU
+    sweep times."""
+    return list(_TUNE_SETS[name])
+
+
+def _make_plan(configs, dtype, head_dim, causal, tuned=False):
     """The launch plan of one shape class: name -> (kernel, tile along the grid's first axis, launch
-    keywords). configs: attention_configs' form, or None for the autotuned kernels (whose tile is the
-    name of the block keyword, read from the chosen config)."""
+    keywords), plus "bwd" (the backward variant). configs: attention_configs' form; tuned: the
+    autotuned kernels instead of configs' tiles (their tile is then the name of the block keyword,
+    read from the chosen config)."""
     block_d = _block_d(head_dim)
     shape = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, EVEN_D=block_d == head_dim)
-    pre = configs["pre"] if configs is not None else _PREPROCESS_CONFIG
-    plan = dict(pre=(_attn_bwd_preprocess_kernel, pre["BLOCK_M"], dict(shape, **pre)))
-    meta = dict(shape, CAUSAL=bool(causal), IEEE_DOT=dtype == torch.float32)
-    for name, axis in (("fwd", "BLOCK_M"), ("dkdv", "BLOCK_N1"), ("dq", "BLOCK_M2")):
-        if configs is None:
-            plan[name] = (_TUNED[name], axis, meta)
+    plan = dict(pre=(_attn_bwd_preprocess_kernel, configs["pre"]["BLOCK_M"], dict(shape, **configs["pre"])),
+                bwd=configs["bwd"])
+    meta = dict(shape, CAUSAL=bool(causal), IEEE_DOT=dtype == torch.float32,
+                HEAVY_FIRST=configs["order"] == "heavy_first")
+    for name, axis in (("fwd", "BLOCK_M"), ("dkdv", "BLOCK_N1"), ("dq", "BLOCK_M2"), ("fused", "BLOCK_N1")):
+        kmeta = dict(meta, FUSED_DQ=name == "fused") if name in ("dkdv", "fused") else meta
+        if tuned:
+            plan[name] = (_TUNED[name], axis, kmeta)
         else:
-            plan[name] = (_KERNELS[name], configs[name][axis], dict(meta, **configs[name]))
+            plan[name] = (_KERNELS[name], configs[name][axis], dict(kmeta, **configs[name]))
     return plan
 
 
-_PLANS = {}  # (device index, dtype, head dim, causal) -> launch plan
+_PLANS = {}  # (device index, dtype, head dim, causal, T bucket) -> launch plan
+_OVERRIDE = []  # the config of the innermost use_configs() block
+
+
+class use_configs:
+    """`with use_configs(config):` every attention launch plan built inside uses `config` (a dict of
+    the config keys; missing keys from the usual sources). The plan cache is cleared on entry and exit,
+    so the block sees the config and later calls see the usual one again."""
+
+    def __init__(self, config):
+        self.config = check_config(dict(config), "use_configs")
+
+    def __enter__(self):
+        _OVERRIDE.append(self.config)
+        _PLANS.clear()
+        return self
+
+    def __exit__(self, *exc):
+        _OVERRIDE.pop()
+        _PLANS.clear()
+
+
+def _env_config():
+    text = os.environ.get(_CONFIG_ENV)
+    if not text:
+        return {}
+    import json
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{_CONFIG_ENV} is not JSON ({err}): {text!r}") from None
+    return check_config(config, _CONFIG_ENV)
+
+
+def _table_config(capability, dtype, head_dim, causal, T):
+    """The defaults table's config for this shape class (the entry nearest in T), {} when none."""
+    from . import defaults
+    return dict(defaults.config(capability, "attention", dtype, head_dim, causal, T) or {})
 
 
 def _plan_for(q, causal):
-    """The cached launch plan for q's device (its compute capability, read once), dtype, head dim and
-    causal flag: built on the first call of a shape class, a dict lookup after that."""
-    key = (q.get_device(), q.dtype, q.shape[-1], causal)
+    """The cached launch plan for q's device (its compute capability, read once), dtype, head dim,
+    causal flag and T bucket: built on the first call of a shape class, a dict lookup after that."""
+    T = q.shape[2]
+    key = (q.get_device(), q.dtype, q.shape[-1], causal, T.bit_length())
     plan = _PLANS.get(key)
     if plan is None:
-        if INTERPRET and not q.is_cuda:
-            configs = attention_configs(None, q.shape[-1])
-        elif _AUTOTUNE:
-            configs = None
-        else:
-            configs = attention_configs(torch.cuda.get_device_capability(q.device), q.shape[-1])
-        plan = _PLANS[key] = _make_plan(configs, q.dtype, q.shape[-1], causal)
+        capability = None if INTERPRET and not q.is_cuda else torch.cuda.get_device_capability(q.device)
+        override = {} if capability is None else _table_config(capability, q.dtype, q.shape[-1], causal, T)
+        override.update(_env_config())
+        if _OVERRIDE:
+            override.update(_OVERRIDE[-1])
+        configs = attention_configs(capability, q.shape[-1], override)
+        plan = _PLANS[key] = _make_plan(configs, q.dtype, q.shape[-1], causal, tuned=_AUTOTUNE and capability is not None)
     return plan
 
 
-def _grid(T, BH, tile):
-    """(tiles along T, B * H); tile a keyword name for the autotuned kernels (grid from their config)."""
+def _grid(T, BH, tile, heavy_first):
+    """(tiles along T, B * H), or (B * H, tiles) for heavy_first; tile a keyword name for the
+    autotuned kernels (grid from their config)."""
     if isinstance(tile, int):
-        return (-(-T // tile), BH)
+        n = -(-T // tile)
+        return (BH, n) if heavy_first else (n, BH)
+    if heavy_first:
+        return lambda meta: (BH, triton.cdiv(T, meta[tile]))
     return lambda meta: (triton.cdiv(T, meta[tile]), BH)
 
 
@@ -456,17 +606,20 @@ def _attn_fwd(q, k, v, scale, plan, launch):
         kernel, tile, meta = plan["fwd"]
         args = (q, k, v, o, lse, scale * LOG2E.value, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                 *o.stride()[:3], H, T)
-        launch(kernel, _grid(T, B * H, tile), args, meta)
+        launch(kernel, _grid(T, B * H, tile, meta["HEAVY_FIRST"]), args, meta)
     return o, lse
 
 
 def _attn_bwd(do, q, k, v, o, lse, scale, plan, launch):
-    """Launch Delta = rowsum(dO * O), then dK/dV, then dQ. Returns dq, dk, dv (B, H, T, D), contiguous,
-    in q's dtype. The three backward kernels' signatures live here."""
+    """Launch Delta = rowsum(dO * O), then dK/dV and dQ: two kernels (bwd "split"), or one that adds
+    dQ atomically into a zeroed fp32 buffer, cast to q's dtype after (bwd "fused_atomic"). Returns dq,
+    dk, dv (B, H, T, D), contiguous, in q's dtype. The backward kernels' signatures live here."""
     B, H, T, D = q.shape
-    dq, dk, dv = (_common.empty(q, (B, H, T, D)) for _ in range(3))
+    fused = plan["bwd"] == "fused_atomic"
+    dk, dv = (_common.empty(q, (B, H, T, D)) for _ in range(2))
+    dq = q.new_zeros((B, H, T, D), dtype=torch.float32) if fused else _common.empty(q, (B, H, T, D))
     if B * H == 0:
-        return dq, dk, dv
+        return dq.to(q.dtype), dk, dv
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _common.empty(lse, (B, H, T))  # fp32: rowsum(dO * O)
     BH = B * H
@@ -474,11 +627,14 @@ def _attn_bwd(do, q, k, v, o, lse, scale, plan, launch):
     sdb, sdh, sdt, _ = do.stride()
     kernel, tile, meta = plan["pre"]
     launch(kernel, (-(-T // tile), BH), (o, do, delta, *o.stride()[:3], sdb, sdh, sdt, H, T), meta)
-    kernel, tile, meta = plan["dkdv"]
-    launch(kernel, _grid(T, BH, tile), (q, k, v, do, dk, dv, lse, delta, scale, sb, sh, st, sdb, sdh, sdt, H, T),
-           meta)
+    kernel, tile, meta = plan["fused" if fused else "dkdv"]
+    launch(kernel, _grid(T, BH, tile, meta["HEAVY_FIRST"]),
+           (q, k, v, do, dk, dv, dq if fused else dk, lse, delta, scale, sb, sh, st, sdb, sdh, sdt, H, T), meta)
+    if fused:
+        return dq.to(q.dtype), dk, dv
     kernel, tile, meta = plan["dq"]
-    launch(kernel, _grid(T, BH, tile), (q, k, v, do, dq, lse, delta, scale, sb, sh, st, sdb, sdh, sdt, H, T), meta)
+    launch(kernel, _grid(T, BH, tile, meta["HEAVY_FIRST"]),
+           (q, k, v, do, dq, lse, delta, scale, sb, sh, st, sdb, sdh, sdt, H, T), meta)
     return dq, dk, dv
 
 
@@ -486,6 +642,9 @@ def _flash_attn_forward(q, k, v, causal, scale, launch=None):
     """The forward launcher: check, lay out, allocate, launch (eagerly unless `launch` says otherwise).
     Returns o, the base-2 LSE and the q, k, v the kernels read (to save for the backward)."""
     _check_inputs(q, k, v)
+    if not scale > 0:
+        raise ValueError(f"flash_attention: scale must be > 0 (the kernels take the row max of unscaled "
+                         f"scores), got {scale}")
     q, k, v = _shared_layout(q, k, v)
     o, lse = _attn_fwd(q, k, v, scale, _plan_for(q, causal), launch or _common.launch)
     return o, lse, q, k, v

@@ -184,3 +184,88 @@ def test_public_op_survives_submodule_import():
     from igpt_fast.kernels.flash_attention import flash_attention  # noqa: F401
 
     assert kernels.attention is attention and callable(kernels.attention)
+
+
+# Every kernel variant (the launch plan's bwd and order, tests/test_attention.py's default being
+# split + natural) on one small set of odd shapes: outputs and gradients against fp64.
+_VARIANT_CONFIGS = [dict(bwd="fused_atomic"), dict(order="heavy_first"), dict(bwd="fused_atomic", order="heavy_first")]
+_VARIANT_COVER = [(17, 32, True), (100, 96, False), (130, 64, True)]
+
+
+@pytest.mark.parametrize("config", _VARIANT_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("T,D,causal", _VARIANT_COVER)
+def test_attention_variants_match_reference(config, T, D, causal):
+    from igpt_fast.kernels.flash_attention import use_configs
+
+    dtype = torch.float16 if T == 130 else PRECISE
+    with use_configs(config):
+        _check(*_inputs(T, D, dtype), causal)
+
+
+def test_attention_variant_tiles_match_reference():
+    """The fused backward with a tile other than the interpreter's default (BLOCK_M1 = BLOCK_N1)."""
+    from igpt_fast.kernels.flash_attention import use_configs
+
+    with use_configs(dict(bwd="fused_atomic", fused=[32, 32, 4, 1], fwd=[32, 32, 4, 1])):
+        _check(*_inputs(70, 64, PRECISE), causal=True)
+
+
+def test_attention_config_from_environment(monkeypatch):
+    """IGPT_FAST_ATTENTION_CONFIG selects a variant without code; a bad one raises a readable error."""
+    from igpt_fast.kernels import flash_attention as fa
+
+    monkeypatch.setattr(fa, "_PLANS", {})
+    monkeypatch.setenv("IGPT_FAST_ATTENTION_CONFIG", '{"bwd": "fused_atomic", "order": "heavy_first"}')
+    q = _inputs(40, 32, PRECISE)[0]
+    plan = fa._plan_for(q, True)
+    assert plan["bwd"] == "fused_atomic" and plan["fwd"][2]["HEAVY_FIRST"]
+    _check(*_inputs(40, 32, PRECISE), causal=True)
+    monkeypatch.setattr(fa, "_PLANS", {})
+    monkeypatch.setenv("IGPT_FAST_ATTENTION_CONFIG", '{"bwd": "atomic"}')
+    with pytest.raises(ValueError, match="bwd must be one of"):
+        fa._plan_for(q, True)
+
+
+def test_attention_config_validation():
+    from igpt_fast.kernels.flash_attention import attention_configs, check_config
+
+    with pytest.raises(ValueError, match="unknown key"):
+        check_config(dict(tiles=[1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="rows % cols"):
+        check_config(dict(fwd=[64, 128, 4, 3]))
+    with pytest.raises(ValueError, match="cols % rows"):
+        check_config(dict(fused=[64, 32, 4, 3]))
+    configs = attention_configs((9, 0), 64, dict(bwd="fused_atomic", fused=(32, 128, 8, 2)))
+    assert configs["bwd"] == "fused_atomic" and configs["order"] == "natural"
+    assert configs["fused"] == dict(BLOCK_M1=32, BLOCK_N1=128, num_warps=8, num_stages=2)
+    assert configs["fwd"] == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+
+
+def test_attention_table_config_lookup(tmp_path):
+    """The defaults table's config and torch backend for a class: the fwd+bwd entry nearest in T."""
+    from igpt_fast.kernels import defaults
+
+    path = str(tmp_path / "defaults.json")
+    base = dict(capability="9.0", op="attention", dtype="bf16", width=64, causal=True, mode="fwd+bwd",
+                device="test", date="2026-12-05", commit="x", torch="t", triton="3.6.0", source="test")
+    defaults.record([dict(base, size=1024, ours_ms=1.0, torch_ms=2.0, config=dict(order="heavy_first"),
+                          torch_backend="cudnn"),
+                     dict(base, size=16384, ours_ms=3.0, torch_ms=2.0, config=dict(bwd="fused_atomic"))], path)
+    assert defaults.config((9, 0), "attention", torch.bfloat16, 64, True, 1500, path) == dict(order="heavy_first")
+    assert defaults.config((9, 0), "attention", torch.float16, 64, True, 9000, path) == dict(bwd="fused_atomic")
+    assert defaults.config((9, 0), "attention", torch.bfloat16, 64, False, 1024, path) is None
+    assert defaults.torch_backend((9, 0), "attention", torch.bfloat16, 64, True, 1024, True, path) == "cudnn"
+    assert defaults.torch_backend((9, 0), "attention", torch.bfloat16, 64, True, 16384, True, path) == "default"
+
+
+def test_attention_torch_path_forces_cudnn_where_the_table_says(monkeypatch):
+    """impl="auto"'s torch path: cuDNN first for a class whose table entry has torch_backend "cudnn"."""
+    import igpt_fast.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_capability", lambda x: (9, 0))
+    monkeypatch.setattr(kernels.defaults, "torch_backend",
+                        lambda cap, op, dtype, width, causal, size, grad: "cudnn" if causal else "default")
+    q = _inputs(16, 32, torch.float32)[0]
+    assert kernels._attention_torch_path(q, 32, True, 16) is kernels._attention_cudnn
+    assert kernels._attention_torch_path(q, 32, False, 16) is kernels._attention_torch
+    torch.testing.assert_close(kernels._attention_cudnn(q, q, q, True, 0.2), kernels._attention_torch(q, q, q, True, 0.2))

@@ -14,10 +14,14 @@ the 16-byte divisibility hints a real launch gets), compiles them to cubin and c
     #mma-encoded (mma.sync) on sm_80, and the PTX holds wgmma.mma_async / mma.sync.
 
 Covered: attention forward, backward preprocessing, dK/dV and dQ (fp16, bf16; head dims 32, 64, 96,
-128; causal and not; fp32 attention on CUDA goes to the torch path, so it is not compiled); softmax
+128; causal and not; fp32 attention on CUDA goes to the torch path, so it is not compiled), in the
+built-in default config ("default": bwd split, order natural) and in each other variant's default
+tiles: "variant:fused_atomic+heavy_first" (the fused dK/dV/dQ kernel, whose PTX must hold
+the fp32 atomic adds, and the heavy-first forward) and "variant:heavy_first" (split dK/dV and
+dQ in heavy-first order), each compiling only the kernels the default case did not; softmax
 forward/backward and cross-entropy forward/backward (fp16, bf16, fp32) at the widths that select each
 of their launch configs. With --all, also every config of the attention autotune sets
-(IGPT_FAST_AUTOTUNE=1): there a spill or an over-limit shared memory is reported, not failed (the
+(IGPT_FAST_AUTOTUNE=1), which are also the tiles the GPU sweep times: there a spill or an over-limit shared memory is reported, not failed (the
 autotuner skips configs that cannot launch), a compile error or a lost tensor core still fails.
 
 Works with the triton it imports, 3.6 (what the GPU machine runs) or 3.9 (the venv's): `make compile-check`
@@ -55,6 +59,10 @@ TARGETS = {  # per-block limits from the CUDA programming guide's compute capabi
 }
 HEAD_DIMS = (32, 64, 96, 128)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+ATTN_VARIANTS = {  # source -> (config override, kernels to compile: those the default case lacks)
+    "variant:fused_atomic+heavy_first": (dict(bwd="fused_atomic", order="heavy_first"), ("fwd", "fused")),
+    "variant:heavy_first": (dict(order="heavy_first"), ("dkdv", "dq")),
+}
 SOFTMAX_WIDTHS = (512, 4096, 8192, 20000)  # 4 warps, 8 warps, one 16-warp tile, the looped path
 CE_VOCABS = (512, 50000)  # the palette (one tile), a long row (looped 4096-wide tiles)
 ATTN_SHAPE = (2, 4, 1024)  # (B, H, T): T = 32 x 32 pixels
@@ -70,11 +78,12 @@ def _cases(check_all):
         for dtype in ("fp16", "bf16"):
             for D in HEAD_DIMS:
                 for causal in (True, False):
-                    cases.append(dict(target=target, op="attention", dtype=dtype, size=D, causal=causal,
-                                      source="default"))
+                    for source in ("default", *ATTN_VARIANTS):
+                        cases.append(dict(target=target, op="attention", dtype=dtype, size=D, causal=causal,
+                                          source=source))
                     if check_all:
                         from igpt_fast.kernels import flash_attention as fa
-                        for name in ("fwd", "dkdv", "dq"):
+                        for name in ("fwd", "dkdv", "dq", "fused"):
                             for i in range(len(fa.attention_tune_configs(name))):
                                 cases.append(dict(target=target, op="attention", dtype=dtype, size=D,
                                                   causal=causal, source=f"tune:{name}:{i}"))
@@ -96,17 +105,33 @@ def _specs(case):
     dtype = DTYPES[case["dtype"]]
     if case["op"] == "attention":
         q = torch.empty(*ATTN_SHAPE, case["size"], dtype=dtype)  # (B, H, T, D)
-        configs = flash_attention.attention_configs(TARGETS[case["target"]]["capability"], case["size"])
+        capability = TARGETS[case["target"]]["capability"]
         if case["source"] == "default":
+            configs = flash_attention.attention_configs(capability, case["size"])
             return flash_attention.launch_specs(q, case["causal"], configs)
+        if case["source"] in ATTN_VARIANTS:
+            override, names = ATTN_VARIANTS[case["source"]]
+            configs = flash_attention.attention_configs(capability, case["size"], override)
+            return [s for s in flash_attention.launch_specs(q, case["causal"], configs) if _attn_kernel(s) in names]
         _, name, i = case["source"].split(":")
+        configs = flash_attention.attention_configs(capability, case["size"],
+                                                    dict(bwd="fused_atomic") if name == "fused" else None)
         configs[name] = flash_attention.attention_tune_configs(name)[int(i)]
-        kernel = flash_attention._KERNELS[name]
-        return [s for s in flash_attention.launch_specs(q, case["causal"], configs) if s[0] is kernel]
+        return [s for s in flash_attention.launch_specs(q, case["causal"], configs) if _attn_kernel(s) == name]
     if case["op"] == "softmax":
         return fused_softmax.launch_specs(torch.empty(ROWS, case["size"], dtype=dtype))
     return fused_cross_entropy.launch_specs(torch.empty(ROWS, case["size"], dtype=dtype),
                                             compute_grad=case["source"] == "default")
+
+
+def _attn_kernel(spec):
+    """Which attention kernel ("fwd", "dkdv", "dq", "fused", "pre") a launch spec runs."""
+    from igpt_fast.kernels import flash_attention
+
+    kernel, _grid, _args, meta = spec
+    if kernel is flash_attention._attn_bwd_dkdv_kernel:
+        return "fused" if meta["FUSED_DQ"] else "dkdv"
+    return {flash_attention._attn_fwd_kernel: "fwd", flash_attention._attn_bwd_dq_kernel: "dq"}.get(kernel, "pre")
 
 
 def _compile(kernel, args, meta, target):
@@ -150,6 +175,7 @@ def _tensor_cores(compiled, arch):
 def _config_label(meta):
     keys = [k for k in meta if k.startswith("BLOCK") and k != "BLOCK_D"]
     parts = [f"{k}={meta[k]}" for k in keys] + [f"w{meta.get('num_warps', 4)}", f"s{meta.get('num_stages', 3)}"]
+    parts += [flag.lower() for flag in ("FUSED_DQ", "HEAVY_FIRST") if meta.get(flag)]
     return " ".join(parts)
 
 
@@ -183,6 +209,9 @@ def check_case(case):
         threads = compiled.metadata.num_warps * 32
         shared = compiled.metadata.shared
         cores = _tensor_cores(compiled, arch)
+        if meta.get("FUSED_DQ"):
+            atomics = len(re.findall(r"\b(?:red|atom)\.global[a-z0-9.]*\.add[a-z0-9.]*\.f32", compiled.asm["ptx"]))
+            cores += f"; {atomics} f32 atomic adds" if atomics else "; FAIL: no f32 atomic add in PTX"
         problems, notes = [], []
         if shared > limits["max_shared"]:
             (notes if tuned else problems).append(f"shared {shared} B > {limits['max_shared']} B")
@@ -190,8 +219,8 @@ def check_case(case):
             (notes if tuned else problems).append(f"{regs} regs x {threads} threads > {limits['regs_per_block']}")
         if spill:
             (notes if tuned else problems).append(f"spills {spill} B")
-        if cores.startswith("FAIL"):
-            problems.append(cores[len("FAIL: "):])
+        if "FAIL: " in cores:
+            problems.append(cores[cores.index("FAIL: ") + len("FAIL: "):])
         verdict = ("FAIL: " + "; ".join(problems) if problems else
                    "ok" + (" (autotuner skips or pays: " + "; ".join(notes) + ")" if notes else ""))
         rows.append(dict(row, shared_bytes=shared, regs=regs, threads=threads, spill_bytes=spill,

@@ -170,6 +170,25 @@ def _attention_torch(q, k, v, causal, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
+def _attention_cudnn(q, k, v, causal, scale):
+    """SDPA with cuDNN tried first (then torch's usual order): the torch path where the defaults table
+    measured forced cuDNN faster than torch's default choice (torch_backend "cudnn")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def _attention_torch_path(q, width, causal, size):
+    """The torch function of an attention shape class: cuDNN first where the table says it wins."""
+    capability = _capability(q)
+    if capability is not None and defaults.torch_backend(capability, "attention", q.dtype, width, causal, size,
+                                                         _grad_needed(q)) == "cudnn":
+        return _attention_cudnn
+    return _attention_torch
+
+
 def _attention_unsupported(q, k, v):
     if q.shape != k.shape or q.shape != v.shape:
         return "q, k, v shapes differ"
@@ -195,7 +214,7 @@ def attention(q, k, v, causal=True, scale=None, impl="auto"):
     fn = _resolved.get(key)
     if fn is None:
         fn = _resolve(key, "attention", impl, (q, k, v), (q[:1], k[:1], v[:1]), (causal, scale), D, causal, T,
-                      _attention_unsupported(q, k, v), _attention_triton, _attention_torch)
+                      _attention_unsupported(q, k, v), _attention_triton, _attention_torch_path(q, D, causal, T))
     return fn(q, k, v, causal, scale)
 
 

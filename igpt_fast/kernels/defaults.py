@@ -7,6 +7,11 @@ defaults.json (beside this file) holds measured entries, each one shape class on
   "fwd+bwd"), ours_ms, torch_ms, ratio = ours_ms / torch_ms, choice ("triton" when ratio < 1, else
   "torch"), and where it came from: device, date, commit, torch / triton versions, source.
 GPU runs add entries with `record` (benchmarks call it; an entry replaces the one with the same key).
+Optional fields a GPU sweep (benchmarks/gpu_sweep.sh) adds: config (the kernel config that won for
+the class, e.g. {"bwd": "fused_atomic", "order": "heavy_first", "fwd": [128, 64, 8, 3], ...}: the
+launch plan reads it through `config`), torch_backend ("cudnn" when forcing SDPA's cuDNN backend
+beat torch's default SDPA at that shape, else "default": dispatch's torch path reads it through
+`torch_backend`), and timings (every variant's and provider's ms, for the record).
 
 `choose` answers one shape class: among the entries of its capability, op, width and causal flag
 (bf16 entries stand in for fp16 when there are none for fp16: same element size, same kernels), the
@@ -57,9 +62,8 @@ def record(rows, path=None):
     return ordered
 
 
-def choose(capability, op, dtype, width, causal, size, needs_grad, path=None):
-    """("triton" | "torch", the deciding entry or None) for one shape class on a GPU of compute
-    `capability` (major, minor)."""
+def _nearest(capability, op, dtype, width, causal, size, needs_grad, path=None):
+    """The entry that decides one shape class (see the module docstring), or None."""
     cap = f"{capability[0]}.{capability[1]}"
     dtype = _DTYPES.get(str(dtype), str(dtype))
     mine = [e for e in load(path) if e["capability"] == cap and e["op"] == op and e["width"] == width
@@ -69,11 +73,31 @@ def choose(capability, op, dtype, width, causal, size, needs_grad, path=None):
         if same_dtype:
             break
     else:
-        return "triton", None
+        return None
     modes = ("fwd+bwd", "fwd") if needs_grad else ("fwd", "fwd+bwd")
     for mode in modes:
         candidates = [e for e in same_dtype if e["mode"] == mode]
         if candidates:
-            best = min(candidates, key=lambda e: (abs(math.log2(e["size"]) - math.log2(max(size, 1))), e["size"]))
-            return best["choice"], best
-    return "triton", None
+            return min(candidates, key=lambda e: (abs(math.log2(e["size"]) - math.log2(max(size, 1))), e["size"]))
+    return None
+
+
+def choose(capability, op, dtype, width, causal, size, needs_grad, path=None):
+    """("triton" | "torch", the deciding entry or None) for one shape class on a GPU of compute
+    `capability` (major, minor)."""
+    best = _nearest(capability, op, dtype, width, causal, size, needs_grad, path)
+    return ("triton", None) if best is None else (best["choice"], best)
+
+
+def config(capability, op, dtype, width, causal, size, path=None):
+    """The kernel config a sweep recorded for this shape class (its fwd+bwd entry nearest in size), or
+    None when the table has none."""
+    best = _nearest(capability, op, dtype, width, causal, size, True, path)
+    return None if best is None else best.get("config")
+
+
+def torch_backend(capability, op, dtype, width, causal, size, needs_grad, path=None):
+    """"cudnn" when the table says forcing SDPA's cuDNN backend is torch's faster path for this shape
+    class, else "default"."""
+    best = _nearest(capability, op, dtype, width, causal, size, needs_grad, path)
+    return "default" if best is None else best.get("torch_backend", "default")
