@@ -64,6 +64,7 @@ import torch
 
 from igpt_fast.atomic import atomic_path, fsync_dir, output_error
 from igpt_fast.errors import IGPTError
+from igpt_fast.filekind import describe_file
 
 __all__ = ["CKPT_NAME", "PREV_NAME", "DCP_NAME", "DCP_PREV_NAME", "FORMAT_VERSION", "CheckpointError",
            "is_sharded", "latest_checkpoint", "resolve_checkpoint", "save_checkpoint", "save_sharded_checkpoint",
@@ -535,10 +536,8 @@ def _load_sharded_model(path):
 
 def _check_loadable(path, err=None):
     """CheckpointError, one line, for a file that is not what torch.load reads (what it holds, sniffed by
-    convert.describe_file, and what was expected) or, given torch.load's error, one it could not read;
+    filekind.describe_file, and what was expected) or, given torch.load's error, one it could not read;
     never torch's advice to drop weights_only."""
-    from igpt_fast.convert import describe_file
-
     kind = describe_file(path)
     if kind.startswith("a damaged zip"):
         raise CheckpointError(f"{path} is not a readable igpt-fast checkpoint: truncated or damaged (a zip archive, "

@@ -41,8 +41,8 @@ configuration_imagegpt.py and image_processing_imagegpt.py; openai/image-gpt src
   h{i}/mlp/c_proj/w (4C, C), [in, out]; clf/wclf (classes, C) after finetuning. No biases. A
   checkpoint without sos was trained with the BERT objective. Optimizer slots (.../Adam, .../Adam_1,
   beta powers, global_step) are skipped; any other variable is refused, naming it.
-- describe_file(path) names what a path holds (NumPy array, PyTorch file, safetensors, tar, TF
-  checkpoint, JSON, image, folder kinds) so a verb given the wrong kind of file says what it got.
+- describe_file(path), which names what a path holds so a verb given the wrong kind of file says what it
+  got, lives in igpt_fast.filekind (checkpoint.py and palette.py use it too) and is still importable here.
 """
 import json
 import math
@@ -56,112 +56,17 @@ from collections.abc import Mapping
 import torch
 
 from igpt_fast.errors import IGPTError
+from igpt_fast.filekind import HF_WEIGHT_FILES, describe_file
 from igpt_fast.model import GPTConfig, IGPT
 
 __all__ = ["from_hf_imagegpt", "from_openai_imagegpt", "to_hf_imagegpt", "read_hf_palette", "read_openai_palette",
            "load_hf_state_dict", "resolve_source", "source_format", "describe_file", "ConversionError"]
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
 _LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 class ConversionError(IGPTError, ValueError):
     """A checkpoint that cannot be mapped exactly between HF ImageGPT and IGPT."""
-
-
-_IMAGE_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
-                (b"BM", "a BMP image"))
-
-
-def _describe_folder(path):
-    names = set(os.listdir(path))
-    if {"ckpt.pt", "ckpt.dcp", "ckpt.prev.pt", "log.jsonl"} & names:
-        return "an igpt-fast run folder"
-    if ".metadata" in names:
-        return "a sharded (DCP) checkpoint folder"
-    if "config.json" in names and names & set(_WEIGHT_FILES):
-        return "a Hugging Face model folder"
-    if "meta.json" in names and any(n.endswith(".tar") for n in names):
-        return "a folder of tokenized shards (meta.json and .tar shards)"
-    if any(n.endswith(".index") for n in names) and any(".data-" in n for n in names):
-        return "a folder holding a TensorFlow checkpoint"
-    if any(n.startswith("models--") for n in names):
-        return "a Hugging Face cache folder"
-    return "an empty folder" if not names else f"a folder of {len(names)} entries"
-
-
-def describe_file(path):
-    """What `path` holds, as a short phrase for error messages ("a NumPy array (.npy), float32 (512, 3)",
-    "a PyTorch file (torch.save)", "a tar archive", ...), sniffed from its first bytes, never loaded."""
-    import numpy as np
-
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return _describe_folder(path)
-    if not os.path.isfile(path):
-        return "nothing (no such file or folder)"
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(512)
-        f.seek(max(size - 8, 0))
-        tail = f.read(8)
-    if not head:
-        return "an empty file"
-    if head.startswith(b"\x93NUMPY"):
-        try:
-            with open(path, "rb") as f:
-                fmt = np.lib.format
-                version = fmt.read_magic(f)
-                shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
-            return f"a NumPy array (.npy), {dtype} {tuple(shape)}"
-        except (ValueError, OSError):
-            return "a damaged NumPy array file (.npy)"
-    if head.startswith(b"PK\x03\x04"):
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return "a damaged zip archive"
-        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
-            return "a PyTorch file (torch.save)"
-        if names and all(n.endswith(".npy") for n in names):
-            return "a NumPy archive (.npz)"
-        return "a zip archive"
-    if len(head) >= 8 + 2 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
-        return "a safetensors file"
-    if head[257:262] == b"ustar" or path.endswith(".tar"):
-        return "a tar archive (e.g. a tokenized shard)" if head[257:262] == b"ustar" else "a damaged tar archive"
-    if head.startswith(b"\x1f\x8b"):
-        return "a gzip file"
-    if size >= 48 and int.from_bytes(tail, "little") == 0xDB4775248B80FB57:
-        return "a TensorFlow checkpoint index"
-    if re.search(r"\.data-\d{5}-of-\d{5}$", path):
-        return "a TensorFlow checkpoint data shard"
-    for magic, what in _IMAGE_MAGIC:
-        if head.startswith(magic):
-            return what
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "a WebP image"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "a Python pickle (a legacy torch.save file?)"
-    text = head.lstrip()
-    if text[:1] in (b"{", b"["):
-        try:
-            with open(path) as f:
-                obj = json.load(f)
-        except (ValueError, OSError):
-            return "a damaged JSON file"
-        if isinstance(obj, dict) and obj.get("model_type"):
-            return f"a model config (JSON, model_type {obj['model_type']!r})"
-        if isinstance(obj, dict) and "n_ctx" in obj and "palette_sha256" in obj:
-            return "a tokenized data description (meta.json)"
-        return "a JSON file"
-    try:
-        head.decode("utf-8")
-        return "a text file"
-    except UnicodeDecodeError:
-        return f"a binary file ({size} bytes) of no kind igpt-fast knows"
 
 
 def _hub_download_command(repo_id):
@@ -336,10 +241,10 @@ def load_hf_state_dict(source):
             raise ConversionError(f"{cfg_path} is not valid JSON: {e}") from None
         if not isinstance(hf_config, dict):
             raise ConversionError(f"{cfg_path} is not an ImageGPT config (a JSON object)")
-        for name in _WEIGHT_FILES:
+        for name in HF_WEIGHT_FILES:
             if os.path.isfile(os.path.join(path, name)):
                 return _load_weights_file(os.path.join(path, name)), hf_config
-        raise ConversionError(f"{path} has none of {', '.join(_WEIGHT_FILES)}")
+        raise ConversionError(f"{path} has none of {', '.join(HF_WEIGHT_FILES)}")
     return _load_weights_file(path), None
 
 
@@ -467,7 +372,7 @@ def source_format(path):
             return "igpt"
         except CheckpointError:
             if os.path.isfile(os.path.join(path, "config.json")) and any(
-                    os.path.isfile(os.path.join(path, name)) for name in _WEIGHT_FILES):
+                    os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHT_FILES):
                 return "hf"
         raise ConversionError(f"{path} is {describe_file(path)}: {expected}")
     if not os.path.isfile(path):

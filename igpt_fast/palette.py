@@ -33,6 +33,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import IGPTError
+from .filekind import describe_file
 
 __all__ = ["Palette", "PaletteError", "lut_cache_dir"]
 
@@ -179,14 +180,10 @@ class Palette:
         try:
             arr = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
-            from igpt_fast.convert import describe_file
-
             kind = describe_file(path)
             why = f": {e}" if kind.startswith("a NumPy array") else ""
             raise PaletteError(f"{path} is {kind}, not a readable .npy palette (a (k, 3) float array){why}") from None
         if not isinstance(arr, np.ndarray):
-            from igpt_fast.convert import describe_file
-
             raise PaletteError(f"{path} is {describe_file(path)}, not a .npy palette (a (k, 3) float array)")
         try:
             return cls(arr)
