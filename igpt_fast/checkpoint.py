@@ -63,7 +63,7 @@ from dataclasses import asdict, fields
 import torch
 
 from igpt_fast.atomic import atomic_path, fsync_dir, output_error
-from igpt_fast.errors import IGPTError
+from igpt_fast.errors import CheckpointError
 from igpt_fast.filekind import describe_file
 
 __all__ = ["CKPT_NAME", "PREV_NAME", "DCP_NAME", "DCP_PREV_NAME", "FORMAT_VERSION", "CheckpointError",
@@ -83,10 +83,6 @@ _RUNTIME_KEYS = ("impl", "grad_checkpoint")  # version 1 kept these in model_con
 _PREVIOUS = {CKPT_NAME: PREV_NAME, DCP_NAME: DCP_PREV_NAME}  # a run's latest checkpoint -> the one before
 _PREVIOUS_KIND = {**{n: n for n in _PREVIOUS}, **{p: n for n, p in _PREVIOUS.items()}}  # any of the four -> its kind
 _ONE_PROCESS_NOTE = "torch.distributed is disabled, unavailable or uninitialized"  # DCP's warning, start
-
-
-class CheckpointError(IGPTError, ValueError):
-    """A path that is not a readable igpt-fast checkpoint, or a checkpoint that does not fit a model."""
 
 
 def is_sharded(path):

@@ -55,7 +55,7 @@ from collections.abc import Mapping
 
 import torch
 
-from igpt_fast.errors import IGPTError
+from igpt_fast.errors import ConversionError
 from igpt_fast.filekind import HF_WEIGHT_FILES, describe_file
 from igpt_fast.model import GPTConfig, IGPT
 
@@ -63,10 +63,6 @@ __all__ = ["from_hf_imagegpt", "from_openai_imagegpt", "to_hf_imagegpt", "read_h
            "load_hf_state_dict", "resolve_source", "source_format", "describe_file", "ConversionError"]
 
 _LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-
-class ConversionError(IGPTError, ValueError):
-    """A checkpoint that cannot be mapped exactly between HF ImageGPT and IGPT."""
 
 
 def _hub_download_command(repo_id):

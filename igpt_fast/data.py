@@ -57,7 +57,8 @@ import torch
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from igpt_fast.shard import (DataError, SampleSpec, ShardCheck, count_samples, decode_tokens, fetch, is_url,
+from igpt_fast.errors import DataError, DataMismatchError
+from igpt_fast.shard import (SampleSpec, ShardCheck, count_samples, decode_tokens, fetch, is_url,
                              local_path, read_shard)
 
 __all__ = ["DataError", "DataMismatchError", "META_VERSION", "read_meta", "check_data", "load_data_palette",
@@ -66,10 +67,6 @@ __all__ = ["DataError", "DataMismatchError", "META_VERSION", "read_meta", "check
 
 META_VERSION = 1
 ON_BAD_SHARD = ("error", "skip")
-
-
-class DataMismatchError(DataError):
-    """Data (meta.json / palette) that does not fit the model or checkpoint."""
 
 
 def _meta_location(data, meta):

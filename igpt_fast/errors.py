@@ -47,3 +47,39 @@ class ProbeError(IGPTError, ValueError):
 
 class SampleError(IGPTError, ValueError):
     """A sampling request that cannot be served (bad rows, missing palette, missing checkpoint)."""
+
+
+class DataError(IGPTError, ValueError):
+    """A dataset that cannot be read as asked: missing meta.json, no shards, a corrupt shard."""
+
+
+class DataMismatchError(DataError):
+    """Data (meta.json / palette) that does not fit the model or checkpoint."""
+
+
+class PaletteError(IGPTError, ValueError):
+    """A palette file or array that cannot be used."""
+
+
+class CheckpointError(IGPTError, ValueError):
+    """A path that is not a readable igpt-fast checkpoint, or a checkpoint that does not fit a model."""
+
+
+class ConversionError(IGPTError, ValueError):
+    """A checkpoint that cannot be mapped exactly between HF ImageGPT and IGPT."""
+
+
+class TFCheckpointError(IGPTError, ValueError):
+    """A path that is not a readable TensorFlow checkpoint, or one this reader does not support."""
+
+
+class ProgressError(IGPTError, ValueError):
+    """IGPT_FAST_PROGRESS_SECONDS is not a number of seconds >= 0."""
+
+
+class RunLogError(IGPTError, ValueError):
+    """A log.jsonl damaged before its last line."""
+
+
+class RunInUse(IGPTError, RuntimeError):
+    """The run folder is held by another running process (its RUN/.lock is locked)."""

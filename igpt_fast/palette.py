@@ -32,7 +32,7 @@ import warnings
 import numpy as np
 
 from .atomic import atomic_path
-from .errors import IGPTError
+from .errors import PaletteError
 from .filekind import describe_file
 
 __all__ = ["Palette", "PaletteError", "lut_cache_dir"]
@@ -46,10 +46,6 @@ _FULL_BUILD_CELLS = _N_CELLS // 4  # one quantize call missing this many cells b
 _LUT_MAGIC = b"IGPTLUT\x01"  # format version 1
 _LUT_HEADER = 64  # magic (8), palette sha256 digest (32), k (8, little-endian), zeros (16)
 _LUT_SIZE = 1 << 24
-
-
-class PaletteError(IGPTError, ValueError):
-    """A palette file or array that cannot be used."""
 
 
 def lut_cache_dir():

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from igpt_fast.errors import IGPTError
+from igpt_fast.errors import ProgressError
 
 __all__ = ["ProgressError", "ENV", "DEFAULT_SECONDS", "interval", "duration", "rate", "fmt", "metric", "line",
            "Progress"]
@@ -30,10 +30,6 @@ ENV = "IGPT_FAST_PROGRESS_SECONDS"
 DEFAULT_SECONDS = 20.0
 COUNTS = ("step", "steps", "samples", "skipped_shards", "epoch")  # integers whatever their type
 UNITS = {"ms_per_step": "ms/step", "tok_per_s": "tok/s", "px_per_s": "px/s", "img_per_s": "img/s"}
-
-
-class ProgressError(IGPTError, ValueError):
-    """IGPT_FAST_PROGRESS_SECONDS is not a number of seconds >= 0."""
 
 
 def interval():

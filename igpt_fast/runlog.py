@@ -24,20 +24,12 @@ import socket
 import sys
 
 from igpt_fast.atomic import output_error, write_text
-from igpt_fast.errors import IGPTError, OutputError
+from igpt_fast.errors import IGPTError, OutputError, RunInUse, RunLogError
 
 __all__ = ["RunLogError", "RunInUse", "LOCK_NAME", "RunLock", "lock_run_folder", "read_log", "write_text_atomic",
            "truncate_log", "plot_losses"]
 
 LOCK_NAME = ".lock"
-
-
-class RunLogError(IGPTError, ValueError):
-    """A log.jsonl damaged before its last line."""
-
-
-class RunInUse(IGPTError, RuntimeError):
-    """The run folder is held by another running process (its RUN/.lock is locked)."""
 
 
 def _holder(info):

@@ -50,7 +50,7 @@ import numpy as np
 from webdataset import tariterators
 from webdataset.gopen import gopen
 
-from igpt_fast.errors import IGPTError
+from igpt_fast.errors import DataError
 
 __all__ = ["DataError", "SampleSpec", "ShardCheck", "read_shard", "decode_tokens", "count_samples", "fetch", "is_url",
            "local_path", "FETCH_ATTEMPTS", "FETCH_BACKOFF_S", "FETCH_TIMEOUT_S", "FETCH_DEADLINE_S", "META_MAX_BYTES"]
@@ -61,10 +61,6 @@ FETCH_TIMEOUT_S = 60.0  # http(s): connect and per-read socket timeout
 FETCH_DEADLINE_S = 600.0  # all tries of one remote shard (env IGPT_FAST_SHARD_DEADLINE_S)
 META_MAX_BYTES = 64 << 20  # a meta.json larger than this is refused
 _READ_BLOCK = 1 << 20
-
-
-class DataError(IGPTError, ValueError):
-    """A dataset that cannot be read as asked: missing meta.json, no shards, a corrupt shard."""
 
 
 def is_url(s):

@@ -30,7 +30,7 @@ import struct
 
 import numpy as np
 
-from igpt_fast.errors import IGPTError
+from igpt_fast.errors import TFCheckpointError
 
 __all__ = ["TFCheckpointError", "tf_checkpoint_prefix", "read_tf_index", "read_tf_tensor", "read_tf_checkpoint",
            "TABLE_MAGIC", "crc32c", "mask_crc"]
@@ -40,10 +40,6 @@ _FOOTER = 48
 _DTYPES = {1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8", 9: "int64", 10: "bool",
            14: "bfloat16", 17: "uint16", 19: "float16", 22: "uint32", 23: "uint64"}
 _STRING = 7
-
-
-class TFCheckpointError(IGPTError, ValueError):
-    """A path that is not a readable TensorFlow checkpoint, or one this reader does not support."""
 
 
 def _crc_table():

@@ -1,7 +1,7 @@
 """The shape of the package: no import cycles among igpt_fast's modules (every import counted, the lazy
-ones inside functions included, read with ast so nothing is imported), and meta.json read once per
-command (train, finetune, probe, sample run in-process through click's CliRunner with the one reader,
-data.read_meta, counting its calls)."""
+ones inside functions included, read with ast so nothing is imported), every IGPTError subclass defined
+in errors.py, and meta.json read once per command (train, finetune, probe, sample run in-process through
+click's CliRunner with the one reader, data.read_meta, counting its calls)."""
 import ast
 import os
 
@@ -66,6 +66,23 @@ def test_no_import_cycles():
             visit(m, [m])
     assert not cycles, cycles
     assert "igpt_fast.cli" not in graph["igpt_fast.demo"]
+
+
+def test_every_error_class_is_defined_in_errors_py():
+    """IGPTError's subclasses live in igpt_fast/errors.py (the modules that raise them re-export them)."""
+    known = module_files()
+    tree = ast.parse(open(known["igpt_fast.errors"]).read())
+    error_names = {node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
+    elsewhere = []
+    for module, path in sorted(known.items()):
+        if module == "igpt_fast.errors":
+            continue
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if isinstance(node, ast.ClassDef):
+                bases = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", None) for b in node.bases}
+                if bases & error_names:
+                    elsewhere.append(f"{module}.{node.name}")
+    assert not elsewhere, elsewhere
 
 
 def row_samples(n, rng):
