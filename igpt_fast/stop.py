@@ -20,6 +20,7 @@ N-step run whose checkpoints record N, so it resumes like any other.
 """
 import math
 import signal
+import statistics
 import threading
 import time
 from collections import deque
@@ -30,7 +31,7 @@ import torch.distributed as dist
 __all__ = ["StopOnSignal", "TimeBudget", "UNBOUNDED_STEPS"]
 
 # TimeBudget: steps left out of the timing (compile, autotune), steps timed before a plan, share of the
-# budget after which the plan happens even inside warmup, spare time in the plan, steps in the running mean
+# budget after which the plan happens even inside warmup, spare time in the plan, steps in the running median
 TIME_SKIP, TIME_MIN_TIMED, TIME_PLAN_FRACTION, TIME_MARGIN, TIME_WINDOW = 2, 5, 0.1, 0.97, 20
 UNBOUNDED_STEPS = 10**9  # --steps when --max-minutes alone bounds a run
 
@@ -77,7 +78,7 @@ class TimeBudget:
     of this process are timed (the first TIME_SKIP, which compile and autotune, left out). At the end of
     warmup, or once TIME_PLAN_FRACTION of the budget is spent if that comes first (never before
     TIME_MIN_TIMED timed steps), the loop writes a checkpoint, evaluates and plots once (`pause`, timing
-    each), and tcfg.steps becomes the steps that fit what is left at the measured cost per step (the mean
+    each), and tcfg.steps becomes the steps that fit what is left at the measured cost per step (the median
     of the latest timed steps, plus the evaluations and checkpoints of eval_every / ckpt_every amortised),
     less the final checkpoint, evaluation and plot, with TIME_MARGIN to spare; never more than the steps
     given, which are an upper bound. A warmup longer than a fifth of that is cut to a fifth. The plan is
@@ -91,7 +92,7 @@ class TimeBudget:
     --max-minutes again re-fits the remaining steps to its own budget (fewer, never more than the
     checkpoint's unless --steps says so).
 
-    Should the steps then run slower than planned (the mean of the latest TIME_WINDOW steps), N shrinks
+    Should the steps then run slower than planned (the median of the latest TIME_WINDOW steps), N shrinks
     to what still fits, checked after every step: the cosine ends a little early rather than the run
     late. N never grows. Under torchrun rank 0 decides and the ranks follow (one broadcast per step).
     """
@@ -109,8 +110,11 @@ class TimeBudget:
         return time.perf_counter() - self.started
 
     def _per_step(self, tcfg):
-        """Seconds one more step costs: the latest steps' mean, plus evaluations and checkpoints amortised."""
-        per_step = sum(self.step_s) / len(self.step_s)
+        """Seconds one more step costs: the latest steps' median (one stalled step -- a page fault, another
+        process on the machine, a data-loader hiccup -- must not cut the run short for good, since N never
+        grows), plus evaluations and checkpoints amortised. Steps slower than the median for longer are still
+        caught: each check fits the steps to the time actually left."""
+        per_step = statistics.median(self.step_s)
         if tcfg.eval_every:
             per_step += self.eval_s / tcfg.eval_every
         if tcfg.ckpt_every:

@@ -23,6 +23,7 @@ from igpt_fast.checkpoint import CheckpointError, load_checkpoint, model_from_ch
 from igpt_fast.data import DataMismatchError, check_data
 from igpt_fast.runlog import read_log
 from igpt_fast.train import Objective, TrainConfig, TrainingDiverged, configure_optimizer, lr_at, train
+from igpt_fast.stop import TIME_MIN_TIMED, TIME_SKIP
 
 ARCH = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
 
@@ -266,13 +267,15 @@ def test_max_minutes_ends_on_time_with_the_cosine_completed(data_dir, tmp_path):
     t0 = time.perf_counter()
     res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(run), *ARCH, "--max-minutes", str(budget_s / 60),
                                    "--batch-size", "4", "--lr", str(lr), "--min-lr", str(min_lr), "--warmup-steps", "10",
-                                   "--log-every", "5", "--eval-every", "0", "--eval-batches", "2", "--ckpt-every", "0"])
+                                   "--log-every", "5", "--eval-every", "0", "--eval-batches", "2", "--ckpt-every", "0",
+                                   "--spike-factor", "0"])  # thousands of steps at a high lr: no spike stop
     wall = time.perf_counter() - t0
     assert res.exit_code == 0, res.output
     assert budget_s / 2 < wall < budget_s + 3.0, (wall, res.output)
     rows = read_log(str(run / "log.jsonl"))
     plan = next(r for r in rows if "time_plan" in r)
-    assert plan["step"] == 10 and plan["time_plan"]["upper_bound"] == 10**9, plan  # planned at the end of warmup
+    # planned at the end of warmup (step 10), or earlier once 10% of the budget is spent (a slow machine)
+    assert TIME_MIN_TIMED + TIME_SKIP <= plan["step"] <= 10 and plan["time_plan"]["upper_bound"] == 10**9, plan
     ckpt = load_checkpoint(str(run / "ckpt.pt"), weights=False)
     steps = ckpt["train_config"]["steps"]
     assert ckpt["step"] == steps >= 30 and ckpt["train_config"]["max_minutes"] == 0.0, ckpt["train_config"]
