@@ -30,7 +30,9 @@ bias-free Linear(n_embd, n_classes)) exists when config.n_classes > 0; `Classifi
 for finetuning, so forward keeps nanoGPT's (logits, loss) contract.
 """
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -58,7 +60,7 @@ class GPTConfig:
     dropout: float = 0.0  # on embeddings and residual branches (the paper used none)
     n_classes: int = 0  # > 0: the model has the finetuning classification head
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.objective not in ("ar", "bert"):
             raise ValueError(f"objective must be 'ar' or 'bert', got {self.objective!r}")
         if self.n_embd % self.n_head:
@@ -67,12 +69,12 @@ class GPTConfig:
             raise ValueError(f"bert_mask_prob must be in (0, 1), got {self.bert_mask_prob}")
 
     @property
-    def n_ctx(self):
+    def n_ctx(self) -> int:
         return self.n_px * self.n_px
 
 
 # Sizes from the paper (table of section 4); "tiny" trains on two CPU cores in minutes (demo, tests).
-PRESETS = {
+PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(n_px=32, n_layer=4, n_head=4, n_embd=128),
     "igpt-s": dict(n_px=32, n_layer=24, n_head=8, n_embd=512),
     "igpt-m": dict(n_px=32, n_layer=36, n_head=8, n_embd=1024),
@@ -81,7 +83,7 @@ PRESETS = {
 }
 
 
-def _rms_norm(x2, weight, eps):
+def _rms_norm(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, rstd) of x2 (N, C): y = x2 * rstd * weight, rstd = 1 / sqrt(mean(x2^2, -1) + eps) (N, 1)."""
     # mean(x^2) as |x|^2 / C: one vectorised reduction instead of a square pass and a mean
     rstd = torch.linalg.vector_norm(x2, dim=-1, keepdim=True).square_().div_(x2.size(-1)).add_(eps).rsqrt_()
@@ -126,12 +128,12 @@ class RMSNorm(nn.Module):
     devices: F.rms_norm with the gain (one fused op where torch has one); lower precisions: the norm
     in float32, rounded to x's dtype, then the gain."""
 
-    def __init__(self, n_embd, eps=1e-5):
+    def __init__(self, n_embd: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(n_embd))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float32, torch.float64) and x.dtype == self.weight.dtype:
             if x.device.type != "cpu":
                 return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
@@ -151,25 +153,31 @@ class KVCache(nn.Module):
     position, so one compiled decode step serves every pixel; the eager decode slices the filled
     prefix instead."""
 
-    def __init__(self, batch_size, n_head, n_ctx, head_dim, device=None, dtype=None):
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    positions: torch.Tensor
+
+    def __init__(self, batch_size: int, n_head: int, n_ctx: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         shape = (batch_size, n_head, n_ctx, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("positions", torch.arange(n_ctx, device=device), persistent=False)
 
-    def update(self, input_pos, k, v):
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = k.size(0)
         k_out, v_out = self.k_cache[:B], self.v_cache[:B]  # (B, nh, n_ctx, hd)
         k_out[:, :, input_pos] = k
         v_out[:, :, input_pos] = v
         return k_out, v_out
 
-    def mask(self, pos):
+    def mask(self, pos: torch.Tensor) -> torch.Tensor:
         return (self.positions <= pos).view(1, 1, 1, -1)  # (1, 1, 1, n_ctx)
 
 
-def masked_attention(q, k_cache, v_cache, mask):
+def masked_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
     """One query per sequence q (B, nh, 1, hd) against the whole cache (B, nh, n_ctx, hd), positions
     outside mask (1, 1, 1, n_ctx) left out: every shape is static, so CUDA graphs can replay it."""
     return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
@@ -188,20 +196,21 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 @prefix_attention.register_fake
-def _(q, k_cache, v_cache, pos):
+def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return q.new_empty(q.shape)  # contiguous, as the real op returns
 
 
 class Attention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.impl = "auto"  # set by IGPT
-        self.kv_cache = None  # a KVCache while IGPT.setup_cache is in effect
+        self.kv_cache: KVCache | None = None  # a KVCache while IGPT.setup_cache is in effect
 
-    def forward(self, x, causal=True, input_pos=None, kv_len=None):
+    def forward(self, x: torch.Tensor, causal: bool = True, input_pos: torch.Tensor | None = None,
+                kv_len: int | None = None) -> torch.Tensor:
         """x (B, T, C). input_pos None: a plain forward. input_pos (T,): positions of x in the
         sequence; keys and values go through the KV cache. kv_len (int): the number of filled cache
         positions after this write (eager: a prefill at 0, where kv_len = T, or one token, attending
@@ -216,6 +225,7 @@ class Attention(nn.Module):
         if input_pos is None:
             y = attention(q, k, v, causal=causal, impl=self.impl)
         else:
+            assert self.kv_cache is not None, "IGPT.setup_cache first"  # IGPT._cached_step checks it
             k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, nh, n_ctx, hd)
             if kv_len is None and T == 1:  # static shapes (the compiled step)
                 if x.device.type == "cpu":
@@ -238,12 +248,12 @@ class MLP(nn.Module):
     The factors 1.702 and 1 / 1.702 go where they cost least: into c_fc's and c_proj's weights when
     there are more tokens than channels (training), onto the activations otherwise (decoding)."""
 
-    def __init__(self, config):
+    def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() >= x.size(-1) ** 2:  # tokens >= channels: scale the weights (4 C^2 elements)
             h = F.linear(x, self.c_fc.weight * QUICK_GELU)  # (B, T, 4C): 1.702 c_fc(x)
             return F.linear(F.silu(h), self.c_proj.weight * (1.0 / QUICK_GELU))
@@ -252,7 +262,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.ln_1 = RMSNorm(config.n_embd)
         self.attn = Attention(config)
@@ -260,7 +270,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, causal=True, input_pos=None, kv_len=None):
+    def forward(self, x: torch.Tensor, causal: bool = True, input_pos: torch.Tensor | None = None,
+                kv_len: int | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln_1(x), causal, input_pos, kv_len))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
@@ -270,7 +281,7 @@ class IGPT(nn.Module):
     grad_checkpoint (recompute each block in backward) say how to run it; they are not part of the
     config and never saved, so a model trained on a GPU with the Triton kernels runs on a CPU."""
 
-    def __init__(self, config, impl="auto", grad_checkpoint=False):
+    def __init__(self, config: GPTConfig, impl: str = "auto", grad_checkpoint: bool = False) -> None:
         super().__init__()
         self.config = config
         C = config.n_embd
@@ -278,7 +289,7 @@ class IGPT(nn.Module):
         self.wpe = nn.Embedding(config.n_ctx, C)
         self.sos = nn.Parameter(torch.zeros(C))
         self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])  # iterate through _blocks()
         self.ln_f = RMSNorm(C)
         self.lm_head = nn.Linear(C, config.n_vocab, bias=False)
         self.clf_head = nn.Linear(C, config.n_classes, bias=False) if config.n_classes > 0 else None
@@ -287,24 +298,28 @@ class IGPT(nn.Module):
         self.reset_parameters()
 
     @property
-    def impl(self):
+    def impl(self) -> str:
         return self._impl
 
     @impl.setter
-    def impl(self, impl):
+    def impl(self, impl: str) -> None:
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self._impl = impl
-        for block in self.h:
+        for block in self._blocks():
             block.attn.impl = impl
 
-    def reset_parameters(self):
+    def _blocks(self) -> Sequence[Block]:
+        """self.h with its item type (nn.ModuleList's items are typed as plain Modules)."""
+        return cast(Sequence[Block], self.h)
+
+    def reset_parameters(self) -> None:
         """The paper's init (official src/model.py): see the module docstring."""
         C, L = self.config.n_embd, self.config.n_layer
         nn.init.normal_(self.wte.weight, std=0.02)
         nn.init.normal_(self.wpe.weight, std=0.01)
         nn.init.normal_(self.sos, std=0.02)
-        for block in self.h:
+        for block in self._blocks():
             nn.init.normal_(block.attn.c_attn.weight, std=1.0 / math.sqrt(C))
             nn.init.normal_(block.attn.c_proj.weight, std=1.0 / math.sqrt(C * L))
             nn.init.normal_(block.mlp.c_fc.weight, std=0.02)
@@ -316,12 +331,12 @@ class IGPT(nn.Module):
         if self.clf_head is not None:
             nn.init.zeros_(self.clf_head.weight)
 
-    def num_params(self, non_embedding=True):
+    def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; non_embedding leaves out the position table (nanoGPT's convention)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
-    def _embed(self, idx, bert_mask=None):
+    def _embed(self, idx: torch.Tensor, bert_mask: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) raw tokens -> block input (B, T, C). AR: [sos, x_0 .. x_{T-2}] + positions.
         BERT: token embeddings zeroed where bert_mask is True, + positions."""
         B, T = idx.shape
@@ -335,22 +350,23 @@ class IGPT(nn.Module):
             tok = tok * (~bert_mask).unsqueeze(-1).to(tok.dtype)
         return self.drop(tok + self.wpe.weight[:T])
 
-    def trunk(self, idx, bert_mask=None):
+    def trunk(self, idx: torch.Tensor, bert_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Embedding, blocks, ln_f: idx (B, T) -> (B, T, C)."""
         x = self._embed(idx, bert_mask)
         causal = self.config.objective == "ar"
-        for block in self.h:
+        for block in self._blocks():
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, causal, use_reentrant=False)
             else:
                 x = block(x, causal)
         return self.ln_f(x)
 
-    def sample_bert_mask(self, idx):
+    def sample_bert_mask(self, idx: torch.Tensor) -> torch.Tensor:
         """A fresh (B, T) bool mask, True where a pixel is masked (p = bert_mask_prob each)."""
         return torch.rand(idx.shape, device=idx.device) < self.config.bert_mask_prob
 
-    def gen_loss(self, logits, targets, bert_mask=None):
+    def gen_loss(self, logits: torch.Tensor, targets: torch.Tensor,
+                 bert_mask: torch.Tensor | None = None) -> torch.Tensor:
         """L_GEN: mean next-pixel cross-entropy (AR), or for BERT the mean over each image's masked
         pixels, then over the batch (official src/model.py)."""
         V = logits.size(-1)
@@ -361,7 +377,8 @@ class IGPT(nn.Module):
         m = bert_mask.to(per_tok.dtype)
         return ((per_tok * m).sum(1) / m.sum(1).clamp(min=1.0)).mean()
 
-    def forward(self, idx, targets=None, bert_mask=None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                bert_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T <= n_ctx) raw tokens; targets (B, T) (usually idx itself) or None.
         Returns (logits (B, T, n_vocab), loss or None). BERT: when targets are given and bert_mask
         is None a fresh mask is drawn (from torch's global RNG); without targets nothing is masked
@@ -372,7 +389,7 @@ class IGPT(nn.Module):
         loss = None if targets is None else self.gen_loss(logits, targets, bert_mask)
         return logits, loss
 
-    def add_classifier(self, n_classes):
+    def add_classifier(self, n_classes: int) -> "IGPT":
         """Add (or replace) the zero-initialised classification head; updates config.n_classes."""
         p = self.lm_head.weight
         self.clf_head = nn.Linear(self.config.n_embd, n_classes, bias=False).to(device=p.device, dtype=p.dtype)
@@ -381,20 +398,21 @@ class IGPT(nn.Module):
         return self
 
     @torch.no_grad()
-    def features(self, idx):
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
         """Linear-probe features (paper section 3.3), one forward: (B, n_layer + 1, n_embd) where
         row l < n_layer is the mean over positions of block l's ln_1 output and the last row the
         mean of the ln_f output. Nothing is masked for BERT."""
         x = self._embed(idx)
         causal = self.config.objective == "ar"
         feats = []
-        for block in self.h:
+        for block in self._blocks():
             feats.append(block.ln_1(x).mean(dim=1))  # (B, C)
             x = block(x, causal)
         feats.append(self.ln_f(x).mean(dim=1))
         return torch.stack(feats, dim=1)  # (B, n_layer + 1, C)
 
-    def setup_cache(self, batch_size, device=None, dtype=None):
+    def setup_cache(self, batch_size: int, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> None:
         """Give every attention layer a KVCache for batch_size sequences of n_ctx tokens; caches of that
         batch size, device and dtype already in place are kept (their buffers, and so a compiled
         decode step's inputs, stay the same)."""
@@ -404,25 +422,25 @@ class IGPT(nn.Module):
         c = self.config
         device, dtype = torch.device(device or p.device), dtype or p.dtype
         shape = (batch_size, c.n_head, c.n_ctx, c.n_embd // c.n_head)
-        for block in self.h:
+        for block in self._blocks():
             old = block.attn.kv_cache
             if (old is None or old.k_cache.shape != shape or old.k_cache.dtype != dtype
                     or old.k_cache.device != device):
                 block.attn.kv_cache = KVCache(*shape, device=device, dtype=dtype)
 
-    def clear_cache(self):
-        for block in self.h:
+    def clear_cache(self) -> None:
+        for block in self._blocks():
             block.attn.kv_cache = None
 
-    def _cached_step(self, x, input_pos, kv_len=None):
-        if self.h[0].attn.kv_cache is None:
+    def _cached_step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        if self._blocks()[0].attn.kv_cache is None:
             raise RuntimeError("call model.setup_cache(batch_size) before prefill() / decode()")
-        for block in self.h:
+        for block in self._blocks():
             x = block(x, True, input_pos, kv_len)
         return self.lm_head(self.ln_f(x[:, -1]))  # (B, n_vocab)
 
     @torch.inference_mode()
-    def prefill(self, prefix):
+    def prefill(self, prefix: torch.Tensor) -> torch.Tensor:
         """Start generation. prefix (B, t) raw tokens x_0 .. x_{t-1}, 0 <= t < n_ctx (t = 0 for
         unconditional samples). Caches the inputs [sos, x_0 .. x_{t-1}] (positions 0 .. t) and
         returns the logits (B, n_vocab) for x_t."""
@@ -434,21 +452,22 @@ class IGPT(nn.Module):
         return self._cached_step(x, torch.arange(t + 1, device=prefix.device), t + 1)
 
     @torch.inference_mode()
-    def decode(self, tok, t):
+    def decode(self, tok: torch.Tensor, t: int) -> torch.Tensor:
         """Feed x_t (tok, shape (B,)), the token just chosen for pixel t, which is the input at
         position t + 1; returns the logits (B, n_vocab) for x_{t+1}. Valid for t + 1 < n_ctx, after
         prefill and the decode steps of the pixels before t. Attends to the t + 2 filled cache
         positions only (the fast eager step; `decode_static` is the one to compile)."""
         if not 0 <= t < self.config.n_ctx - 1:
             raise ValueError(f"decode(tok, t) needs 0 <= t < n_ctx - 1 = {self.config.n_ctx - 1}, got t = {t}")
-        if self.h[0].attn.kv_cache is None:
+        kv_cache = self._blocks()[0].attn.kv_cache
+        if kv_cache is None:
             raise RuntimeError("call model.setup_cache(batch_size) before prefill() / decode()")
-        input_pos = self.h[0].attn.kv_cache.positions[t + 1:t + 2]  # (1,)
+        input_pos = kv_cache.positions[t + 1:t + 2]  # (1,)
         x = self.wte(tok).unsqueeze(1) + self.wpe.weight[t + 1]  # (B, 1, C)
         return self._cached_step(x, input_pos, t + 2)
 
     @torch.no_grad()
-    def decode_static(self, tok, t):
+    def decode_static(self, tok: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """decode(tok, t) with t a 1-element int64 tensor on the model's device and every shape
         independent of t: on CUDA the query attends to the whole static cache through a mask
         (masked_attention), on the CPU to the filled prefix through the opaque prefix_attention op.
@@ -468,19 +487,21 @@ class Classifier(nn.Module):
     or None, clf_loss or None); the finetune objective is clf_loss + w gen_loss. DDP and
     torch.compile wrap this module, so gradients sync through its forward."""
 
-    def __init__(self, model):
+    def __init__(self, model: IGPT) -> None:
         super().__init__()
         if model.clf_head is None:
             raise ValueError("this model has no classification head: build it with GPTConfig(n_classes=K) "
                              "or call model.add_classifier(K)")
         self.model = model
 
-    def forward(self, idx, targets=None, labels=None, bert_mask=None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                bert_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         m = self.model
         if m.config.objective == "bert" and bert_mask is None and targets is not None:
             bert_mask = m.sample_bert_mask(idx)
         h = m.trunk(idx, bert_mask)  # (B, T, C)
         gen_loss = None if targets is None else m.gen_loss(m.lm_head(h), targets, bert_mask)
+        assert m.clf_head is not None  # checked in __init__
         clf_logits = m.clf_head(h.mean(dim=1))  # (B, n_classes)
         clf_loss = None if labels is None else cross_entropy(clf_logits, labels, impl="torch")
         return clf_logits, gen_loss, clf_loss

@@ -30,6 +30,7 @@ import os
 import warnings
 
 import numpy as np
+import numpy.typing as npt
 
 from .atomic import atomic_path
 from .errors import PaletteError
@@ -48,7 +49,7 @@ _LUT_HEADER = 64  # magic (8), palette sha256 digest (32), k (8, little-endian),
 _LUT_SIZE = 1 << 24
 
 
-def lut_cache_dir():
+def lut_cache_dir() -> str:
     """Folder of persisted lookup tables: $IGPT_FAST_CACHE_DIR, $XDG_CACHE_HOME/igpt-fast or ~/.cache/igpt-fast."""
     if os.environ.get("IGPT_FAST_CACHE_DIR"):
         return os.environ["IGPT_FAST_CACHE_DIR"]
@@ -56,12 +57,12 @@ def lut_cache_dir():
     return os.path.join(base, "igpt-fast")
 
 
-def _to_unit(colours):
+def _to_unit(colours: np.ndarray) -> npt.NDArray[np.float64]:
     """uint8 (..., 3) -> float64 in [-1, 1], the scaling of the paper and HF (x / 127.5 - 1)."""
     return colours.astype(np.float64) / 127.5 - 1.0
 
 
-def _pack(colours):
+def _pack(colours: np.ndarray) -> npt.NDArray[np.uint32]:
     """uint8 (..., 3) -> uint32 (...) keys r << 16 | g << 8 | b.
 
     Written byte by byte into little-endian words (b, g, r, 0): three strided copies, ~3x faster
@@ -74,7 +75,7 @@ def _pack(colours):
     return keys.reshape(colours.shape[:-1])
 
 
-def _unpack(keys):
+def _unpack(keys: np.ndarray) -> npt.NDArray[np.uint8]:
     """uint32 (N,) keys -> uint8 (N, 3)."""
     return np.stack([(keys >> 16) & 255, (keys >> 8) & 255, keys & 255], axis=-1).astype(np.uint8)
 
@@ -82,7 +83,7 @@ def _unpack(keys):
 class Palette:
     """k colour centres, float32 (k, 3) in [-1, 1]; token id i is centre i."""
 
-    def __init__(self, centers):
+    def __init__(self, centers: npt.ArrayLike) -> None:
         centers = np.asarray(centers)
         if centers.ndim != 2 or centers.shape[1] != 3 or centers.shape[0] < 1:
             raise PaletteError(f"palette must have shape (k, 3), got {centers.shape}")
@@ -101,33 +102,36 @@ class Palette:
         self.centers.setflags(write=False)
         self._c64 = centers.astype(np.float64)
         self._c64_far = np.vstack([self._c64, np.full((1, 3), 1e6)])  # (k + 1, 3): row k pads candidate lists
-        self._blocks = None  # (512, M) candidate ids of the 32x32x32 colour blocks, filled on first use
-        self._lut = None  # uint16 (2^24,) ids; while not _lut_complete, _UNSET where not filled yet
+        # (512, M) candidate ids of the 32x32x32 colour blocks, filled on first use
+        self._blocks: np.ndarray | None = None
+        # uint16 (2^24,) ids; while not _lut_complete, _UNSET where not filled yet
+        self._lut: npt.NDArray[np.uint16] | None = None
         self._lut_complete = False
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
         state["_lut"], state["_lut_complete"] = None, False  # 32 MiB; rebuilt or re-mapped where needed
         state["_blocks"] = None
         return state
 
     @property
-    def k(self):
+    def k(self) -> int:
         return self.centers.shape[0]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.k
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Palette(k={self.k}, sha256={self.sha256[:12]})"
 
     @property
-    def sha256(self):
+    def sha256(self) -> str:
         """Hex digest of the centres' little-endian float32 bytes (independent of the file header)."""
         return hashlib.sha256(self.centers.astype("<f4").tobytes()).hexdigest()
 
     @classmethod
-    def fit(cls, pixels, k=512, seed=0, niter=20, gpu=None, verbose=False):
+    def fit(cls, pixels: npt.ArrayLike, k: int = 512, seed: int = 0, niter: int = 20, gpu: bool | None = None,
+            verbose: bool = False) -> "Palette":
         """k-means palette of uint8 RGB pixels (N, 3) (or (..., 3)); deterministic for a seed.
 
         gpu=None uses a GPU when faiss was built with one and sees one.
@@ -153,6 +157,7 @@ class Palette:
         km = faiss.Kmeans(3, k, niter=niter, seed=seed, gpu=bool(gpu), verbose=verbose,
                           max_points_per_centroid=1 << 30, min_points_per_centroid=1)
         km.train(distinct, weights=counts.astype(np.float32))
+        assert km.centroids is not None  # set by train
         centers = np.clip(km.centroids.reshape(k, 3), -1.0, 1.0)
         unique = np.unique(centers, axis=0)
         if len(unique) < k:
@@ -161,14 +166,14 @@ class Palette:
         return cls(cls._sorted(unique))
 
     @staticmethod
-    def _sorted(centers):
+    def _sorted(centers: np.ndarray) -> np.ndarray:
         """Deterministic order: by luma (ITU-R 601), then R, G, B."""
         luma = centers @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         order = np.lexsort((centers[:, 2], centers[:, 1], centers[:, 0], luma))
         return centers[order]
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: str | os.PathLike[str]) -> "Palette":
         """Load a float (k, 3) .npy in [-1, 1] (OpenAI kmeans_centers.npy / HF clusters layout)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -186,12 +191,13 @@ class Palette:
         except PaletteError as e:
             raise PaletteError(f"{path}: {e}") from None
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write float32 (k, 3) .npy atomically (igpt_fast.atomic: OutputError when it cannot be written)."""
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, self.centers)
 
-    def _box_candidates(self, base, side, ids):
+    def _box_candidates(self, base: np.ndarray, side: int,
+                        ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The centres among `ids` that can be nearest to some colour of each box, in ascending id order.
 
         base: (n, 3) uint8 corners of boxes [base, base + side - 1]^3; ids: (n, M) ascending centre ids per
@@ -217,7 +223,7 @@ class Palette:
         out[np.arange(m)[None] >= counts[:, None]] = self.k
         return out, counts
 
-    def _cell_candidates(self, cells):
+    def _cell_candidates(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Candidate ids (n, m) and counts (n,) of 8x8x8 colour cells, narrowed from their 32x32x32 block's."""
         if self._blocks is None:  # the 512 blocks' lists, against all k centres, once per palette
             b = np.arange(512)
@@ -227,7 +233,7 @@ class Palette:
         block = ((coords[:, 0] >> 2) << 6) | ((coords[:, 1] >> 2) << 3) | (coords[:, 2] >> 2)
         return self._box_candidates(coords * _CELL, _CELL, self._blocks[block])
 
-    def _fill_cells(self, cells):
+    def _fill_cells(self, cells: npt.ArrayLike) -> None:
         """Fill the lookup table for whole colour cells (8x8x8 uint8 colours each), exactly.
 
         Only each cell's candidates (`_box_candidates`: a handful for a 512-colour palette) are scored,
@@ -257,9 +263,9 @@ class Palette:
                     best_j[closer] = j
                     np.minimum(best_d, d, out=best_d)
             best = np.take_along_axis(idx, best_j, axis=1)  # (r, 512)
-            self._lut[base_keys[rows][:, None] + _CELL_OFFSET_KEYS[None]] = best.astype(np.uint16)
+            self._ensure_lut()[base_keys[rows][:, None] + _CELL_OFFSET_KEYS[None]] = best.astype(np.uint16)
 
-    def build_lut(self, persist=True):
+    def build_lut(self, persist: bool = True) -> None:
         """Make the whole 2^24-colour lookup table ready: the persisted one, else computed (a few seconds
         for 512 colours) and, when `persist`, written to `lut_cache_dir()` for the next process."""
         if self._lut_complete:
@@ -274,26 +280,26 @@ class Palette:
         if persist:
             self._persist_lut()
 
-    def lut_path(self):
+    def lut_path(self) -> str:
         """Where this palette's complete lookup table is persisted (it may not exist yet)."""
         return os.path.join(lut_cache_dir(), f"lut-v1-{self.sha256}.bin")
 
-    def _lut_header(self):
+    def _lut_header(self) -> bytes:
         return _LUT_MAGIC + bytes.fromhex(self.sha256) + self.k.to_bytes(8, "little") + bytes(16)
 
-    def _persist_lut(self):
+    def _persist_lut(self) -> None:
         path = self.lut_path()
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 f.write(self._lut_header())
-                f.write(memoryview(np.ascontiguousarray(self._lut, dtype="<u2")))
+                f.write(np.ascontiguousarray(self._lut, dtype="<u2").data)
         except OSError as e:  # OutputError included: the table is only a cache
             warnings.warn(f"could not persist the palette's lookup table to {path} ({e}); set "
                           "IGPT_FAST_CACHE_DIR to a writable folder to skip rebuilding it in every process",
                           stacklevel=3)
 
-    def _map_persisted_lut(self):
+    def _map_persisted_lut(self) -> bool:
         """Memory-map this palette's persisted table if one exists and checks out; True when mapped."""
         path = self.lut_path()
         try:
@@ -316,18 +322,20 @@ class Palette:
         self._lut, self._lut_complete = lut, True
         return True
 
-    def _ensure_lut(self):
+    def _ensure_lut(self) -> npt.NDArray[np.uint16]:
+        """The lookup table: the persisted one mapped, else an unfilled one, on first use."""
         if self._lut is None and not self._map_persisted_lut():
             self._lut = np.full(_LUT_SIZE, _UNSET, dtype=np.uint16)
+        assert self._lut is not None  # _map_persisted_lut sets it when it returns True
+        return self._lut
 
-    def quantize(self, images):
+    def quantize(self, images: npt.ArrayLike) -> npt.NDArray[np.uint16]:
         """uint8 (..., 3) RGB -> uint16 (...) ids of the nearest centre."""
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim < 1 or images.shape[-1] != 3:
             raise PaletteError(f"quantize needs uint8 RGB of shape (..., 3), got {images.dtype} {images.shape}")
-        self._ensure_lut()
         keys = _pack(images)
-        ids = np.take(self._lut, keys)
+        ids = np.take(self._ensure_lut(), keys)
         if self._lut_complete:
             return ids
         miss = ids == _UNSET  # colours of cells not filled yet (k <= 65535, so never a real id)
@@ -341,14 +349,14 @@ class Palette:
             else:
                 for s in range(0, len(new), 4096):
                     self._fill_cells(new[s:s + 4096])
-            ids[miss] = self._lut[missing]
+            ids[miss] = self._ensure_lut()[missing]  # build_lut may have mapped a new table
         return ids
 
-    def colours(self):
+    def colours(self) -> npt.NDArray[np.uint8]:
         """uint8 (k, 3): each centre as an RGB colour, rint(127.5 * (c + 1))."""
         return np.clip(np.rint(127.5 * (self.centers.astype(np.float64) + 1.0)), 0, 255).astype(np.uint8)
 
-    def dequantize(self, ids, n_px):
+    def dequantize(self, ids: npt.ArrayLike, n_px: int) -> npt.NDArray[np.uint8]:
         """ids (B, n_px * n_px) or (B, n_px, n_px) -> uint8 images (B, n_px, n_px, 3)."""
         ids = np.asarray(ids)
         if ids.size % (n_px * n_px):
@@ -357,7 +365,7 @@ class Palette:
             raise PaletteError(f"ids must lie in [0, {self.k}), found [{ids.min()}, {ids.max()}]")
         return self.colours()[ids.astype(np.int64)].reshape(-1, n_px, n_px, 3)
 
-    def save_swatch(self, path, cell=24, columns=None):
+    def save_swatch(self, path: str | os.PathLike[str], cell: int = 24, columns: int | None = None) -> None:
         """A labelled PNG of the palette: a title band ("palette: k = 512") over a near-square grid of
         cells in id order, each cell filled with its colour and carrying its id (black or white, whichever
         reads on it). columns: cells per row (default: a power of two for a power-of-two k, 512 -> 32 x
@@ -371,7 +379,7 @@ class Palette:
         rows = -(-k // columns)
         band, title = 18, f"palette: k = {k}"  # title band height in pixels, its text
         draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), ImageFont.load_default()
-        cell = max(cell, -(-(draw.textbbox((0, 0), title, font=font)[2] + 6) // columns))  # the title fits
+        cell = max(cell, -(-(int(draw.textbbox((0, 0), title, font=font)[2]) + 6) // columns))  # the title fits
         colours = self.colours()
         grid = np.full((rows * columns, 3), 255, dtype=np.uint8)
         grid[:k] = colours
