@@ -52,6 +52,7 @@ import re
 import shutil
 import zipfile
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
@@ -59,9 +60,16 @@ from igpt_fast.errors import ConversionError
 from igpt_fast.filekind import HF_WEIGHT_FILES, describe_file
 from igpt_fast.model import GPTConfig, IGPT
 
+if TYPE_CHECKING:
+    import numpy as np
+
+    from igpt_fast.palette import Palette
+
 __all__ = ["from_hf_imagegpt", "from_openai_imagegpt", "to_hf_imagegpt", "read_hf_palette", "read_openai_palette",
            "load_hf_state_dict", "resolve_source", "source_format", "describe_file", "ConversionError"]
 
+# What from_hf_imagegpt reads: a folder, weights file or hub id; a state dict; a transformers ImageGPT model.
+HFSource = Union[str, "os.PathLike[str]", Mapping[str, torch.Tensor], torch.nn.Module]
 _LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
@@ -76,7 +84,7 @@ def _hub_download_command(repo_id):
     return f"hf download {repo_id}" if "hf" in scripts else f"huggingface-cli download {repo_id}"
 
 
-def resolve_source(source):
+def resolve_source(source: str | os.PathLike[str]) -> str:
     """A local path for a conversion source: an existing path as it is, a TF checkpoint prefix
     (PREFIX.index exists) as it is, or a Hugging Face hub id ("openai/imagegpt-small") as its snapshot
     folder in the local HF cache. ConversionError, one line, otherwise: for a hub id not in the cache, the
@@ -112,7 +120,7 @@ _TF_SKIP = re.compile(r"(^|/)(Adam|Adam_1|adam_m|adam_v|Momentum|ExponentialMovi
                       r"beta2_power)$")
 
 
-def read_openai_palette(source):
+def read_openai_palette(source: str | os.PathLike[str]) -> "np.ndarray | None":
     """The (k, 3) float32 kmeans_centers.npy beside an OpenAI checkpoint (its folder), or None."""
     from igpt_fast.palette import Palette
 
@@ -121,7 +129,7 @@ def read_openai_palette(source):
     return Palette.load(path).centers if os.path.isfile(path) else None
 
 
-def from_openai_imagegpt(source, n_head=None):
+def from_openai_imagegpt(source: str | os.PathLike[str], n_head: int | None = None) -> IGPT:
     """Build an IGPT (fp32, eval mode) from an OpenAI image-gpt TensorFlow checkpoint: a folder holding
     one, its .index file, a data shard or its prefix (model.ckpt-1000000). Variable layout: see the
     module docstring. The head count comes from the q_proj shape (n_head, if given, must agree)."""
@@ -155,9 +163,12 @@ def from_openai_imagegpt(source, n_head=None):
             raise ConversionError(f"n_head={n_head} disagrees with the checkpoint (model/h0/attn/q_proj has "
                                   f"{q0.shape[0]} heads)")
         n_head = q0.shape[0]
+    ln_f = tf.get("ln_f/g")
+    if ln_f is None:
+        raise ConversionError(f"{prefix}: model/ln_f/g is missing")
     sos = tf.get("sos")
     sd = {"wte.weight": torch.cat([tf["wte"], (sos if sos is not None else torch.zeros(C))[None]]),  # (n_vocab + 1, C)
-          "wpe.weight": tf["wpe"], "ln_f.weight": tf.get("ln_f/g")}
+          "wpe.weight": tf["wpe"], "ln_f.weight": ln_f}
     if "wtet" in tf:
         sd["lm_head.weight"] = tf["wtet"]
     if "clf/wclf" in tf:
@@ -176,8 +187,6 @@ def from_openai_imagegpt(source, n_head=None):
         raise ConversionError(f"{prefix}: model/{e.args[0]} is missing") from None
     except RuntimeError as e:  # a reshape that does not fit n_embd
         raise ConversionError(f"{prefix}: a layer's weights do not fit n_embd {C}: {str(e)[:200]}") from None
-    if sd["ln_f.weight"] is None:
-        raise ConversionError(f"{prefix}: model/ln_f/g is missing")
     model = from_hf_imagegpt(sd, n_head=n_head)
     if sos is None:  # trained with the BERT objective: no sos, no causal mask
         bert = IGPT(replace(model.config, objective="bert"))
@@ -219,12 +228,13 @@ def _load_weights_file(path):
         raise ConversionError(f"{path} is truncated or not a weights file: {first}") from None
 
 
-def load_hf_state_dict(source):
+def load_hf_state_dict(source: HFSource) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(state dict, HF config dict or None) from a directory, a weights file, a state dict or a model."""
     if isinstance(source, Mapping):
         return dict(source), None
-    if hasattr(source, "state_dict") and hasattr(source, "config"):
-        return source.state_dict(), source.config.to_dict()
+    if isinstance(source, torch.nn.Module):  # a transformers ImageGPT model
+        hf_config: Any = source.config
+        return source.state_dict(), hf_config.to_dict()
     path = resolve_source(source)
     if os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")
@@ -244,7 +254,7 @@ def load_hf_state_dict(source):
     return _load_weights_file(path), None
 
 
-def read_hf_palette(directory):
+def read_hf_palette(directory: str | os.PathLike[str]) -> "np.ndarray | None":
     """The (k, 3) float32 colour clusters of an HF snapshot's preprocessor_config.json, or None."""
     import numpy as np
 
@@ -270,7 +280,7 @@ def _check_hf_config(hf_config):
         raise ConversionError(f"HF config has layer_norm_epsilon={hf_config['layer_norm_epsilon']}; IGPT uses 1e-5")
 
 
-def from_hf_imagegpt(source, n_head=None):
+def from_hf_imagegpt(source: HFSource, n_head: int | None = None) -> IGPT:
     """Build an IGPT (fp32, eval mode) from an HF ImageGPT checkpoint; see the module docstring.
 
     n_head is required when source carries no config (a weights file or a state dict); when both
@@ -347,7 +357,7 @@ def from_hf_imagegpt(source, n_head=None):
     return model.eval()
 
 
-def source_format(path):
+def source_format(path: str | os.PathLike[str]) -> str:
     """"hf" for an HF ImageGPT folder or weights file, "openai" for an OpenAI TensorFlow checkpoint, "igpt"
     for an igpt-fast run folder or checkpoint; ConversionError, naming what path holds, for anything else.
     path must be local (resolve_source first). Lets the CLI tell a user which direction they meant."""
@@ -417,7 +427,9 @@ def _preprocessor_config(clusters, n_px):
             "size": {"height": n_px, "width": n_px}, "resample": 2}
 
 
-def to_hf_imagegpt(model, palette=None, out_dir=None, head="lm"):
+def to_hf_imagegpt(model: IGPT, palette: "Palette | np.ndarray | torch.Tensor | None" = None,
+                   out_dir: str | os.PathLike[str] | None = None,
+                   head: str = "lm") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """IGPT -> (HF state dict, HF config dict); with out_dir, also write the HF folder (see the
     module docstring) atomically: a temp folder beside out_dir, renamed into place.
 

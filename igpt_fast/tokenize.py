@@ -47,8 +47,11 @@ import sys
 import time
 import warnings
 from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 from .atomic import atomic_path, output_error, write_text
@@ -71,10 +74,15 @@ VERSION = 1
 CHUNK = 256  # items per worker task
 FULL_TABLE_PIXELS = 1 << 22  # a run quantizing this many pixels fills the palette's whole table first
 SKIPPED_LISTED = 1000  # skipped files listed per split in meta.json (all are counted: skipped_count)
+if TYPE_CHECKING:
+    from .palette import Palette
+
 _SHARD_NAME = re.compile(r"(?:train|val|test)-\d{6}\.tar")
 
 
-def tokenize_images(images, palette, n_px=32, resize="squash", workers=1):
+def tokenize_images(images: Sequence[Image.Image | np.ndarray] | np.ndarray,
+                    palette: "Palette | str | os.PathLike[str]", n_px: int = 32, resize: str = "squash",
+                    workers: int = 1) -> npt.NDArray[np.uint16]:
     """PIL images or uint8 arrays -> uint16 (B, n_ctx) token ids, raster order.
 
     `images`: a list of PIL images / arrays (H, W[, C]), or one array batch (B, H, W) (grey) or
@@ -98,7 +106,7 @@ def tokenize_images(images, palette, n_px=32, resize="squash", workers=1):
     return palette.quantize(batch).reshape(len(batch), n_px * n_px)
 
 
-def _as_palette(palette):
+def _as_palette(palette: "Palette | str | os.PathLike[str]") -> "Palette":
     from .palette import Palette
 
     return palette if isinstance(palette, Palette) else Palette.load(palette)
@@ -187,7 +195,9 @@ class _Decoder:
             self.pool.join()
 
 
-def sample_pixels(sources, n_px, resize="squash", max_pixels=1_000_000, seed=0, workers=1, progress=True):
+def sample_pixels(sources: Sequence[str | os.PathLike[str]], n_px: int, resize: str = "squash",
+                  max_pixels: int = 1_000_000, seed: int = 0, workers: int = 1,
+                  progress: bool = True) -> npt.NDArray[np.uint8]:
     """Random pixels of the train/val images of `sources`, resized like tokenize: uint8 (N, 3).
 
     Picks ceil(max_pixels / n_px^2) random images (test splits excluded), resizes them to n_px and
@@ -261,9 +271,9 @@ class _SplitWriter:
         self.out, self.split, self.shard_size = out, split, shard_size
         self.start_shard = start_shard
         self.state = state  # dict: last_pos, samples, skipped [(pos, entry)], converted, files, owned by the caller
-        self.writer = None
-        self.open_shard = None  # ExitStack of the open shard: its atomic_path and its file
-        self.digest = None
+        self.writer: Any = None  # a webdataset ShardWriter while a shard is open
+        self.open_shard: contextlib.ExitStack[Any] | None = None  # the open shard: its atomic_path and its file
+        self.digest: _Digest | None = None
         self.shards = start_shard
 
     def _open(self, fname):
@@ -278,6 +288,7 @@ class _SplitWriter:
         self.writer_shards_done += 1
         last = self.state["last_pos"]
         skipped = [e for p, e in self.state["skipped"] if p <= last]
+        assert self.digest is not None and self.open_shard is not None  # _open ran for this shard
         entry = self.digest.entry()
         self.state["files"][os.path.basename(fname)] = entry
         record = {"items_end": last + 1, "samples": self.state["samples"], "skipped": _capped(skipped),
@@ -478,13 +489,16 @@ class Tokenized(dict):
     """What `tokenize_dataset` returns: meta.json's content (a dict), plus what this call did:
     `tokenized` images in `elapsed_s` seconds, `already_complete` when DIR was complete beforehand."""
 
-    def __init__(self, meta, tokenized=0, elapsed_s=0.0, already_complete=False):
+    def __init__(self, meta: dict[str, Any], tokenized: int = 0, elapsed_s: float = 0.0,
+                 already_complete: bool = False) -> None:
         super().__init__(meta)
         self.tokenized, self.elapsed_s, self.already_complete = tokenized, elapsed_s, already_complete
 
 
-def tokenize_dataset(sources, palette, out, n_px=32, resize="squash", val_fraction=0.0, workers=1,
-                     shard_size=5000, seed=0, progress=True, restart=False):
+def tokenize_dataset(sources: Sequence[str | os.PathLike[str]], palette: "Palette | str | os.PathLike[str]",
+                     out: str, n_px: int = 32, resize: str = "squash", val_fraction: float = 0.0, workers: int = 1,
+                     shard_size: int = 5000, seed: int = 0, progress: bool = True,
+                     restart: bool = False) -> Tokenized:
     """Tokenize `sources` into WebDataset shards in `out` (see the module docstring) -> Tokenized (meta).
 
     Resumable: rerunning with the same arguments after an interruption completes the same output, unless
@@ -541,7 +555,9 @@ def tokenize_dataset(sources, palette, out, n_px=32, resize="squash", val_fracti
     decoder = _Decoder(listings, n_px, resize, workers)
     bar = Progress(remaining, f"tokenize {next(iter(plans), '')}", unit="images", enabled=progress and remaining > 0)
     t0 = time.perf_counter()
-    split_meta, converted, writer = {}, Counter(), None
+    split_meta: dict[str, dict[str, Any]] = {}
+    converted: Counter[str] = Counter()
+    writer: _SplitWriter | None = None
     try:
         for split, (start_shard, record, files) in plans.items():
             items = splits[split]
