@@ -59,12 +59,20 @@ import shutil
 import warnings
 import zipfile
 from dataclasses import asdict, fields
+from typing import IO, TYPE_CHECKING, Any, Union, cast
 
 import torch
 
 from igpt_fast.atomic import atomic_path, fsync_dir, output_error
 from igpt_fast.errors import CheckpointError
 from igpt_fast.filekind import describe_file
+
+if TYPE_CHECKING:
+    from igpt_fast.model import IGPT
+    from igpt_fast.palette import Palette
+
+# A checkpoint as the loaders take it: a run folder, a ckpt.pt-style file or a DCP folder
+CheckpointPath = Union[str, "os.PathLike[str]"]
 
 __all__ = ["CKPT_NAME", "PREV_NAME", "DCP_NAME", "DCP_PREV_NAME", "FORMAT_VERSION", "CheckpointError",
            "is_sharded", "latest_checkpoint", "resolve_checkpoint", "save_checkpoint", "save_sharded_checkpoint",
@@ -342,7 +350,7 @@ def save_checkpoint(path, state, keep_previous=False):
         with open(tmp, "wb") as f:
             out = _RecordingFile(f)
             try:
-                torch.save(state, out)
+                torch.save(state, cast(IO[bytes], out))  # torch.save uses its write, flush and fileno
             except RuntimeError:
                 if out.error is not None:
                     raise out.error from None
@@ -480,7 +488,7 @@ def _read_metadata(path):
     entries, storage = getattr(metadata, "state_dict_metadata", None), getattr(metadata, "storage_data", None)
     if not isinstance(entries, dict) or not isinstance(storage, dict):
         raise CheckpointError(f"{where} is not the metadata of a DCP checkpoint")
-    needed = {}
+    needed: dict[str, int] = {}
     for info in storage.values():
         rel, end = getattr(info, "relative_path", None), getattr(info, "offset", 0) + getattr(info, "length", 0)
         if not isinstance(rel, str) or os.path.basename(rel) != rel:
@@ -552,7 +560,8 @@ def _check_loadable(path, err=None):
                               f"file ({first[:200]})")
 
 
-def load_checkpoint(run, map_location="cpu", weights=True):
+def load_checkpoint(run: CheckpointPath, map_location: str | torch.device = "cpu",
+                    weights: bool = True) -> dict[str, Any]:
     """The checkpoint dict of a run folder, file (weights_only=True) or DCP folder; CheckpointError, one
     line, for a file that is not an igpt-fast checkpoint, is truncated, or comes from a newer igpt-fast.
     A DCP folder gives the full model tensors (weights=False: none) and no optimizer (sharded optimizer
@@ -600,7 +609,7 @@ def load_sharded_state(path, model, optimizer):
 
     _read_metadata(path)  # on every rank: a bad folder is the same one-line error everywhere
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
+    state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_ONE_PROCESS_NOTE)  # a single process without a group: intended
         dcp.load(state, storage_reader=_safe_reader_class()(path))
@@ -618,7 +627,7 @@ def load_full_optimizer_state(model, optimizer, saved):
     if len(names) != len(numbers):
         raise CheckpointError(f"the saved optimizer holds {len(numbers)} parameters, the model {len(names)}")
     by_number = dict(zip(numbers, names))
-    by_name = {"state": {by_number[i]: s for i, s in saved["state"].items()},
+    by_name: dict[str, Any] = {"state": {by_number[i]: s for i, s in saved["state"].items()},
                "param_groups": [{**g, "params": [by_number[i] for i in g["params"]]} for g in saved["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
@@ -658,7 +667,8 @@ def model_state(model, palette, step=0, **training):
     return {"model": model.state_dict(), **run_info(model.config, palette, step, **training)}
 
 
-def model_from_checkpoint(ckpt, impl="auto", grad_checkpoint=False):
+def model_from_checkpoint(ckpt: dict[str, Any] | CheckpointPath, impl: str = "auto",
+                          grad_checkpoint: bool = False) -> "IGPT":
     """The IGPT a checkpoint (dict, run folder, file or DCP folder) describes, built from its own config,
     with the run-time choices given here. A missing, unexpected or misshapen key, or a tensor holding NaN
     or inf, raises CheckpointError naming it."""
@@ -691,14 +701,14 @@ def model_from_checkpoint(ckpt, impl="auto", grad_checkpoint=False):
     return model
 
 
-def palette_from_checkpoint(ckpt):
+def palette_from_checkpoint(ckpt: dict[str, Any]) -> "Palette | None":
     """The Palette stored in a checkpoint dict, or None."""
     from igpt_fast.palette import Palette
 
     return Palette(ckpt["palette"].numpy()) if ckpt.get("palette") is not None else None
 
 
-def export_checkpoint(run, out):
+def export_checkpoint(run: CheckpointPath, out: str | os.PathLike[str]) -> dict[str, Any]:
     """Write the latest checkpoint of RUN (run folder, ckpt.pt or DCP folder) as one file at `out` that
     loads without torch.distributed: the model's full weights, config, palette, step, samples seen and
     training config (no optimizer or RNG state: resume training from the run itself). Returns the
@@ -716,7 +726,9 @@ def export_checkpoint(run, out):
     return ckpt
 
 
-def load_run(run_dir, device="cpu", impl="auto", data_dir=None, meta=None):
+def load_run(run_dir: CheckpointPath, device: str | torch.device = "cpu", impl: str = "auto",
+             data_dir: str | os.PathLike[str] | None = None, meta: dict[str, Any] | None = None,
+             ) -> tuple["IGPT", "Palette | None", str, dict[str, Any] | None]:
     """What probe and sample start from: a run folder or checkpoint -> (IGPT in eval mode on device, Palette
     or None, checkpoint path, meta.json of data_dir or None). The model comes from the checkpoint's own
     config; impl is how to run it; with data_dir, its meta.json (`meta` when the caller read it) is

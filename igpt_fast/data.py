@@ -50,7 +50,8 @@ import glob
 import json
 import os
 import sys
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import numpy as np
 import torch
@@ -61,12 +62,18 @@ from igpt_fast.errors import DataError, DataMismatchError
 from igpt_fast.shard import (SampleSpec, ShardCheck, count_samples, decode_tokens, fetch, is_url,
                              local_path, read_shard)
 
+if TYPE_CHECKING:
+    from igpt_fast.model import GPTConfig
+    from igpt_fast.palette import Palette
+
 __all__ = ["DataError", "DataMismatchError", "META_VERSION", "read_meta", "check_data", "load_data_palette",
            "shard_urls", "train_loader", "eval_loader", "decode_tokens", "read_shard", "SampleSpec", "ShardCheck",
            "verify_data", "ON_BAD_SHARD"]
 
 META_VERSION = 1
 ON_BAD_SHARD = ("error", "skip")
+# meta= of the readers: meta.json's dict (read_meta's), its path, or None (found from `data`)
+MetaArg = Union[dict[str, Any], str, "os.PathLike[str]", None]
 
 
 def _meta_location(data, meta):
@@ -81,7 +88,7 @@ def _meta_location(data, meta):
     return first.rsplit("/", 1)[0] + "/meta.json" if "/" in first else "meta.json"
 
 
-def read_meta(data, meta=None):
+def read_meta(data: str | os.PathLike[str], meta: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """meta.json of a tokenized dataset: a directory, a shard spec (meta.json beside it) or meta=PATH."""
     where = _meta_location(data, meta)
     path = local_path(where)
@@ -101,7 +108,8 @@ def read_meta(data, meta=None):
         raise DataError(f"{where} is not JSON: {e}") from None
 
 
-def check_data(meta, model_config, palette_sha256=None, data_dir="DATA_DIR"):
+def check_data(meta: dict[str, Any], model_config: "GPTConfig", palette_sha256: str | None = None,
+               data_dir: str | os.PathLike[str] = "DATA_DIR") -> None:
     """Raise DataMismatchError, naming the fix, when the data's meta.json does not fit the model
     (n_px, n_ctx, n_vocab) or a checkpoint's palette (palette_sha256)."""
     c = model_config
@@ -121,7 +129,7 @@ def check_data(meta, model_config, palette_sha256=None, data_dir="DATA_DIR"):
                                 "palette (`igpt-fast tokenize --palette ...`)")
 
 
-def load_data_palette(data_dir, meta):
+def load_data_palette(data_dir: str | os.PathLike[str], meta: dict[str, Any]) -> "Palette":
     """The Palette in data_dir/palette.npy, checked against meta.json's sha256."""
     from igpt_fast.palette import Palette
 
@@ -135,7 +143,7 @@ def load_data_palette(data_dir, meta):
     return palette
 
 
-def shard_urls(data, split="train"):
+def shard_urls(data: str | os.PathLike[str], split: str = "train") -> list[str]:
     """Sorted shard list of a split: DIR/{split}-*.tar for a directory, else the expanded spec."""
     data = os.fspath(data)
     if os.path.isdir(data):
@@ -278,13 +286,14 @@ class TrainLoader(DataLoader):
     on_bad_shard="skip"; `skipped_shards`: their number. on_skip(url, reason, n) is called once per
     bad shard (default: a warning line on stderr)."""
 
-    def __init__(self, stream, num_workers=0, on_skip=None):
+    def __init__(self, stream: "TrainStream", num_workers: int = 0,
+                 on_skip: Callable[[str, str, int], None] | None = None) -> None:
         super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
-        self.skipped = {}
+        self.skipped: dict[str, str] = {}
         self.on_skip = on_skip or _warn_skipped(stream.rank, stream.world_size)
 
     @property
-    def skipped_shards(self):
+    def skipped_shards(self) -> int:
         return len(self.skipped)
 
     def __iter__(self):  # the DataLoader iterator is made now: it draws from torch's RNG (resume order)
@@ -349,8 +358,10 @@ def _split_shards(data, split, meta):
     return urls, listed == len(urls)
 
 
-def train_loader(data, batch_size, split="train", seed=0, rank=0, world_size=1, num_workers=0,
-                 start_step=0, mix=4, meta=None, on_bad_shard="error", on_skip=None):
+def train_loader(data: str | os.PathLike[str], batch_size: int, split: str = "train", seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, start_step: int = 0, mix: int = 4, meta: MetaArg = None,
+                 on_bad_shard: str = "error",
+                 on_skip: Callable[[str, str, int], None] | None = None) -> "TrainLoader":
     """Endless TrainLoader of (tokens int64 (B, n_ctx), labels int64 (B,), -1 when unknown).
 
     The batch of step t depends only on (seed, rank, t, world_size, num_workers); start_step=s yields
@@ -366,7 +377,8 @@ def train_loader(data, batch_size, split="train", seed=0, rank=0, world_size=1, 
     return TrainLoader(stream, num_workers, on_skip)
 
 
-def eval_loader(data, split, batch_size, rank=0, world_size=1, num_workers=0, meta=None):
+def eval_loader(data: str | os.PathLike[str], split: str, batch_size: int, rank: int = 0, world_size: int = 1,
+                num_workers: int = 0, meta: MetaArg = None) -> "EvalLoader | list[tuple[torch.Tensor, torch.Tensor]]":
     """Finite EvalLoader over a split: every sample exactly once across ranks and workers.
 
     Shard i goes to rank i mod world_size, then to that rank's workers in turn. With fewer shards than
@@ -397,7 +409,7 @@ class SplitReport(NamedTuple):
     unchecked: int  # shards meta.json lists no sha256 for
 
 
-def verify_data(data, meta=None):
+def verify_data(data: str | os.PathLike[str], meta: MetaArg = None) -> list[SplitReport]:
     """Read every shard of every split of a tokenized folder once (structure, samples, size and sha256
     against meta.json) -> [SplitReport]; nothing is raised for a bad shard."""
     meta = meta if isinstance(meta, dict) else read_meta(data, meta)

@@ -45,6 +45,7 @@ import urllib.error
 import urllib.request
 import zlib
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 from webdataset import tariterators
@@ -63,11 +64,11 @@ META_MAX_BYTES = 64 << 20  # a meta.json larger than this is refused
 _READ_BLOCK = 1 << 20
 
 
-def is_url(s):
+def is_url(s: str) -> bool:
     return "://" in s or s.startswith("pipe:")
 
 
-def local_path(url):
+def local_path(url: str) -> str | None:
     """The file path of a local shard (a path or a file:// URL); None for a remote one."""
     if url.startswith("file://"):
         return url[len("file://"):]
@@ -80,7 +81,8 @@ class _Deadline(Exception):
 
 def _read_bounded(read, url, max_bytes, deadline, what):
     """Blocks of read(n) up to EOF: DataError past max_bytes, _Deadline past the deadline (monotonic)."""
-    blocks, n = [], 0
+    blocks: list[bytes] = []
+    n = 0
     while True:
         if time.monotonic() > deadline:
             raise _Deadline(n)
@@ -115,7 +117,8 @@ def _describe(e):
     return text if text.startswith(name) else f"{name}: {text}"
 
 
-def fetch(url, max_bytes=META_MAX_BYTES, deadline_s=None, what=None):
+def fetch(url: str, max_bytes: int = META_MAX_BYTES, deadline_s: float | None = None,
+          what: str | None = None) -> bytes:
     """The bytes at a remote URL (at most max_bytes, all tries within deadline_s): FETCH_ATTEMPTS tries
     with exponential backoff, each from the start; DataError naming the URL and the last error."""
     deadline_s = _deadline_s() if deadline_s is None else deadline_s
@@ -172,7 +175,7 @@ class SampleSpec:
     n_classes: int | None = None
 
     @classmethod
-    def from_meta(cls, meta):
+    def from_meta(cls, meta: dict[str, Any]) -> "SampleSpec":
         return cls(meta["n_ctx"], meta.get("n_vocab"), len(meta["class_names"]) if meta.get("class_names") else None)
 
 
@@ -186,7 +189,7 @@ class ShardCheck:
     files: dict = field(default_factory=dict)
 
     @classmethod
-    def from_meta(cls, meta):
+    def from_meta(cls, meta: dict[str, Any]) -> "ShardCheck":
         splits = meta.get("splits") or {}
         files = {name: entry for s in splits.values() for name, entry in (s.get("files") or {}).items()}
         per_shard = max((-(-s["samples"] // s["shards"]) for s in splits.values()
@@ -194,7 +197,7 @@ class ShardCheck:
         default = max(2 * per_shard * (2 * meta.get("n_ctx", 4096) + 4096), 16 << 20)
         return cls(_env_number("IGPT_FAST_SHARD_MAX_BYTES", int, default), _deadline_s(), files)
 
-    def expect(self, url):
+    def expect(self, url: str) -> tuple[int, str, str | None]:
         """(max bytes, what that bound is in words, sha256 or None) of the shard at url."""
         entry = self.files.get(url.rstrip("/").rsplit("/", 1)[-1]) or {}
         if entry.get("bytes") is not None:
@@ -205,7 +208,7 @@ class ShardCheck:
 _NPY_HEADER_LENGTH = {1: "<H", 2: "<I", 3: "<I"}  # .npy format version -> header length field
 
 
-def decode_tokens(data):
+def decode_tokens(data: bytes) -> np.ndarray:
     """tokens.npy bytes -> the array they hold (a copy; never a pickle); DataError saying what is wrong.
 
     The .npy header is parsed here (ast.literal_eval of its dict, as numpy does) because np.load lets
@@ -220,7 +223,7 @@ def decode_tokens(data):
     try:
         header = ast.literal_eval(data[start:start + length].decode("utf8" if major == 3 else "latin1"))
         dtype, shape = np.dtype(header["descr"]), tuple(int(n) for n in header["shape"])
-        order = "F" if header["fortran_order"] else "C"
+        order: Literal["C", "F"] = "F" if header["fortran_order"] else "C"
     except (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError) as e:
         raise DataError(f"tokens.npy is damaged: its header {data[start:start + 80]!r} does not parse "
                         f"({type(e).__name__})") from None
@@ -265,7 +268,8 @@ def _check_sample(sample, url, spec):
 def _tar_samples(fileobj, url, data=None):
     """Raw samples ({"__key__", EXT: bytes} in stored order) of a plain tar; with data=None (headers
     only) the field values are None. DataError for a damaged or truncated tar."""
-    samples, seen = [], set()
+    samples: list[dict[str, Any]] = []
+    seen: set[str] = set()
     try:
         with tarfile.open(fileobj=fileobj, mode="r:") as tar:
             for member in tar:
@@ -326,7 +330,7 @@ def _shard_bytes(url, check):
         raise DataError(f"cannot read shard {url}: {e.strerror or e}") from None
 
 
-def read_shard(url, spec, check=None):
+def read_shard(url: str, spec: SampleSpec, check: ShardCheck | None = None) -> list[tuple[np.ndarray, int]]:
     """Every sample of one shard as (tokens uint16 (n_ctx,), label or -1), in stored order, validated
     whole against spec (a SampleSpec, e.g. SampleSpec.from_meta(meta)) and check (a ShardCheck, e.g.
     ShardCheck.from_meta(meta): the shard's size bound and sha256): a DataError names the shard (and
@@ -345,7 +349,7 @@ def read_shard(url, spec, check=None):
     return samples
 
 
-def count_samples(url, spec, check):
+def count_samples(url: str, spec: SampleSpec, check: ShardCheck) -> int:
     """Samples in a shard: from its tar headers for a local uncompressed tar, else by reading it."""
     path = local_path(url)
     if path is not None:
