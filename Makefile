@@ -59,6 +59,11 @@ test: $(STAMP)
 	@$(MAKE) --no-print-directory data FMNIST=$(FMNIST) || echo "note: the Fashion-MNIST tests will be skipped"
 	IGPT_FAST_FMNIST=$(FMNIST) $(PY) -m pytest -q tests
 
+# mypy over the public API's modules ([tool.mypy] in pyproject.toml: which files, how strict); ~15 s cold.
+.PHONY: typecheck
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
 # The suite against the newest releases of every dependency (no constraints; CPU torch still pinned,
 # since the newest torch wheel on PyPI is the multi-GB CUDA build). Optional: main is judged by `make test`.
 test-latest:
