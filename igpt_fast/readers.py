@@ -274,6 +274,31 @@ def _is_idx_images(name):
     return "idx3" in name.lower()
 
 
+def _idx_header(path):
+    """(ndim, first dim) of a uint8 IDX file (raw or .gz) from its header; None for any other file."""
+    try:
+        with _open_maybe_gz(path) as f:
+            head = f.read(8)
+    except (OSError, EOFError):
+        return None
+    if len(head) < 8 or head[:3] != b"\0\0\x08" or not head[3]:
+        return None
+    return head[3], struct.unpack(">I", head[4:8])[0]
+
+
+def _idx_labels_given(path, n):
+    """The error for an IDX labels file given as a source: how tokenize pairs labels with their images."""
+    name = os.path.basename(path)
+    images = os.path.join(os.path.dirname(path), name.replace("labels-idx1", "images-idx3")
+                          .replace("labels.idx1", "images.idx3"))
+    if images != path and os.path.exists(images):
+        return TokenizeError(f"{path} is the labels file ({n} labels) of {images}: pass only the images file, "
+                             "tokenize reads its labels from this file")
+    return TokenizeError(f"{path} is an IDX labels file ({n} labels), not images: tokenize reads the labels of "
+                         "X-images-idx3-ubyte[.gz] from X-labels-idx1-ubyte[.gz] beside it; name the pair so and "
+                         "pass only the images file (or their folder)")
+
+
 def _list_idx_file(lst, file):
     name = os.path.basename(file)
     split = "test" if name.lower().startswith(("t10k", "test")) else _split_of(name)
@@ -412,6 +437,11 @@ def _list_source(index, path):
     elif name.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
         raise TokenizeError(f"{path}: compressed tar archives are not supported; decompress it to a .tar "
                             "(or extract it) first")
+    elif (idx := _idx_header(path)) is not None and idx[0] == 1:
+        raise _idx_labels_given(path, idx[1])
+    elif idx is not None:  # IDX images under another name (unlabelled: no X-labels-idx1 name to pair with)
+        lst = Listing(index, path, "idx")
+        _list_idx_file(lst, path)
     else:
         raise TokenizeError(f"{path}: unknown format (expected an image folder, a CIFAR python folder, "
                             "an IDX file, a .tar WebDataset or an image file)")
