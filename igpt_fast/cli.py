@@ -3,7 +3,14 @@ the `bench` passthrough group in bench.py; both are added here).
 
 Heavy imports (torch, faiss, webdataset) happen inside each command so `igpt-fast --help` is instant;
 this module imports neither torch nor numpy. The options several verbs share (--impl, --resize,
---workers, --device, finite floats) are defined once, in options.py. The library's expected failures
+--workers, --device, finite floats) are defined once, in options.py.
+
+One vocabulary across verbs: raw images are the positional SRC... (palette, tokenize), a run being read
+is the positional RUN (probe, finetune, sample, export), token shards are always `--data DIR` (train,
+verify, probe, finetune, sample), what a verb writes is `--out`, worker processes are `--workers`, and
+every verb that runs a model takes `--device` and `--impl`. Spellings of the previous release
+(`train DATA_DIR`, `verify DATA_DIR`, `--num-workers`, `sample RUN --images a.png`) still work for
+one release, hidden from --help, each printing a one-line note. The library's expected failures
 (igpt_fast.errors.IGPTError: bad input, missing or incompatible artefacts) are caught once, by the
 group, and shown as one line; anything else keeps its traceback. Progress bars go to stderr; stdout
 carries results.
@@ -16,14 +23,18 @@ from . import __version__
 from .bench import bench
 from .demo import demo_cmd
 from .errors import IGPTError
-from .options import (NON_NEGATIVE, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, FiniteFloat, FloatList, OutputPath,
-                      device_option, impl_option, overwrite_option, resize_option, workers_option)
+from .options import (NON_NEGATIVE, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, FiniteFloat, FloatList, OutputPath, Verb,
+                      device_option, impl_option, loader_workers_option, note, overwrite_option, renamed_argument,
+                      renamed_option, resize_option, train_device_option, workers_option)
 
 
 class _Group(click.Group):
     """The igpt-fast group: an IGPTError from any verb becomes a one-line error (exit status 1); one with an
     exit_code (train.RunStopped: a run stopped by SIGTERM or Ctrl-C after saving) is its one line on
-    stderr, from the main process, and that exit status (143, 130)."""
+    stderr, from the main process, and that exit status (143, 130). Its verbs are options.Verb commands
+    (renamed spellings land in their new parameter)."""
+
+    command_class = Verb
 
     def invoke(self, ctx):
         try:
@@ -38,11 +49,115 @@ class _Group(click.Group):
 
 
 def _explicit(ctx, names):
-    """The parameters among names that the user gave on the command line (not defaults)."""
+    """The parameters among names that the user gave on the command line or in train's --config file (not
+    defaults)."""
     from click.core import ParameterSource
 
     return {n for n in names if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE,
-                                                                 ParameterSource.ENVIRONMENT)}
+                                                                 ParameterSource.ENVIRONMENT,
+                                                                 ParameterSource.DEFAULT_MAP)}
+
+
+def _need_data(data_dir, verb):
+    """--data is required (it is not click-required only because the old positional form may give it)."""
+    if data_dir is None:
+        raise click.UsageError(f"Missing option '--data': the token shards (from `igpt-fast tokenize`), e.g. "
+                               f"igpt-fast {verb} --data data/ ...")
+
+
+def _data_options(verb, help):
+    """--data DIR, and for one release the positional DATA_DIR it replaces (hidden, with a note)."""
+    path = click.Path(exists=True, file_okay=False)
+
+    def decorate(f):
+        f = click.option("--data", "data_dir", type=path, help=help + "  [required]")(f)
+        return renamed_argument("DATA_DIR", "data_dir", f"`igpt-fast {verb} DATA_DIR`",
+                                f"`igpt-fast {verb} --data DATA_DIR`", type=path)(f)
+
+    return decorate
+
+
+_tensorboard_option = click.option(
+    "--tensorboard", is_flag=True,
+    help="Also write log.jsonl's scalars as TensorBoard events into OUT/tb/ (needs the tensorboard package).")
+
+
+def _check_tensorboard(tensorboard):
+    """--tensorboard without the tensorboard package: one line naming it, before any work."""
+    if tensorboard:
+        from .train import tensorboard_writer_class
+
+        tensorboard_writer_class()
+
+
+# config.json (train.record) -> train's parameters: the model's flags, every TrainConfig field, the RunOptions
+# of how it ran. Not taken: n_px and n_vocab (the data's), device (this machine's), results (params, ...).
+_CONFIG_MODEL = ("n_layer", "n_head", "n_embd", "objective", "dropout")
+_CONFIG_OPTIONS = ("impl", "grad_checkpoint", "compile", "parallel", "tensorboard")
+_CONFIG_RENAMED = {"out_dir": "out", "num_workers": "workers"}
+
+
+def _read_config(path):
+    """A config file as a dict: JSON, or YAML (.yaml / .yml) when PyYAML is installed."""
+    import json
+
+    with open(path) as f:
+        text = f.read()
+    if path.lower().endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise click.ClickException(f"--config {path}: reading YAML needs the PyYAML package (pip install pyyaml); "
+                                       "or pass the run's config.json") from None
+        try:
+            cfg = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise click.ClickException(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    else:
+        try:
+            cfg = json.loads(text)
+        except ValueError as e:
+            raise click.ClickException(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or not isinstance(cfg.get("train"), dict):
+        raise click.ClickException(f"--config {path}: not a run's config (no 'model' and 'train' sections); pass the "
+                                   "config.json that `igpt-fast train` wrote into its run folder")
+    return cfg
+
+
+def _config_defaults(path):
+    """The defaults of train's parameters that the run config at `path` sets (see _CONFIG_*)."""
+    from dataclasses import fields
+
+    from .model import GPTConfig
+    from .train import TrainConfig
+
+    cfg = _read_config(path)
+    defaults = {}
+    fixed = {f.name: f.default for f in fields(GPTConfig) if f.name not in _CONFIG_MODEL}
+    for key, value in cfg["model"].items():
+        if key in _CONFIG_MODEL:
+            defaults[key] = value
+        elif key not in fixed:
+            raise click.ClickException(f"--config {path}: unknown model setting {key!r}")
+        elif key not in ("n_px", "n_vocab") and value != fixed[key]:
+            raise click.ClickException(f"--config {path}: model {key} {value!r} cannot be set on the command line "
+                                       f"(train uses {fixed[key]!r}); build that model with the library")
+    names = {f.name for f in fields(TrainConfig)}
+    for key, value in cfg["train"].items():
+        if key not in names:
+            raise click.ClickException(f"--config {path}: unknown train setting {key!r}")
+        defaults[_CONFIG_RENAMED.get(key, key)] = value
+    defaults.update({key: cfg[key] for key in _CONFIG_OPTIONS if key in cfg})
+    if cfg.get("parallel") == "fsdp" and cfg.get("mixed_precision") is not None:
+        defaults["mixed_precision"] = cfg["mixed_precision"]
+    return defaults
+
+
+def _load_config(ctx, param, value):
+    """--config (eager): the run config's settings become the defaults of the other parameters, so flags
+    given on the command line override them."""
+    if value is not None:
+        ctx.default_map = {**(ctx.default_map or {}), **_config_defaults(value)}
 
 
 def _pop(flags, *names):
@@ -107,7 +222,7 @@ def palette_cmd(src, out, k, n_px, resize, max_pixels, seed, workers):
                f"sha256 {palette.sha256[:12]} | swatch {swatch}")
 
 
-@cli.command("tokenize")
+@cli.command("tokenize", short_help="Quantize images (folders, CIFAR, IDX, tars) into token shards.")
 @click.argument("src", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--palette", "palette_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="palette.npy: float (k, 3) in [-1, 1] (from `igpt-fast palette` or OpenAI's kmeans_centers.npy).")
@@ -122,10 +237,13 @@ def palette_cmd(src, out, k, n_px, resize, max_pixels, seed, workers):
 @click.option("--restart", is_flag=True,
               help="Discard what an earlier tokenize left in DIR (other settings, a changed source) and start over.")
 def tokenize_cmd(src, palette_path, out, n_px, resize, val_fraction, workers, shard_size, seed, restart=False):
-    """Images in SRC... (image folders, CIFAR python folders, IDX files, .tar WebDatasets) -> token shards.
+    """Resize and quantize the images in SRC... into token shards with --palette.
 
-    Writes DIR/{split}-%06d.tar, DIR/palette.npy and DIR/meta.json. Interrupted runs resume: rerun the
-    same command (refused if the sources changed meanwhile: --restart starts over).
+    SRC: image folders (class = subfolder), CIFAR python folders, MNIST-family IDX image files (their
+    labels are read from the X-labels-idx1-ubyte[.gz] file beside X-images-idx3-ubyte[.gz]; pass only the
+    images file, or the folder of both) and .tar WebDatasets. Writes DIR/{split}-%06d.tar, DIR/palette.npy
+    and DIR/meta.json. Interrupted runs resume: rerun the same command (refused if the sources changed
+    meanwhile: --restart starts over).
     """
     import warnings
 
@@ -149,15 +267,16 @@ def tokenize_cmd(src, palette_path, out, n_px, resize, val_fraction, workers, sh
         click.echo(f"already complete {out} | {splits} | n_px {n_px}")
 
 
-@cli.command("verify")
-@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@cli.command("verify", short_help="Check every shard of --data DIR against its meta.json.")
+@_data_options("verify", "Token shards DIR to check (from `igpt-fast tokenize`).")
 def verify_cmd(data_dir):
-    """Read every shard of DATA_DIR once and check it against meta.json (structure, samples, size, sha256).
+    """Read every shard of --data DIR once and check it against meta.json (structure, samples, size, sha256).
 
     Prints one line per split and one per bad shard; exit status 1 when a shard is bad.
     """
     from .data import verify_data
 
+    _need_data(data_dir, "verify")
     reports = verify_data(data_dir)
     for r in reports:
         expected = "" if r.expected is None else f" of {r.expected}"
@@ -174,8 +293,13 @@ def verify_cmd(data_dir):
         raise click.ClickException(f"{n_bad} bad shard(s) or split(s) in {data_dir}; see above")
 
 
-@cli.command("train")
-@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@cli.command("train", short_help="Pretrain an Image GPT on the token shards in --data DIR.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), is_eager=True,
+              expose_value=False, callback=_load_config,
+              help="A run's RUN/config.json (or YAML of the same keys) to repeat: its data, out, model and training "
+                   "settings become the defaults; flags given on the command line override them. --device, "
+                   "--resume and --overwrite are never read from it.")
+@_data_options("train", "Token shards DIR (from `igpt-fast tokenize`).")
 @click.option("--out", required=True, type=OUTPUT_DIR, help="Run folder RUN (config, log, ckpt).")
 @click.option("--preset", type=click.Choice(["tiny", "igpt-s", "igpt-m", "igpt-l", "igpt-xl"]), default="tiny",
               show_default=True, help="Model size; n_vocab always comes from the data's palette.")
@@ -215,7 +339,10 @@ def verify_cmd(data_dir):
 @click.option("--eval-batches", type=click.IntRange(0), default=20, show_default=True, help="Per process; 0 = all.")
 @click.option("--ckpt-every", type=click.IntRange(0), default=500, show_default=True, help="0 = only at the end.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers.")
+@loader_workers_option
+@renamed_option("--num-workers", "workers", "--workers", type=click.IntRange(0))
+@train_device_option
+@_tensorboard_option
 @click.option("--on-bad-shard", type=click.Choice(["error", "skip"]), default="error", show_default=True,
               help="A corrupt or unreadable train shard stops the run (error) or is left out with a warning, "
                    "counted as skipped_shards in log.jsonl (skip). Evaluation always stops on one.")
@@ -224,14 +351,15 @@ def verify_cmd(data_dir):
               "given with it: training flags override the checkpoint's; architecture flags must match it.")
 @overwrite_option
 @click.pass_context
-def train_cmd(ctx, data_dir, out, preset, resume, overwrite, **flags):
-    """Pretrain an Image GPT on the token shards in DATA_DIR (from `igpt-fast tokenize`).
+def train_cmd(ctx, data_dir, out, preset, resume, overwrite, device, tensorboard, workers, **flags):
+    """Pretrain an Image GPT on the token shards in --data DIR (from `igpt-fast tokenize`).
 
     Under `torchrun --nproc_per_node=K` (or `--nnodes N` with a c10d rendezvous) the same command runs
     DDP, or FSDP2 with --parallel fsdp (then RUN/ckpt.dcp/, resumable on any number of processes;
     `igpt-fast export RUN --out model.pt` makes one file of it). Prints
     `step/steps | loss | lr | ms/step | tok/s | mfu | eta`; writes RUN/config.json, RUN/log.jsonl, RUN/ckpt.pt (and
-    ckpt.prev.pt), RUN/loss.png. A folder holding a checkpoint needs --resume auto or --overwrite.
+    ckpt.prev.pt), RUN/loss.png (and RUN/tb/ with --tensorboard). A folder holding a checkpoint needs
+    --resume auto or --overwrite. `--config RUN/config.json --out RUN2` repeats a run.
     """
     from .checkpoint import is_sharded
     from .data import read_meta
@@ -246,7 +374,10 @@ def train_cmd(ctx, data_dir, out, preset, resume, overwrite, **flags):
         raise click.UsageError("--resume and --overwrite contradict each other; pass one")
     if flags["mixed_precision"] is not None and flags["parallel"] != "fsdp":
         raise click.UsageError("--mixed-precision is for --parallel fsdp (DDP runs use bf16 autocast on CUDA)")
-    options = RunOptions(**_pop(flags, "impl", "grad_checkpoint", "compile", "parallel", "mixed_precision"))
+    _need_data(data_dir, "train")
+    _check_tensorboard(tensorboard)
+    options = RunOptions(**_pop(flags, "impl", "grad_checkpoint", "compile", "parallel", "mixed_precision"),
+                         device=None if device is None else str(device), tensorboard=tensorboard)
     meta = read_meta(data_dir)  # the one read of this command: passed down
     n_px = flags.pop("n_px")  # a hidden check: old command lines gave it, the data alone decides it
     if n_px is not None and n_px != meta["n_px"]:
@@ -259,6 +390,9 @@ def train_cmd(ctx, data_dir, out, preset, resume, overwrite, **flags):
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     explicit = _explicit(ctx, ["objective", "dropout", "n_layer", "n_head", "n_embd", *flags])
+    flags["num_workers"] = workers  # TrainConfig's name for --workers
+    if _explicit(ctx, ["workers"]):
+        explicit.add("num_workers")
     if "preset" in _explicit(ctx, ["preset"]):
         explicit |= set(PRESETS[preset]) - {"n_px"}
     if flags["max_minutes"] and "steps" not in explicit:
@@ -453,16 +587,20 @@ def probe_cmd(run_dir, data_dir, max_train, max_eval, batch_size, device, impl, 
 @click.option("--grad-clip", type=NON_NEGATIVE, default=1.0, show_default=True, help="0 disables clipping.")
 @click.option("--log-every", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@loader_workers_option
+@train_device_option
 @impl_option
+@_tensorboard_option
 @click.option("--resume", help="'auto' (OUT/ckpt.pt when present; a finished run is reported) or a checkpoint path.")
 @overwrite_option
 @click.pass_context
-def finetune_cmd(ctx, run_dir, data_dir, out, impl, resume, overwrite, **flags):
+def finetune_cmd(ctx, run_dir, data_dir, out, impl, resume, overwrite, device, tensorboard, workers, **flags):
     """Finetune the pretrained RUN (run folder or ckpt.pt) as a classifier on the shards in --data.
 
     Average-pooled ln_f output -> zero-initialised bias-free linear head; loss L_CLF + w L_GEN; early
     stopping on val accuracy. Writes OUT/best.pt (best model), OUT/ckpt.pt (latest state, for --resume),
-    OUT/log.jsonl, OUT/loss.png and OUT/finetune.json (val and test accuracy of the best model).
+    OUT/log.jsonl, OUT/loss.png (and OUT/tb/ with --tensorboard) and OUT/finetune.json (val and test
+    accuracy of the best model).
     """
     from .checkpoint import resolve_checkpoint
     from .finetune import BEST_NAME, FINETUNE_DIR, RESULT_NAME, FinetuneConfig, finetune, finetune_config
@@ -475,10 +613,13 @@ def finetune_cmd(ctx, run_dir, data_dir, out, impl, resume, overwrite, **flags):
         raise click.UsageError(f"--resume {resume}: no such checkpoint (use 'auto' or a ckpt.pt path)")
     out = out or os.path.join(os.path.dirname(ckpt_path), FINETUNE_DIR)  # paths print as the user wrote them
     finished = resume == "auto" and os.path.isfile(os.path.join(out, RESULT_NAME))
+    _check_tensorboard(tensorboard)
     fcfg = FinetuneConfig(**_pop(flags, "gen_weight", "patience", "max_eval", "n_classes"))
-    tcfg = finetune_config(data_dir, out, **flags)
+    explicit = _explicit(ctx, flags) | ({"num_workers"} if _explicit(ctx, ["workers"]) else set())
+    tcfg = finetune_config(data_dir, out, num_workers=workers, **flags)
+    options = RunOptions(impl=impl, device=None if device is None else str(device), tensorboard=tensorboard)
     try:
-        result = finetune(ckpt_path, tcfg, fcfg, RunOptions(impl=impl), resume, overwrite, _explicit(ctx, flags))
+        result = finetune(ckpt_path, tcfg, fcfg, options, resume, overwrite, explicit)
     finally:
         cleanup_distributed()
     if result is None:  # not the main process of a torchrun launch
@@ -492,11 +633,18 @@ def finetune_cmd(ctx, run_dir, data_dir, out, impl, resume, overwrite, **flags):
                f"of {result['steps_run']} | {os.path.join(out, BEST_NAME)} | {os.path.join(out, RESULT_NAME)}")
 
 
+def _images_flag(ctx, param, value):
+    """sample's --images flag of the previous release: image files after RUN are completed without it."""
+    if value:
+        note("--images is not needed and goes in the next release: image files after RUN are completed "
+             "(igpt-fast sample RUN a.png b.png)")
+    return value
+
+
 @cli.command("sample")
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True))
-@click.argument("image_files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
-@click.option("--images", "from_files", is_flag=True,
-              help="Complete the image files given after RUN (tokenized with the run's palette).")
+@click.argument("image_files", metavar="[IMAGE]...", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--images", "from_files", is_flag=True, hidden=True, callback=_images_flag)
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False),
               help="Complete the first --n-images images of a split of these shards.")
 @click.option("--split", default="test", show_default=True, help="Split of --data.")
@@ -521,10 +669,11 @@ def sample_cmd(run_dir, image_files, from_files, data_dir, split, n_images, rows
                impl, resize, scale, out, seed, **draw):
     """Sample images from RUN (a run folder or ckpt.pt) with the KV cache.
 
-    Unconditional by default (a grid of --n-samples); with --data DIR or `--images a.png b.png`,
-    completions of the first --rows rows: a grid original | masked input | --samples-per-image
-    completions. Writes the PNG grid and the token arrays (.npy, uint16) to --out. On CUDA the model
-    runs under bf16 autocast, as in training (draws stay fp32); elsewhere in fp32.
+    Unconditional by default (a grid of --n-samples); with --data DIR or image files (`sample RUN a.png
+    b.png`, tokenized with the run's palette), completions of the first --rows rows: a grid original |
+    masked input | --samples-per-image completions. Writes the PNG grid and the token arrays (.npy,
+    uint16) to --out. On CUDA the model runs under bf16 autocast, as in training (draws stay fp32);
+    elsewhere in fp32.
     """
     import time
 
@@ -535,7 +684,7 @@ def sample_cmd(run_dir, image_files, from_files, data_dir, split, n_images, rows
     from .sample import complete, completion_grid, load_originals, samples_grid, save_png, unconditional
 
     if from_files and not image_files:
-        raise click.UsageError("--images needs image files after RUN: igpt-fast sample RUN --images a.png b.png")
+        raise click.UsageError("--images needs image files after RUN: igpt-fast sample RUN a.png b.png")
     if image_files and data_dir:
         raise click.UsageError("complete either --data shards or image files, not both")
     model, palette, ckpt_path, meta = load_run(run_dir, device, impl, data_dir)

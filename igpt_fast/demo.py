@@ -13,7 +13,7 @@ import os
 
 import click
 
-from igpt_fast.options import OUTPUT_DIR, POSITIVE, workers_option
+from igpt_fast.options import OUTPUT_DIR, POSITIVE, Device, workers_option
 
 
 def _stage(i, text):
@@ -27,15 +27,18 @@ def _reuse(path, what):
     return False
 
 
-def run_demo(ctx, src, out, n_px, k, steps, batch_size, finetune_steps, finetune_lr, max_train, max_eval, workers):
+def run_demo(ctx, src, out, n_px, k, steps, batch_size, finetune_steps, finetune_lr, max_train, max_eval, workers,
+             device=None):
     """Run (or reuse) every stage into `out`, each by invoking its verb of the group `ctx` runs under;
-    returns the paths the summary reads."""
+    returns the paths the summary reads. device None: each verb's default."""
     from igpt_fast.checkpoint import load_checkpoint
 
     group = ctx.find_root()
 
     def invoke(verb, **params):
         ctx.invoke(group.command.get_command(group, verb), **params)
+
+    on = {} if device is None else {"device": device}  # the verbs that run a model
 
     os.makedirs(out, exist_ok=True)
     p = {"palette": os.path.join(out, "palette.npy"), "data": os.path.join(out, "data"), "run": os.path.join(out, "run")}
@@ -56,18 +59,18 @@ def run_demo(ctx, src, out, n_px, k, steps, batch_size, finetune_steps, finetune
     else:
         invoke("train", data_dir=p["data"], out=p["run"], preset="tiny", steps=steps, batch_size=batch_size,
                warmup_steps=max(1, steps // 10), eval_every=0, eval_batches=10, ckpt_every=50, log_every=10,
-               resume="auto")
+               resume="auto", **on)
     _stage(4, f"probe (every layer, {max_train} train images) -> {p['probe']}")
     if not _reuse(p["probe"], "the existing probe.json"):
-        invoke("probe", run_dir=p["run"], data_dir=p["data"], max_train=max_train, max_eval=max_eval)
+        invoke("probe", run_dir=p["run"], data_dir=p["data"], max_train=max_train, max_eval=max_eval, **on)
     _stage(5, f"finetune ({finetune_steps} steps) -> {p['finetune']}")
     invoke("finetune", run_dir=p["run"], data_dir=p["data"], steps=finetune_steps, lr=finetune_lr,
-           eval_every=max(1, finetune_steps // 2), eval_batches=10, max_eval=max_eval, resume="auto")
+           eval_every=max(1, finetune_steps // 2), eval_batches=10, max_eval=max_eval, resume="auto", **on)
     _stage(6, f"sample -> {p['samples']}")
     if not _reuse(p["completions"], "the existing completions"):
-        invoke("sample", run_dir=p["run"], data_dir=p["data"], n_images=8, samples_per_image=3)
+        invoke("sample", run_dir=p["run"], data_dir=p["data"], n_images=8, samples_per_image=3, **on)
     if not _reuse(p["unconditional"], "the existing samples"):
-        invoke("sample", run_dir=p["run"], n_samples=16)
+        invoke("sample", run_dir=p["run"], n_samples=16, **on)
     return p
 
 
@@ -117,6 +120,8 @@ def summary(p):
 @click.option("--max-eval", type=click.IntRange(1), default=1000, show_default=True,
               help="Val and test images the probe and the finetuned model are scored on.")
 @workers_option
+@click.option("--device", type=Device(), default=None,
+              help="cpu, cuda, cuda:1: where train, probe, finetune and sample run (default: cuda when present).")
 @click.pass_context
 def demo_cmd(ctx, src, out, **options):
     """Images to results on real data: palette -> tokenize -> train -> probe -> finetune -> sample, ending

@@ -11,11 +11,18 @@ a comma-separated list of them, a torch device checked against what the machine 
 path (`OUTPUT_DIR`, `OUTPUT_FILE`, `OutputPath`) checked before any work: a parent that is a file, a
 read-only place or a folder without write permission is a one-line usage error of the verb, not a
 traceback after minutes of work.
+
+Renamed spellings (`train DATA_DIR` -> `--data DATA_DIR`, `--num-workers` -> `--workers`) are kept
+for one release as hidden parameters (`renamed_option`, `renamed_argument`) of a `Verb`: the old
+spelling still works, prints one `note:` line on stderr naming the new one, and its value lands in
+the new parameter, given on the command line as far as the verb can tell; both spellings at once
+are a usage error.
 """
 import math
 import os
 
 import click
+from click.core import ParameterSource
 
 from igpt_fast.atomic import output_error
 
@@ -31,6 +38,9 @@ resize_option = click.option(
     help="squash = HF ImageGPT's bilinear resize; center-crop; pad (e.g. 28 -> 32, black border).")
 workers_option = click.option("--workers", type=click.IntRange(1), default=DEFAULT_WORKERS, show_default=True,
                               help="Decode/resize processes.")
+loader_workers_option = click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
+                                     help="DataLoader worker processes per training process (0 = read in the "
+                                          "training process).")
 overwrite_option = click.option("--overwrite", is_flag=True,
                                 help="Start a new run in a folder that already holds one (its checkpoints and log go).")
 
@@ -102,6 +112,63 @@ class Device(click.ParamType):
 
 device_option = click.option("--device", type=Device(), default="", show_default=False,
                              help="cuda, cuda:1, cpu (default: cuda when present).")
+train_device_option = click.option(
+    "--device", type=Device(), default=None,
+    help="cpu, cuda or cuda:1 (default: each process's own: cuda:LOCAL_RANK when present, else cpu). Under torchrun "
+         "and with --parallel fsdp only the default kind of device runs.")
+
+
+def note(text):
+    """One `note:` line on stderr, from the main process only (RANK unset or 0: torchrun starts every rank)."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"note: {text}", err=True)
+
+
+_RENAMED = "igpt_fast.renamed"
+
+
+def _renamed(dest, old, new):
+    """The callback of a parameter kept under its old spelling: a note, and the value set aside for Verb."""
+
+    def callback(ctx, param, value):
+        if value is None or ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+            return
+        note(f"{old} is deprecated and goes in the next release; use {new}")
+        ctx.meta.setdefault(_RENAMED, {})[dest] = (old, new, value)
+
+    return callback
+
+
+def renamed_option(old, dest, new, **kwargs):
+    """A hidden option spelled `old` whose value goes to the parameter `dest` (spelled `new` now)."""
+    return click.option(old, f"{dest}_renamed", hidden=True, expose_value=False,
+                        callback=_renamed(dest, old, new), **kwargs)
+
+
+class _HiddenArgument(click.Argument):
+    """A positional argument left out of the usage line (a spelling kept for one release)."""
+
+    def get_usage_pieces(self, ctx):
+        return []
+
+
+def renamed_argument(metavar, dest, old, new, **kwargs):
+    """An optional, hidden positional argument whose value goes to the parameter `dest` (an option now)."""
+    return click.argument(f"{dest}_renamed", metavar=metavar, cls=_HiddenArgument, required=False,
+                          expose_value=False, callback=_renamed(dest, old, new), **kwargs)
+
+
+class Verb(click.Command):
+    """A command whose renamed parameters (renamed_option, renamed_argument) land in their new parameter."""
+
+    def parse_args(self, ctx, args):
+        rest = super().parse_args(ctx, args)
+        for dest, (old, new, value) in ctx.meta.pop(_RENAMED, {}).items():
+            if ctx.get_parameter_source(dest) is ParameterSource.COMMANDLINE:
+                raise click.UsageError(f"{old} and {new} are the same setting; give {new} only", ctx)
+            ctx.params[dest] = value
+            ctx.set_parameter_source(dest, ParameterSource.COMMANDLINE)
+        return rest
 
 
 def output_problem(path):

@@ -69,7 +69,7 @@ from igpt_fast.stop import UNBOUNDED_STEPS, StopOnSignal, TimeBudget
 
 __all__ = ["TrainError", "TrainingDiverged", "RunStopped", "TrainConfig", "RunOptions", "Objective", "Run",
            "UNBOUNDED_STEPS", "configure_optimizer", "lr_at", "peak_flops", "flops_per_token", "start", "gen_loss",
-           "train_step", "save", "evaluate_gen_loss", "train"]
+           "train_step", "save", "evaluate_gen_loss", "train", "run_device", "tensorboard_writer_class"]
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 PARALLEL = ("ddp", "fsdp")
@@ -115,6 +115,8 @@ class RunOptions:
     compile: bool = False  # torch.compile the module the loss calls
     parallel: str = "ddp"  # under torchrun: "ddp" (DDP when world_size > 1) or "fsdp" (fully_shard, sharded ckpts)
     mixed_precision: bool | None = None  # fsdp: bf16 parameters, fp32 gradient reduction; None: on with CUDA
+    device: str | None = None  # "cpu", "cuda:1", ...; None: the process's own (setup_distributed), see run_device
+    tensorboard: bool = False  # the main process also writes log.jsonl's scalars as TensorBoard events to RUN/tb/
 
     def __post_init__(self):
         if self.parallel not in PARALLEL:
@@ -166,6 +168,7 @@ class Run:
     print_fn: object = print
     signal_received: int = 0  # SIGTERM or SIGINT as this process got it (stop.StopOnSignal), 0 before
     stop_signal: int = 0  # the signal every rank agreed to stop on after the current step (train_step), 0 if none
+    tb: object = None  # the main process's TensorBoard SummaryWriter (options.tensorboard), else None
 
     @property
     def master(self):
@@ -188,10 +191,14 @@ class Run:
             self.print_fn(msg)
 
     def log(self, row):
-        """Append one row to RUN/log.jsonl (main process)."""
+        """Append one row to RUN/log.jsonl (main process), and its numbers to RUN/tb/ with tensorboard."""
         if self.master:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.tb is not None:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self.tb.add_scalar(key, value, row["step"])
 
 
 def configure_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
@@ -238,6 +245,32 @@ def flops_per_token(model):
     return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.n_ctx
 
 
+def run_device(options, device):
+    """The device a run uses: options.device, else `device` (setup_distributed's: cuda:LOCAL_RANK or cpu). In a
+    process group (torchrun, fsdp) the backend was chosen for the default kind of device, so only that kind
+    runs there (its index is the local rank's)."""
+    if options.device is None:
+        return device
+    asked = torch.device(options.device)
+    if dist.is_initialized():
+        if asked.type != device.type or (asked.index is not None and asked != device):
+            raise TrainError(f"device {asked}: under torchrun or with fsdp every process runs on its own {device} "
+                             f"(the process group's backend is chosen for it); leave out --device, or hide the GPUs "
+                             "(CUDA_VISIBLE_DEVICES=) to train on CPU")
+        return device
+    return asked
+
+
+def tensorboard_writer_class():
+    """torch.utils.tensorboard's SummaryWriter, or a TrainError naming the missing package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError("TensorBoard logging (--tensorboard) needs the tensorboard package: pip install "
+                         "tensorboard") from None
+    return SummaryWriter
+
+
 def build(model_config, tcfg, options, ckpt=None, model=None, classifier=False, meta=None, print_fn=print):
     """A Run at step 0 on this process's device: the model (from a single-file checkpoint's weights, the
     given initial model, or fresh; a sharded checkpoint's weights come in `restore`), sharded with fsdp,
@@ -247,6 +280,7 @@ def build(model_config, tcfg, options, ckpt=None, model=None, classifier=False, 
 
     fsdp = options.parallel == "fsdp"
     rank, world_size, _, device = setup_distributed(group_of_one=fsdp)
+    device = run_device(options, device)
     torch.manual_seed(tcfg.seed + rank)
     random.seed(tcfg.seed + rank)
     if ckpt is not None and not is_sharded(ckpt["path"]):
@@ -280,7 +314,7 @@ def record(run, resumed_from=None, changed=()):
     if resumed_from is not None:
         truncate_log(run.log_path, run.step)
     resolved = {"model": asdict(run.model.config), "train": asdict(tcfg), "world_size": run.world_size,
-                "device": str(run.device), **asdict(run.options),
+                **asdict(run.options), "device": str(run.device),
                 "mixed_precision": bool(run.options.mixed_precision), "params": run.model.num_params(),
                 "flops_per_token": flops_per_token(run.model), "resumed_from": resumed_from, "start_step": run.step,
                 "changed_on_resume": list(changed), "palette_sha256": run.palette.sha256}
@@ -518,13 +552,19 @@ def train(model_config, tcfg, options=None, resume=None, overwrite=False, explic
     RunStopped after saving when SIGTERM or SIGINT stopped it."""
     started = time.perf_counter()  # the clock of max_minutes
     options, objective = options or RunOptions(), objective or Objective()
+    writer = tensorboard_writer_class() if options.tensorboard else None
     rank, world_size, _, _ = setup_distributed(group_of_one=options.parallel == "fsdp")
     lock = lock_run_folder(tcfg.out_dir, rank, world_size, print_fn)
+    run = None
     try:
         run = start(model_config, tcfg, options, resume, overwrite, explicit, model, meta, objective.classifier,
                     print_fn)
+        if writer is not None and run.master:  # a resumed run's events past its step are hidden (purge_step)
+            run.tb = writer(os.path.join(tcfg.out_dir, "tb"), purge_step=run.step or None, flush_secs=10)
         return _loop(run, objective, started)
     finally:
+        if run is not None and run.tb is not None:
+            run.tb.close()
         if lock is not None:
             lock.release()
 

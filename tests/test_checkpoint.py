@@ -159,8 +159,8 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
         return FullDisk(path, "w") if ".tmp" in os.fspath(path) and "w" in mode else open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint_module, "open", fake_open, raising=False)
-    res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(tmp_path / "run"), "--steps", "3", "--resume",
-                                   "auto"])
+    res = CliRunner().invoke(cli, ["train", "--data", data_dir, "--out", str(tmp_path / "run"), "--steps", "3",
+                                   "--resume", "auto"])
     errors = [line for line in res.output.splitlines() if line.startswith("Error")]
     assert res.exit_code == 1 and len(errors) == 1 and "Traceback" not in res.output, res.output
     assert errors[0].endswith("MiB free in " + str(tmp_path / "run") + ")"), errors

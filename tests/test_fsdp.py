@@ -45,8 +45,8 @@ def data_dir(tmp_path_factory):
 
 def train_command(launcher, data_dir, out, *flags):
     """`igpt-fast train` under torchrun with the launcher arguments given (e.g. --standalone ...)."""
-    return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "igpt_fast.cli", "train", str(data_dir),
-            "--out", str(out), *TRAIN, *map(str, flags)]
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "igpt_fast.cli", "train", "--data",
+            str(data_dir), "--out", str(out), *TRAIN, *map(str, flags)]
 
 
 def two_processes(data_dir, out, *flags):
@@ -129,7 +129,8 @@ def resumed(data_dir, runs, tmp_path_factory):
     nothing), and of a 1-process fsdp run's step-2 checkpoint, with ddp and with fsdp."""
     root = tmp_path_factory.mktemp("resumed")
     one = root / "one"
-    res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(one), *TRAIN, "--steps", "2", "--parallel", "fsdp"])
+    res = CliRunner().invoke(cli, ["train", "--data", data_dir, "--out", str(one), *TRAIN, "--steps", "2",
+                                   "--parallel", "fsdp"])
     assert res.exit_code == 0, res.output
     launch([two_processes(data_dir, root / "fsdp", "--parallel", "fsdp", "--grad-checkpoint",
                           "--resume", runs / "fsdp" / "ckpt.prev.dcp"),
@@ -188,8 +189,8 @@ def test_two_process_checkpoints_load_exactly_on_one_with_ddp_or_fsdp(data_dir, 
     prev = runs / "fsdp" / "ckpt.prev.dcp"
     results = {}
     for parallel in ("ddp", "fsdp"):
-        res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(tmp_path / parallel), *TRAIN, "--steps", "3",
-                                       "--parallel", parallel, "--resume", str(prev)])
+        res = CliRunner().invoke(cli, ["train", "--data", data_dir, "--out", str(tmp_path / parallel), *TRAIN,
+                                       "--steps", "3", "--parallel", parallel, "--resume", str(prev)])
         assert res.exit_code == 0, res.output
         assert "world size 2, this run 1" in res.output
         results[parallel] = losses(tmp_path / parallel)
@@ -254,7 +255,7 @@ def test_export_makes_one_file_that_loads_without_torch_distributed(runs, tmp_pa
 
 def test_single_process_fsdp_options_and_errors(data_dir, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(cli, ["train", data_dir, "--out", str(tmp_path / "bf16"), *TRAIN, "--steps", "2",
+    res = runner.invoke(cli, ["train", "--data", data_dir, "--out", str(tmp_path / "bf16"), *TRAIN, "--steps", "2",
                               "--parallel", "fsdp", "--mixed-precision", "--grad-checkpoint"])
     assert res.exit_code == 0, res.output  # bf16 parameters on CPU when asked
     cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
@@ -262,13 +263,13 @@ def test_single_process_fsdp_options_and_errors(data_dir, tmp_path):
     assert all(np.isfinite(list(losses(tmp_path / "bf16")[0].values())))
     (tmp_path / "bf16" / "ckpt.dcp.tmp").mkdir()  # what a save killed midway leaves: never read, then cleared
     (tmp_path / "bf16" / "ckpt.dcp.tmp" / "__0_0.distcp").write_bytes(b"half")
-    res = runner.invoke(cli, ["train", data_dir, "--out", str(tmp_path / "bf16"), *TRAIN, "--steps", "3",
+    res = runner.invoke(cli, ["train", "--data", data_dir, "--out", str(tmp_path / "bf16"), *TRAIN, "--steps", "3",
                               "--parallel", "fsdp", "--resume", "auto"])
     assert res.exit_code == 0, res.output
     assert sorted(n for n in os.listdir(tmp_path / "bf16") if n.startswith("ckpt")) == ["ckpt.dcp", "ckpt.prev.dcp"]
     assert load_checkpoint(tmp_path / "bf16" / "ckpt.prev.dcp")["step"] == 2
     assert load_checkpoint(tmp_path / "bf16")["step"] == 3
-    res = runner.invoke(cli, ["train", data_dir, "--out", str(tmp_path / "x"), *TRAIN, "--mixed-precision"])
+    res = runner.invoke(cli, ["train", "--data", data_dir, "--out", str(tmp_path / "x"), *TRAIN, "--mixed-precision"])
     assert res.exit_code == 2 and "--parallel fsdp" in res.output
     tcfg = TrainConfig(data_dir=data_dir, out_dir=str(tmp_path / "c"))
     with pytest.raises(TrainError, match="finetuning runs with DDP"):
@@ -297,8 +298,9 @@ def test_a_planted_metadata_pickle_is_refused_not_run(data_dir, runs, tmp_path):
     (run / "ckpt.dcp" / ".metadata").write_bytes(pickle.dumps(_Planted(marker)))
     verbs = [["probe", run, "--data", data_dir, "--max-iter", "2", "--no-pixels"], ["sample", run, "--n-samples", "1"],
              ["export", run, "--out", tmp_path / "model.pt"], ["convert", run, "--to", "hf", "--out", tmp_path / "hf"],
-             ["train", data_dir, "--out", run, *TRAIN, "--steps", "6", "--parallel", "fsdp", "--resume", "auto"],
-             ["train", data_dir, "--out", tmp_path / "other", *TRAIN, "--steps", "6", "--parallel", "fsdp",
+             ["train", "--data", data_dir, "--out", run, *TRAIN, "--steps", "6", "--parallel", "fsdp", "--resume",
+              "auto"],
+             ["train", "--data", data_dir, "--out", tmp_path / "other", *TRAIN, "--steps", "6", "--parallel", "fsdp",
               "--resume", run / "ckpt.dcp"]]
     for verb in verbs:
         res = CliRunner().invoke(cli, [str(a) for a in verb])
@@ -320,15 +322,15 @@ def test_missing_or_truncated_shards_are_one_line_errors(data_dir, runs, tmp_pat
             shard.write_bytes(shard.read_bytes()[:100])
         for verb in (["sample", run / "ckpt.dcp", "--n-samples", "1"],
                      ["export", run / "ckpt.dcp", "--out", run / "m.pt"],
-                     ["train", data_dir, "--out", tmp_path / f"{damage}2", *TRAIN, "--steps", "6", "--resume",
+                     ["train", "--data", data_dir, "--out", tmp_path / f"{damage}2", *TRAIN, "--steps", "6", "--resume",
                       run / "ckpt.dcp"]):
             res = CliRunner().invoke(cli, [str(a) for a in verb])
             cleanup_distributed()
             assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, (verb, res.output)
             assert f"__1_0.distcp is {damage}" in res.output, res.output
         # --resume auto falls back to the previous checkpoint, naming what it set aside
-        res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(run), *TRAIN, "--steps", "3", "--parallel",
-                                       "fsdp", "--resume", "auto"])
+        res = CliRunner().invoke(cli, ["train", "--data", data_dir, "--out", str(run), *TRAIN, "--steps", "3",
+                                       "--parallel", "fsdp", "--resume", "auto"])
         cleanup_distributed()
         assert res.exit_code == 0, res.output
         assert "ckpt.dcp set aside as ckpt.dcp.damaged" in res.output and "ckpt.prev.dcp (step 2)" in res.output
@@ -343,8 +345,8 @@ def test_killed_sharded_save_resumes_from_the_complete_temp_folder(data_dir, run
     shutil.rmtree(run / "ckpt.prev.dcp")
     os.replace(run / "ckpt.dcp", run / "ckpt.dcp.tmp")
     shutil.copytree(runs / "fsdp" / "ckpt.prev.dcp", run / "ckpt.prev.dcp")
-    res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(run), *TRAIN, "--steps", "5", "--parallel", "fsdp",
-                                   "--resume", "auto"])
+    res = CliRunner().invoke(cli, ["train", "--data", data_dir, "--out", str(run), *TRAIN, "--steps", "5",
+                                   "--parallel", "fsdp", "--resume", "auto"])
     cleanup_distributed()
     assert res.exit_code == 0, res.output
     assert "ckpt.dcp.tmp (step 4) is the newest complete checkpoint" in res.output

@@ -180,7 +180,7 @@ def assert_same_run(a, b):
 
 @pytest.mark.parametrize("parallel,ranks,steps,ckpt_every,kills", [("ddp", 1, 200, 5, 4), ("fsdp", 2, 120, 4, 3)])
 def test_random_kill_9_resumes_bitwise(data_dir, tmp_path, parallel, ranks, steps, ckpt_every, kills):
-    args = ["train", data_dir, *FLAGS, "--steps", steps, "--ckpt-every", ckpt_every, "--parallel", parallel]
+    args = ["train", "--data", data_dir, *FLAGS, "--steps", steps, "--ckpt-every", ckpt_every, "--parallel", parallel]
     ref = launch([*args, "--out", tmp_path / "ref"], ranks, tmp_path / "ref.txt")
     launches = kill_loop(args, str(tmp_path / "run"), ranks, steps, kills, seed=ranks, logs=tmp_path)
     for proc in ref:

@@ -51,7 +51,7 @@ def test_long_sequence_trains_with_grad_checkpoint(n_px, tmp_path, one_thread):
     assert meta["n_ctx"] == n_px * n_px and meta["splits"]["train"]["samples"] == 3
 
     run = tmp_path / "run"
-    res = runner.invoke(cli, ["train", str(tmp_path / "data"), "--out", str(run), "--n-px", str(n_px),
+    res = runner.invoke(cli, ["train", "--data", str(tmp_path / "data"), "--out", str(run), "--n-px", str(n_px),
                               "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "1",
                               "--steps", "3", "--lr", "1e-2", "--warmup-steps", "1", "--log-every", "1",
                               "--eval-every", "0", "--ckpt-every", "0", "--grad-checkpoint"])

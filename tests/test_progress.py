@@ -95,7 +95,8 @@ def run_piped(tmp_path, *args):
 
 
 def test_cli_train_lines_in_a_log_file(data_dir, tmp_path):
-    code, text = run_piped(tmp_path, "train", data_dir, "--out", tmp_path / "run", "--preset", "tiny", "--n-layer", 1,
+    code, text = run_piped(tmp_path, "train", "--data", data_dir, "--out", tmp_path / "run", "--preset", "tiny",
+                           "--n-layer", 1,
                            "--n-head", 2, "--n-embd", 16, "--steps", 6, "--batch-size", 4, "--log-every", 2,
                            "--eval-every", 0, "--eval-batches", 1)
     assert code == 0, text

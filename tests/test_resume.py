@@ -20,8 +20,8 @@ from shards import N_PX, N_VOCAB
 ARCH = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
 
 
-def run_cli(*args):
-    return CliRunner().invoke(cli, ["train", *map(str, args)])
+def run_cli(data_dir, *args):
+    return CliRunner().invoke(cli, ["train", "--data", str(data_dir), *map(str, args)])
 
 
 def base(data_dir, run, *extra):

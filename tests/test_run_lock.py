@@ -39,11 +39,13 @@ def wait_for_rows(run, proc, timeout=120):
 
 def test_second_train_into_a_held_folder_fails_naming_the_holder(data_dir, tmp_path):
     run = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "igpt_fast.cli", "train", data_dir, "--out", str(run), *LONG],
+    first = subprocess.Popen([sys.executable, "-m", "igpt_fast.cli", "train", "--data", data_dir, "--out", str(run),
+                              *LONG],
                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_rows(run, first)
-        res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(run), *ARCH, "--steps", "1", "--seed", "1"])
+        res = CliRunner().invoke(cli, ["train", "--data", data_dir, "--out", str(run), *ARCH, "--steps", "1",
+                                       "--seed", "1"])
         line = one_line_error(res)
         assert res.exit_code == 1
         assert f"pid {first.pid} on {socket.gethostname()}" in line and str(run) in line, line
@@ -133,7 +135,7 @@ def test_every_output_option_refuses_a_read_only_place(data_dir, tmp_path, monke
 def test_torchrun_workers_exit_when_their_launcher_is_killed(data_dir, tmp_path):
     run = tmp_path / "run"
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "-m", "igpt_fast.cli", "train", data_dir, "--out", str(run), *LONG],
+                                 "-m", "igpt_fast.cli", "train", "--data", data_dir, "--out", str(run), *LONG],
                                 env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     workers = []
     try:

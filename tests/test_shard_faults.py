@@ -276,7 +276,7 @@ def test_a_changed_shard_that_still_parses_fails_its_sha256(data):
     with pytest.raises(DataError, match=r"val-000002\.tar does not match meta.json"):
         list(eval_loader(data, "val", 8, num_workers=2))
 
-    res = CliRunner().invoke(cli, ["verify", str(data)])
+    res = CliRunner().invoke(cli, ["verify", "--data", str(data)])
     assert res.exit_code == 1
     lines = res.output.splitlines()
     assert lines[0] == "train: 6 shards, 50 of 60 samples | 1 bad"
@@ -286,7 +286,7 @@ def test_a_changed_shard_that_still_parses_fails_its_sha256(data):
 
     _drop_digests(data)
     assert len(_ids(eval_loader(data, "val", 8))) == 40
-    res = CliRunner().invoke(cli, ["verify", str(data)])
+    res = CliRunner().invoke(cli, ["verify", "--data", str(data)])
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[:2] == ["train: 6 shards, 60 of 60 samples | ok | 6 without sha256 in meta.json",
                                            "val: 4 shards, 40 of 40 samples | ok | 4 without sha256 in meta.json"]
@@ -294,11 +294,11 @@ def test_a_changed_shard_that_still_parses_fails_its_sha256(data):
 
 
 def test_verify_a_clean_folder_and_a_missing_shard(data):
-    res = CliRunner().invoke(cli, ["verify", str(data)])
+    res = CliRunner().invoke(cli, ["verify", "--data", str(data)])
     assert res.exit_code == 0 and res.output.splitlines() == ["train: 6 shards, 60 of 60 samples | ok",
                                                               "val: 4 shards, 40 of 40 samples | ok"]
     os.remove(data / "val-000003.tar")
-    res = CliRunner().invoke(cli, ["verify", str(data)])
+    res = CliRunner().invoke(cli, ["verify", "--data", str(data)])
     assert res.exit_code == 1 and "  bad val: meta.json lists 4 'val' shards but" in res.output
 
 
@@ -342,7 +342,7 @@ def test_pipe_failure_names_the_url(data, monkeypatch):
 
 def test_cli_train_skips_a_bad_shard_and_logs_the_count(data, tmp_path, one_thread):
     _fault("flipped token bytes", data / "train-000003.tar", "train00033")  # round 0 of seed 0 draws it
-    args = ["train", str(data), "--preset", "tiny", "--n-px", str(N_PX), "--n-layer", "1", "--n-head", "2",
+    args = ["train", "--data", str(data), "--preset", "tiny", "--n-px", str(N_PX), "--n-layer", "1", "--n-head", "2",
             "--n-embd", "16", "--steps", "6", "--batch-size", "4", "--log-every", "2", "--eval-every", "0",
             "--eval-batches", "0"]
     run = tmp_path / "run"

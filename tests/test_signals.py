@@ -27,7 +27,8 @@ def logged_steps(run):
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_saves_the_step_says_where_and_resumes(data_dir, tmp_path, signum, code):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "igpt_fast.cli", "train", data_dir, "--out", str(run), *LONG],
+    proc = subprocess.Popen([sys.executable, "-m", "igpt_fast.cli", "train", "--data", data_dir, "--out", str(run),
+                             *LONG],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_rows(run, proc)
@@ -44,7 +45,8 @@ def test_signal_saves_the_step_says_where_and_resumes(data_dir, tmp_path, signum
     assert signal.Signals(signum).name in lines[0] and "--resume auto" in lines[0]
     assert not (run / LOCK_NAME).exists()
 
-    res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(run), "--resume", "auto", "--steps", str(step + 2)])
+    res = CliRunner().invoke(cli, ["train", "--data", data_dir, "--out", str(run), "--resume", "auto", "--steps",
+                                   str(step + 2)])
     assert res.exit_code == 0, res.output
     assert json.loads((run / "config.json").read_text())["start_step"] == step
     assert logged_steps(run) == list(range(1, step + 3))
@@ -54,7 +56,7 @@ def test_signal_saves_the_step_says_where_and_resumes(data_dir, tmp_path, signum
 def test_torchrun_sigterm_stops_every_rank_after_the_same_step(data_dir, tmp_path):
     run = tmp_path / "run"
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "-m", "igpt_fast.cli", "train", data_dir, "--out", str(run), *LONG],
+                                 "-m", "igpt_fast.cli", "train", "--data", data_dir, "--out", str(run), *LONG],
                                 env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_rows(run, launcher, timeout=240)

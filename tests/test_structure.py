@@ -117,8 +117,8 @@ def meta_reads(monkeypatch):
 def test_each_command_reads_meta_json_once(dataset, tmp_path, meta_reads):
     run = str(tmp_path / "run")
     commands = {
-        "train": ["train", dataset, "--out", run, "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--steps", "2",
-                  "--batch-size", "4", "--eval-every", "0", "--eval-batches", "1"],
+        "train": ["train", "--data", dataset, "--out", run, "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                  "--steps", "2", "--batch-size", "4", "--eval-every", "0", "--eval-batches", "1"],
         "probe": ["probe", run, "--data", dataset, "--max-iter", "5", "--no-pixels"],
         "finetune": ["finetune", run, "--data", dataset, "--steps", "2", "--batch-size", "4", "--eval-every", "0",
                      "--eval-batches", "1", "--max-eval", "8"],

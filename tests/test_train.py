@@ -46,9 +46,9 @@ def losses(run):
 
 def test_cli_train_end_to_end(data_dir, tmp_path):
     run = tmp_path / "run"
-    res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(run), *ARCH, "--steps", "8", "--batch-size", "4",
-                                   "--lr", "1e-2", "--warmup-steps", "2", "--log-every", "1", "--eval-every", "4",
-                                   "--eval-batches", "0", "--ckpt-every", "4"])
+    res = CliRunner().invoke(cli, ["train", "--data", data_dir, "--out", str(run), *ARCH, "--steps", "8",
+                                   "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "2", "--log-every", "1",
+                                   "--eval-every", "4", "--eval-batches", "0", "--ckpt-every", "4"])
     assert res.exit_code == 0, res.output
     assert '"n_vocab": 16' in res.output  # the resolved config is printed first
     lines = [ln for ln in res.output.splitlines() if re.fullmatch(
@@ -168,12 +168,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, bad_s
 
 def test_data_model_mismatch_errors(data_dir, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(cli, ["train", data_dir, "--out", str(tmp_path / "r"), "--n-px", "28", "--steps", "1"])
+    res = runner.invoke(cli, ["train", "--data", data_dir, "--out", str(tmp_path / "r"), "--n-px", "28",
+                              "--steps", "1"])
     assert res.exit_code == 2 and "the image side is the data's, 4" in res.output  # a hidden check of old lines
     assert "--n-px" not in runner.invoke(cli, ["train", "--help"]).output
     res = runner.invoke(cli, ["train", str(tmp_path), "--out", str(tmp_path / "r"), *ARCH])
     assert res.exit_code == 1 and "meta.json not found" in res.output
-    res = runner.invoke(cli, ["train", data_dir, "--out", str(tmp_path / "r"), *ARCH, "--n-head", "3"])
+    res = runner.invoke(cli, ["train", "--data", data_dir, "--out", str(tmp_path / "r"), *ARCH, "--n-head", "3"])
     assert res.exit_code == 2 and "divisible" in res.output
     meta = json.load(open(os.path.join(data_dir, "meta.json")))
     with pytest.raises(DataMismatchError, match="16 colours but the model has n_vocab 512"):
@@ -208,7 +209,7 @@ def test_torchrun_two_processes_gloo(data_dir, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "igpt_fast.cli",
-           "train", data_dir, "--out", str(run), *ARCH, "--steps", "3", "--batch-size", "4", "--lr", "1e-2",
+           "train", "--data", data_dir, "--out", str(run), *ARCH, "--steps", "3", "--batch-size", "4", "--lr", "1e-2",
            "--warmup-steps", "2", "--log-every", "1", "--eval-every", "0", "--eval-batches", "0"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -253,7 +254,7 @@ def test_torchrun_two_processes_gloo(data_dir, tmp_path):
 def test_image_side_defaults_to_the_data(data_dir, tmp_path):
     """Without --n-px the model takes the data's image side, whatever the preset's paper size."""
     run = tmp_path / "run"
-    res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(run), "--n-layer", "1", "--n-head", "2",
+    res = CliRunner().invoke(cli, ["train", "--data", data_dir, "--out", str(run), "--n-layer", "1", "--n-head", "2",
                                    "--n-embd", "16", "--steps", "1", "--eval-every", "0", "--eval-batches", "1"])
     assert res.exit_code == 0, res.output
     assert json.loads((run / "config.json").read_text())["model"]["n_px"] == N_PX
@@ -265,9 +266,10 @@ def test_max_minutes_ends_on_time_with_the_cosine_completed(data_dir, tmp_path):
     its checkpoint records an ordinary N-step run (max_minutes 0), which a resume continues as is."""
     run, budget_s, lr, min_lr = tmp_path / "run", 20.0, 1e-2, 1e-4
     t0 = time.perf_counter()
-    res = CliRunner().invoke(cli, ["train", data_dir, "--out", str(run), *ARCH, "--max-minutes", str(budget_s / 60),
-                                   "--batch-size", "4", "--lr", str(lr), "--min-lr", str(min_lr), "--warmup-steps", "10",
-                                   "--log-every", "5", "--eval-every", "0", "--eval-batches", "2", "--ckpt-every", "0",
+    res = CliRunner().invoke(cli, ["train", "--data", data_dir, "--out", str(run), *ARCH,
+                                   "--max-minutes", str(budget_s / 60), "--batch-size", "4", "--lr", str(lr),
+                                   "--min-lr", str(min_lr), "--warmup-steps", "10", "--log-every", "5",
+                                   "--eval-every", "0", "--eval-batches", "2", "--ckpt-every", "0",
                                    "--spike-factor", "0"])  # thousands of steps at a high lr: no spike stop
     wall = time.perf_counter() - t0
     assert res.exit_code == 0, res.output
