@@ -13,19 +13,12 @@ A checkpoint is one `torch.save`d dict (`RUN/ckpt.pt`), loadable with `weights_o
     samples_seen, world_size, rng (one state per rank), train_config (TrainConfig as a dict),
     extra (free-form: e.g. the val accuracy of a finetuning best.pt).
 
-Sharded checkpoints (FSDP runs, `RUN/ckpt.dcp/`): a torch.distributed.checkpoint (DCP) folder in
-which every rank wrote its shard of {"model": ..., "optimizer": ...} (the FQN-keyed state dicts of
-torch.distributed.checkpoint.state_dict.get_state_dict), plus `info.json`, written by rank 0: every
-other entry above (the palette and RNG states as base64 tensors). DCP stores global tensor shapes,
-so the folder loads on any number of ranks, with FSDP or DDP (`load_sharded_state`), and without
-torch.distributed at all (`load_checkpoint`: the model's full tensors, no optimizer). `igpt-fast
-export` (`export_checkpoint`) turns either kind into one ckpt.pt-style file.
-
-DCP's own metadata (`.metadata`) is a pickle. It is read with a restricted unpickler that builds only
-the classes torch.distributed.checkpoint writes there (its metadata dataclasses, _StorageInfo,
-torch.Size, dtypes, layouts, paths): a planted pickle that names anything else is refused, never run.
-Before any tensor is read, every shard file the metadata names must exist and be long enough, so a
-missing or truncated shard is one CheckpointError line. ckpt.pt files load with weights_only=True.
+Sharded checkpoints (FSDP runs, `RUN/ckpt.dcp/`) are a torch.distributed.checkpoint (DCP) folder
+holding every rank's shard of the model and optimizer plus `info.json` (every other entry above). That
+format, and the restricted reader of DCP's pickled metadata, is igpt_fast.sharded; its public names
+are importable from here too. `load_checkpoint` reads either kind (a DCP folder: the model's full
+tensors, no optimizer) and `igpt-fast export` (`export_checkpoint`) turns either into one ckpt.pt-style
+file. ckpt.pt files load with weights_only=True.
 
 Replacing a checkpoint leaves no moment in which no complete checkpoint sits under a name a resume
 looks at (a kill -9 may land anywhere). A file is written to a temp name (atomic.atomic_path: fsynced,
@@ -48,10 +41,7 @@ Version 1 files (before the architecture/runtime split) saved `impl` and `grad_c
 model_config; they are dropped on load with a note, and a `scheduler` entry is ignored (the
 learning rate is a function of the step and the training config).
 """
-import base64
 import errno
-import functools
-import json
 import os
 import pickle
 import re
@@ -66,6 +56,8 @@ import torch
 from igpt_fast.atomic import atomic_path, fsync_dir, output_error
 from igpt_fast.errors import CheckpointError
 from igpt_fast.filekind import describe_file
+from igpt_fast.sharded import (first_os_error, is_sharded, load_full_optimizer_state, load_sharded_model,
+                               load_sharded_state, read_info, read_metadata, write_sharded_folder)
 
 if TYPE_CHECKING:
     from igpt_fast.model import IGPT
@@ -85,17 +77,10 @@ CKPT_NAME = "ckpt.pt"
 PREV_NAME = "ckpt.prev.pt"
 DCP_NAME = "ckpt.dcp"
 DCP_PREV_NAME = "ckpt.prev.dcp"
-INFO_NAME = "info.json"  # inside a DCP folder: everything but the model and optimizer tensors
 FORMAT_VERSION = 2
 _RUNTIME_KEYS = ("impl", "grad_checkpoint")  # version 1 kept these in model_config
 _PREVIOUS = {CKPT_NAME: PREV_NAME, DCP_NAME: DCP_PREV_NAME}  # a run's latest checkpoint -> the one before
 _PREVIOUS_KIND = {**{n: n for n in _PREVIOUS}, **{p: n for n, p in _PREVIOUS.items()}}  # any of the four -> its kind
-_ONE_PROCESS_NOTE = "torch.distributed is disabled, unavailable or uninitialized"  # DCP's warning, start
-
-
-def is_sharded(path):
-    """True for a torch.distributed.checkpoint folder (it holds .metadata)."""
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
 
 
 def _sharded_twin(name):
@@ -129,8 +114,8 @@ def _verified_step(path):
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, ".metadata")):
             raise CheckpointError(f"{path} has no .metadata (an unfinished save)")
-        info = _read_info(path)
-        _read_metadata(path)
+        info = read_info(path)
+        read_metadata(path)
         return int(info["step"])
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -361,51 +346,13 @@ def save_checkpoint(path, state, keep_previous=False):
     _after_install(path, keep_previous, kept)
 
 
-def _to_json(obj):
-    """Tensors -> {"__tensor__": dtype, "shape", "data": base64 of the bytes}; tuples -> lists."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        return {"__tensor__": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                "data": base64.b64encode(data).decode("ascii")}
-    if isinstance(obj, dict):
-        return {k: _to_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_json(v) for v in obj]
-    return obj
-
-
-def _from_json(obj):
-    if isinstance(obj, dict) and "__tensor__" in obj:
-        data = bytearray(base64.b64decode(obj["data"]))
-        dtype = getattr(torch, obj["__tensor__"])
-        flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        return flat.view(dtype).reshape(obj["shape"]).clone()
-    if isinstance(obj, dict):
-        return {k: _from_json(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_from_json(v) for v in obj]
-    return obj
-
-
-def _first_os_error(err):
-    """The OSError behind a torch.distributed.checkpoint failure (any rank's), or None."""
-    for failure in getattr(err, "failures", {}).values():
-        exc = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(exc, OSError):
-            return exc
-    return err if isinstance(err, OSError) else None
-
-
 def save_sharded_checkpoint(path, model, optimizer, info, keep_previous=False):
     """Collective (every rank calls it): the model's and optimizer's shards to the DCP folder path.tmp/,
     `info` (run_info's dict) to path.tmp/info.json by rank 0 (the folder is complete once it is there),
     then the folder renamed to path (see save_checkpoint for keep_previous). Every rank must see the
     same path (a shared filesystem). A full disk on any rank is an OutputError naming the folder."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     path = os.fspath(path)
     tmp = path + ".tmp"
@@ -414,128 +361,20 @@ def save_sharded_checkpoint(path, model, optimizer, info, keep_previous=False):
         if rank0:
             _discard(tmp)  # what a crashed save left (a complete one was taken up by recover_checkpoint)
         dist.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
-        dist.barrier()
+        write_sharded_folder(tmp, model, optimizer, {"version": FORMAT_VERSION, **info})
         if rank0:
-            with open(os.path.join(tmp, INFO_NAME), "w") as f:
-                json.dump(_to_json({"version": FORMAT_VERSION, **info}), f)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(tmp)
             kept = _before_install(path, keep_previous)
             os.replace(tmp, path)
             fsync_dir(os.path.dirname(path))
             _after_install(path, keep_previous, kept)
     except (OSError, CheckpointException) as err:
-        friendly = output_error(_first_os_error(err), path)
+        friendly = output_error(first_os_error(err), path)
         if friendly is None:
             raise
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise friendly from None
     dist.barrier()
-
-
-def _read_info(path):
-    where = os.path.join(path, INFO_NAME)
-    if not os.path.isfile(where):
-        raise CheckpointError(f"{path} is a torch.distributed.checkpoint folder but not an igpt-fast checkpoint "
-                              f"(no {INFO_NAME})")
-    try:
-        with open(where) as f:
-            info = _from_json(json.load(f))
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{where} is damaged: {str(e)[:200]}") from None
-    if not isinstance(info, dict) or "model_config" not in info:
-        raise CheckpointError(f"{where} is not an igpt-fast checkpoint description (no model_config)")
-    return info
-
-
-# What torch.distributed.checkpoint pickles into .metadata (torch/distributed/checkpoint/metadata.py and
-# filesystem.py): the only globals the restricted unpickler builds, besides torch dtypes.
-_DCP_GLOBALS = {("torch.distributed.checkpoint.metadata", name) for name in (
-    "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
-    "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
-    ("collections", "OrderedDict")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata: any global outside _DCP_GLOBALS and torch's dtypes is refused, not imported."""
-
-    def find_class(self, module, name):
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if (module, name) in _DCP_GLOBALS or dtype:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it names {module}.{name}, which torch.distributed.checkpoint never writes")
-
-
-def _read_metadata(path):
-    """The DCP Metadata of the folder `path`, read with the restricted unpickler and checked against the
-    shard files (each one present and long enough for the entries it holds); CheckpointError, one line."""
-    where = os.path.join(path, ".metadata")
-    try:
-        with open(where, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{where} is not DCP metadata and was not loaded ({str(e)[:200]}); "
-                              "the file may have been planted: use a checkpoint you trust") from None
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise CheckpointError(f"{where} is damaged or truncated: {str(e)[:200] or type(e).__name__}") from None
-    entries, storage = getattr(metadata, "state_dict_metadata", None), getattr(metadata, "storage_data", None)
-    if not isinstance(entries, dict) or not isinstance(storage, dict):
-        raise CheckpointError(f"{where} is not the metadata of a DCP checkpoint")
-    needed: dict[str, int] = {}
-    for info in storage.values():
-        rel, end = getattr(info, "relative_path", None), getattr(info, "offset", 0) + getattr(info, "length", 0)
-        if not isinstance(rel, str) or os.path.basename(rel) != rel:
-            raise CheckpointError(f"{where} names a shard outside its folder ({rel!r})")
-        needed[rel] = max(needed.get(rel, 0), end)
-    for rel, end in sorted(needed.items()):
-        shard = os.path.join(path, rel)
-        if not os.path.isfile(shard):
-            raise CheckpointError(f"{shard} is missing: the sharded checkpoint {path} is incomplete (copied in part?); "
-                                  "resume from the previous one or copy the whole folder again")
-        size = os.path.getsize(shard)
-        if size < end:
-            raise CheckpointError(f"{shard} is truncated ({size} of at least {end} bytes): the sharded checkpoint "
-                                  f"{path} is incomplete; resume from the previous one or copy the whole folder again")
-    return metadata
-
-
-@functools.cache
-def _safe_reader_class():
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class SafeFileSystemReader(FileSystemReader):
-        """DCP's FileSystemReader whose metadata goes through _read_metadata (no arbitrary unpickling)."""
-
-        def read_metadata(self, *args, **kwargs):
-            metadata = _read_metadata(os.fspath(self.path))
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return SafeFileSystemReader
-
-
-def _load_sharded_model(path):
-    """The full tensors of a DCP folder's model, read in this process alone (no process group)."""
-    import torch.distributed.checkpoint as dcp
-
-    reader = _safe_reader_class()(path)
-    entries = reader.read_metadata().state_dict_metadata
-    model = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
-             if k.startswith("model.") and hasattr(m, "size")}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_ONE_PROCESS_NOTE)
-        dcp.load({"model": model}, storage_reader=reader, no_dist=True)
-    return model
 
 
 def _check_loadable(path, err=None):
@@ -568,9 +407,9 @@ def load_checkpoint(run: CheckpointPath, map_location: str | torch.device = "cpu
     state is for resuming training: load_sharded_state)."""
     path = resolve_checkpoint(run)
     if is_sharded(path):
-        ckpt = _read_info(path)
+        ckpt = read_info(path)
         if weights:
-            ckpt["model"] = {k: v.to(map_location) for k, v in _load_sharded_model(path).items()}
+            ckpt["model"] = {k: v.to(map_location) for k, v in load_sharded_model(path).items()}
         ckpt["sharded"] = True
     else:
         _check_loadable(path)
@@ -597,39 +436,8 @@ def load_checkpoint(run: CheckpointPath, map_location: str | torch.device = "cpu
 def checkpoint_step(path):
     """The step of a checkpoint file or DCP folder, without reading its tensors."""
     if is_sharded(path):
-        return _read_info(path)["step"]
+        return read_info(path)["step"]
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
-
-
-def load_sharded_state(path, model, optimizer):
-    """Collective when a process group is up: fill `model` (FSDP-sharded or plain, on any number of ranks)
-    and `optimizer` from the DCP folder `path`; DCP reshards from the world size that wrote it."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    _read_metadata(path)  # on every rank: a bad folder is the same one-line error everywhere
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_ONE_PROCESS_NOTE)  # a single process without a group: intended
-        dcp.load(state, storage_reader=_safe_reader_class()(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-def load_full_optimizer_state(model, optimizer, saved):
-    """Load a plain optimizer state dict (a ckpt.pt's: parameters numbered in param_groups order) into the
-    optimizer of a sharded `model`; both optimizers must group the parameters the same way."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    numbers = [i for g in saved["param_groups"] for i in g["params"]]
-    if len(names) != len(numbers):
-        raise CheckpointError(f"the saved optimizer holds {len(numbers)} parameters, the model {len(names)}")
-    by_number = dict(zip(numbers, names))
-    by_name: dict[str, Any] = {"state": {by_number[i]: s for i, s in saved["state"].items()},
-               "param_groups": [{**g, "params": [by_number[i] for i in g["params"]]} for g in saved["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 def restore_previous(run_dir):
