@@ -37,6 +37,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from igpt_fast.atomic import atomic_path
 from igpt_fast.checkpoint import load_run  # noqa: F401 (its home before checkpoint.py; still importable here)
 from igpt_fast.errors import SampleError
 from igpt_fast.progress import Progress
@@ -345,10 +346,9 @@ def samples_grid(palette, samples, n_px, columns=None, scale=1):
 
 
 def save_png(picture, path):
-    """Write a uint8 (H, W, 3) picture as PNG (temp file, then rename)."""
+    """Write a uint8 (H, W, 3) picture as PNG, atomically (atomic.atomic_path; the format is named, since
+    the temp name has no .png suffix)."""
     from PIL import Image
 
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    Image.fromarray(np.asarray(picture)).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.asarray(picture)).save(tmp, format="PNG")
