@@ -17,8 +17,7 @@ import tarfile
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHECK_STEPS = ["install", "tests", "attention_d64", "train", "attention_d96_128", "softmax", "cross_entropy",
-               "attention_naive"]
+CHECK_STEPS = ["install", "tests", "overhead", "train", "attention_d64", "softmax", "cross_entropy"]
 RESULTS_STEPS = ["install", "data", "train_ar", "probe_ar", "train_ar_l", "probe_ar_l", "train_bert", "probe_bert",
                  "finetune_ar", "finetune_bert", "findings"]
 
@@ -81,12 +80,20 @@ def test_gpu_check_dry_run(tmp_path):
     assert "dry run (CPU" in summary
     junit = members["results/tests/junit.xml"].decode()
     assert re.search(r'tests="[1-9]', junit) and 'failures="0"' in junit and 'errors="0"' in junit
-    for name in ["attention_d64/attention.csv", "attention_d96_128/attention.csv", "attention_naive/attention.csv",
-                 "softmax/softmax.csv", "cross_entropy/cross_entropy.csv", "train/train_cpu.csv"]:
+    for name in ["attention_d64/attention.csv", "softmax/softmax.csv", "cross_entropy/cross_entropy.csv",
+                 "overhead/overhead.csv", "train/train_gpu.csv", "train/train_gpu_goals.csv"]:
         assert b"," in members["results/" + name], name
-    for table in ["### attention", "### softmax", "### cross_entropy", "### train_cpu"]:
+    for table in ["### attention", "### softmax", "### cross_entropy", "### overhead", "### train_gpu",
+                  "### train_gpu_goals"]:
         assert table in summary, table
     assert "| ours | fwd+bwd | fp32 |" in summary  # the Triton kernel's own row, run under the interpreter
+    # the training step's four variants at both shapes, each timed (impl=triton under the interpreter)
+    train = members["results/train/train_gpu.md"].decode()
+    for shape in ("4x4", "4x4 ckpt"):
+        for variant in ("triton eager", "torch eager", "triton compiled", "torch compiled"):
+            timed = rf"^\| {shape} \| {variant} \| \w+ \| \w+ \|( \d+ \|){{5}} \w+ \|( [\d.e+-]+ \|){{5}} .* \|  \|$"
+            assert re.search(timed, train, flags=re.M), (shape, variant, train)  # ms .. tok_s; no error
+    assert len(re.findall(r"^\| .* \| (yes|no|n/a) \|$", summary, flags=re.M)) == 5  # the goals, one row each
     assert {f"results/logs/{s}.log" for s in CHECK_STEPS} <= set(members)
 
 
