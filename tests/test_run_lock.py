@@ -19,7 +19,7 @@ from igpt_fast.cli import cli
 from igpt_fast.errors import OutputError
 from igpt_fast.runlog import LOCK_NAME, RunInUse, RunLock, read_log
 from igpt_fast.train import TrainError, train
-from test_train import ARCH, data_dir, model_config, tcfg  # noqa: F401 (data_dir is a fixture)
+from test_train import ARCH, model_config, tcfg
 from sources import one_line_error
 
 QUIET = dict(print_fn=lambda *a: None)

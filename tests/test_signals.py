@@ -17,7 +17,7 @@ from igpt_fast.checkpoint import load_checkpoint
 from igpt_fast.cli import cli
 from igpt_fast.runlog import LOCK_NAME, read_log
 from test_run_lock import ENV, LONG, wait_for_rows
-from test_train import ARCH, data_dir  # noqa: F401 (data_dir is a fixture)
+from test_train import ARCH
 
 
 def logged_steps(run):
