@@ -137,10 +137,10 @@ train_run() {  # train_run NAME OBJECTIVE SECONDS LR STEPS_FROM ARCH...: one pre
   fi
   bs="$(batch_size)" || return 1
   # shellcheck disable=SC2068  # the architecture flags are words
-  $IGPT train "$WORK/data" --out "$PACK/runs/$name" --objective "$objective" $@ --impl "$IMPL" \
+  $IGPT train --data "$WORK/data" --out "$PACK/runs/$name" --objective "$objective" $@ --impl "$IMPL" \
     --max-minutes "$("$PY" -c "print($seconds / 60)")" "${steps[@]}" --batch-size "$bs" --lr "$lr" \
     --warmup-steps "$WARMUP" --log-every 50 --eval-every 0 --eval-batches 0 --ckpt-every 500 \
-    --num-workers "$NUM_WORKERS" --seed 0 || return 1
+    --workers "$NUM_WORKERS" --seed 0 || return 1
   "$PY" - "$PACK/runs/$name" "$WORK/data/meta.json" "$PACK/train_$name/train.md" "$name" <<'EOF'
 import json, os, sys
 run, meta_path, out, name = sys.argv[1:]
