@@ -226,6 +226,7 @@ def load_full_optimizer_state(model, optimizer, saved):
     if len(names) != len(numbers):
         raise CheckpointError(f"the saved optimizer holds {len(numbers)} parameters, the model {len(names)}")
     by_number = dict(zip(numbers, names))
-    by_name: dict[str, Any] = {"state": {by_number[i]: s for i, s in saved["state"].items()},
-                               "param_groups": [{**g, "params": [by_number[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    by_name: dict[str, Any] = {
+        "state": {by_number[i]: s for i, s in saved["state"].items()},
+        "param_groups": [{**g, "params": [by_number[i] for i in g["params"]]} for g in saved["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
