@@ -36,9 +36,13 @@ use; they need torch >= 2.6. No submodule shares a name with a public op, so
 import logging
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from igpt_fast.options import IMPLS
 
 from . import defaults
 
@@ -57,10 +61,9 @@ if (not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 
 defaults.load()  # read now, so tracing a first call under torch.compile opens no file
 _log = logging.getLogger("igpt_fast.kernels")
-_IMPLS = ("auto", "triton", "torch")
-_resolved = {}  # shape class -> the function its calls run
-_fallback = {}  # (op, device, dtype, width, causal) -> why the Triton kernels failed on it
-_logged = set()
+_resolved: dict[tuple[Any, ...], Callable[..., torch.Tensor]] = {}  # shape class -> the function its calls run
+_fallback: dict[tuple[Any, ...], str] = {}  # (op, device, dtype, width, causal) -> why the Triton kernels failed on it
+_logged: set[tuple[str, str, str]] = set()  # (op, implementation, reason) already logged
 
 
 def _capability(x):
@@ -86,8 +89,8 @@ def _describe(cls):
 
 def _choose(op, impl, x, width, causal, size, needs_grad, unsupported):
     """"triton" or "torch" for a shape class, and the reason worth logging; no first-use check."""
-    if impl not in _IMPLS:
-        raise ValueError(f"{op}: impl must be one of {_IMPLS}, got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "triton":
         if unsupported is not None:
             raise ValueError(f"{op}: impl='triton' cannot take this call: {unsupported}; use impl='auto' or 'torch'")
@@ -199,7 +202,8 @@ def _attention_unsupported(q, k, v):
     return None
 
 
-def attention(q, k, v, causal=True, scale=None, impl="auto"):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
+              impl: str = "auto") -> torch.Tensor:
     """Scaled dot-product attention over (B, H, T, D) tensors; causal for AR, not for BERT."""
     T, D = q.shape[-2:]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -227,7 +231,7 @@ def _softmax_torch(x):
     return torch.softmax(x.float(), dim=-1).to(x.dtype)
 
 
-def softmax(x, impl="auto"):
+def softmax(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Softmax over the last dimension of any-rank x; output in x's dtype."""
     W = x.shape[-1] if x.dim() else 1
     rows = x.numel() // W if W else 0
@@ -253,7 +257,8 @@ def _cross_entropy_torch(logits, targets, ignore_index, reduction):
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction=reduction)
 
 
-def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", impl="auto"):
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
+                  impl: str = "auto") -> torch.Tensor:
     """Cross-entropy of (N, V) logits against (N,) targets in fp32 math; reduction none/mean/sum."""
     N, V = logits.shape[0], logits.shape[-1]
     if torch.compiler.is_compiling():
