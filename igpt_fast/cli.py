@@ -2,18 +2,18 @@
 the `bench` passthrough group in bench.py; both are added here).
 
 Heavy imports (torch, faiss, webdataset) happen inside each command so `igpt-fast --help` is instant;
-this module imports neither torch nor numpy. The options several verbs share (--impl, --resize,
---workers, --device, finite floats) are defined once, in options.py.
+this module imports neither torch nor numpy. What several verbs share is defined once, in options.py:
+the options (--impl, --resize, --workers, --device, --data, --tensorboard), the parameter types, and the
+spellings of the previous release (`train DATA_DIR`, `--num-workers`, `sample RUN --images a.png`), which
+work for one release, hidden from --help, each printing a one-line note. train's --config file is read by
+run_config.py.
 
 One vocabulary across verbs: raw images are the positional SRC... (palette, tokenize), a run being read
 is the positional RUN (probe, finetune, sample, export), token shards are always `--data DIR` (train,
 verify, probe, finetune, sample), what a verb writes is `--out`, worker processes are `--workers`, and
-every verb that runs a model takes `--device` and `--impl`. Spellings of the previous release
-(`train DATA_DIR`, `verify DATA_DIR`, `--num-workers`, `sample RUN --images a.png`) still work for
-one release, hidden from --help, each printing a one-line note. The library's expected failures
-(igpt_fast.errors.IGPTError: bad input, missing or incompatible artefacts) are caught once, by the
-group, and shown as one line; anything else keeps its traceback. Progress bars go to stderr; stdout
-carries results.
+every verb that runs a model takes `--device` and `--impl`. The library's expected failures
+(igpt_fast.errors.IGPTError: bad input, missing or incompatible artefacts) are caught once, by the group,
+and shown as one line; anything else keeps its traceback. Progress bars go to stderr; stdout carries results.
 """
 import os
 
@@ -24,8 +24,10 @@ from .bench import bench
 from .demo import demo_cmd
 from .errors import IGPTError
 from .options import (NON_NEGATIVE, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, FiniteFloat, FloatList, OutputPath, Verb,
-                      device_option, impl_option, loader_workers_option, note, overwrite_option, renamed_argument,
-                      renamed_option, resize_option, train_device_option, workers_option)
+                      data_options, device_option, explicit_params, images_flag, impl_option,
+                      loader_workers_option, need_data, overwrite_option, renamed_option, resize_option,
+                      tensorboard_option, train_device_option, workers_option)
+from .run_config import config_option
 
 
 class _Group(click.Group):
@@ -48,116 +50,12 @@ class _Group(click.Group):
             ctx.exit(code)
 
 
-def _explicit(ctx, names):
-    """The parameters among names that the user gave on the command line or in train's --config file (not
-    defaults)."""
-    from click.core import ParameterSource
-
-    return {n for n in names if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE,
-                                                                 ParameterSource.ENVIRONMENT,
-                                                                 ParameterSource.DEFAULT_MAP)}
-
-
-def _need_data(data_dir, verb):
-    """--data is required (it is not click-required only because the old positional form may give it)."""
-    if data_dir is None:
-        raise click.UsageError(f"Missing option '--data': the token shards (from `igpt-fast tokenize`), e.g. "
-                               f"igpt-fast {verb} --data data/ ...")
-
-
-def _data_options(verb, help):
-    """--data DIR, and for one release the positional DATA_DIR it replaces (hidden, with a note)."""
-    path = click.Path(exists=True, file_okay=False)
-
-    def decorate(f):
-        f = click.option("--data", "data_dir", type=path, help=help + "  [required]")(f)
-        return renamed_argument("DATA_DIR", "data_dir", f"`igpt-fast {verb} DATA_DIR`",
-                                f"`igpt-fast {verb} --data DATA_DIR`", type=path)(f)
-
-    return decorate
-
-
-_tensorboard_option = click.option(
-    "--tensorboard", is_flag=True,
-    help="Also write log.jsonl's scalars as TensorBoard events into OUT/tb/ (needs the tensorboard package).")
-
-
-def _check_tensorboard(tensorboard):
-    """--tensorboard without the tensorboard package: one line naming it, before any work."""
+def _check_tensorboard(tensorboard: bool) -> None:
+    """--tensorboard without the tensorboard package: one line naming it, before any work (train, finetune)."""
     if tensorboard:
         from .train import tensorboard_writer_class
 
         tensorboard_writer_class()
-
-
-# config.json (train.record) -> train's parameters: the model's flags, every TrainConfig field, the RunOptions
-# of how it ran. Not taken: n_px and n_vocab (the data's), device (this machine's), results (params, ...).
-_CONFIG_MODEL = ("n_layer", "n_head", "n_embd", "objective", "dropout")
-_CONFIG_OPTIONS = ("impl", "grad_checkpoint", "compile", "parallel", "tensorboard")
-_CONFIG_RENAMED = {"out_dir": "out", "num_workers": "workers"}
-
-
-def _read_config(path):
-    """A config file as a dict: JSON, or YAML (.yaml / .yml) when PyYAML is installed."""
-    import json
-
-    with open(path) as f:
-        text = f.read()
-    if path.lower().endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError:
-            raise click.ClickException(f"--config {path}: reading YAML needs the PyYAML package (pip install pyyaml); "
-                                       "or pass the run's config.json") from None
-        try:
-            cfg = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise click.ClickException(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
-    else:
-        try:
-            cfg = json.loads(text)
-        except ValueError as e:
-            raise click.ClickException(f"--config {path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or not isinstance(cfg.get("train"), dict):
-        raise click.ClickException(f"--config {path}: not a run's config (no 'model' and 'train' sections); pass the "
-                                   "config.json that `igpt-fast train` wrote into its run folder")
-    return cfg
-
-
-def _config_defaults(path):
-    """The defaults of train's parameters that the run config at `path` sets (see _CONFIG_*)."""
-    from dataclasses import fields
-
-    from .model import GPTConfig
-    from .train import TrainConfig
-
-    cfg = _read_config(path)
-    defaults = {}
-    fixed = {f.name: f.default for f in fields(GPTConfig) if f.name not in _CONFIG_MODEL}
-    for key, value in cfg["model"].items():
-        if key in _CONFIG_MODEL:
-            defaults[key] = value
-        elif key not in fixed:
-            raise click.ClickException(f"--config {path}: unknown model setting {key!r}")
-        elif key not in ("n_px", "n_vocab") and value != fixed[key]:
-            raise click.ClickException(f"--config {path}: model {key} {value!r} cannot be set on the command line "
-                                       f"(train uses {fixed[key]!r}); build that model with the library")
-    names = {f.name for f in fields(TrainConfig)}
-    for key, value in cfg["train"].items():
-        if key not in names:
-            raise click.ClickException(f"--config {path}: unknown train setting {key!r}")
-        defaults[_CONFIG_RENAMED.get(key, key)] = value
-    defaults.update({key: cfg[key] for key in _CONFIG_OPTIONS if key in cfg})
-    if cfg.get("parallel") == "fsdp" and cfg.get("mixed_precision") is not None:
-        defaults["mixed_precision"] = cfg["mixed_precision"]
-    return defaults
-
-
-def _load_config(ctx, param, value):
-    """--config (eager): the run config's settings become the defaults of the other parameters, so flags
-    given on the command line override them."""
-    if value is not None:
-        ctx.default_map = {**(ctx.default_map or {}), **_config_defaults(value)}
 
 
 def _pop(flags, *names):
@@ -268,7 +166,7 @@ def tokenize_cmd(src, palette_path, out, n_px, resize, val_fraction, workers, sh
 
 
 @cli.command("verify", short_help="Check every shard of --data DIR against its meta.json.")
-@_data_options("verify", "Token shards DIR to check (from `igpt-fast tokenize`).")
+@data_options("verify", "Token shards DIR to check (from `igpt-fast tokenize`).")
 def verify_cmd(data_dir):
     """Read every shard of --data DIR once and check it against meta.json (structure, samples, size, sha256).
 
@@ -276,7 +174,7 @@ def verify_cmd(data_dir):
     """
     from .data import verify_data
 
-    _need_data(data_dir, "verify")
+    need_data(data_dir, "verify")
     reports = verify_data(data_dir)
     for r in reports:
         expected = "" if r.expected is None else f" of {r.expected}"
@@ -294,12 +192,8 @@ def verify_cmd(data_dir):
 
 
 @cli.command("train", short_help="Pretrain an Image GPT on the token shards in --data DIR.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), is_eager=True,
-              expose_value=False, callback=_load_config,
-              help="A run's RUN/config.json (or YAML of the same keys) to repeat: its data, out, model and training "
-                   "settings become the defaults; flags given on the command line override them. --device, "
-                   "--resume and --overwrite are never read from it.")
-@_data_options("train", "Token shards DIR (from `igpt-fast tokenize`).")
+@config_option
+@data_options("train", "Token shards DIR (from `igpt-fast tokenize`).")
 @click.option("--out", required=True, type=OUTPUT_DIR, help="Run folder RUN (config, log, ckpt).")
 @click.option("--preset", type=click.Choice(["tiny", "igpt-s", "igpt-m", "igpt-l", "igpt-xl"]), default="tiny",
               show_default=True, help="Model size; n_vocab always comes from the data's palette.")
@@ -342,7 +236,7 @@ def verify_cmd(data_dir):
 @loader_workers_option
 @renamed_option("--num-workers", "workers", "--workers", type=click.IntRange(0))
 @train_device_option
-@_tensorboard_option
+@tensorboard_option
 @click.option("--on-bad-shard", type=click.Choice(["error", "skip"]), default="error", show_default=True,
               help="A corrupt or unreadable train shard stops the run (error) or is left out with a warning, "
                    "counted as skipped_shards in log.jsonl (skip). Evaluation always stops on one.")
@@ -374,7 +268,7 @@ def train_cmd(ctx, data_dir, out, preset, resume, overwrite, device, tensorboard
         raise click.UsageError("--resume and --overwrite contradict each other; pass one")
     if flags["mixed_precision"] is not None and flags["parallel"] != "fsdp":
         raise click.UsageError("--mixed-precision is for --parallel fsdp (DDP runs use bf16 autocast on CUDA)")
-    _need_data(data_dir, "train")
+    need_data(data_dir, "train")
     _check_tensorboard(tensorboard)
     options = RunOptions(**_pop(flags, "impl", "grad_checkpoint", "compile", "parallel", "mixed_precision"),
                          device=None if device is None else str(device), tensorboard=tensorboard)
@@ -389,11 +283,11 @@ def train_cmd(ctx, data_dir, out, preset, resume, overwrite, device, tensorboard
                                  **_pop(flags, "objective", "dropout"))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    explicit = _explicit(ctx, ["objective", "dropout", "n_layer", "n_head", "n_embd", *flags])
+    explicit = explicit_params(ctx, ["objective", "dropout", "n_layer", "n_head", "n_embd", *flags])
     flags["num_workers"] = workers  # TrainConfig's name for --workers
-    if _explicit(ctx, ["workers"]):
+    if explicit_params(ctx, ["workers"]):
         explicit.add("num_workers")
-    if "preset" in _explicit(ctx, ["preset"]):
+    if "preset" in explicit_params(ctx, ["preset"]):
         explicit |= set(PRESETS[preset]) - {"n_px"}
     if flags["max_minutes"] and "steps" not in explicit:
         flags["steps"] = UNBOUNDED_STEPS  # the budget decides
@@ -590,7 +484,7 @@ def probe_cmd(run_dir, data_dir, max_train, max_eval, batch_size, device, impl, 
 @loader_workers_option
 @train_device_option
 @impl_option
-@_tensorboard_option
+@tensorboard_option
 @click.option("--resume", help="'auto' (OUT/ckpt.pt when present; a finished run is reported) or a checkpoint path.")
 @overwrite_option
 @click.pass_context
@@ -615,7 +509,7 @@ def finetune_cmd(ctx, run_dir, data_dir, out, impl, resume, overwrite, device, t
     finished = resume == "auto" and os.path.isfile(os.path.join(out, RESULT_NAME))
     _check_tensorboard(tensorboard)
     fcfg = FinetuneConfig(**_pop(flags, "gen_weight", "patience", "max_eval", "n_classes"))
-    explicit = _explicit(ctx, flags) | ({"num_workers"} if _explicit(ctx, ["workers"]) else set())
+    explicit = explicit_params(ctx, flags) | ({"num_workers"} if explicit_params(ctx, ["workers"]) else set())
     tcfg = finetune_config(data_dir, out, num_workers=workers, **flags)
     options = RunOptions(impl=impl, device=None if device is None else str(device), tensorboard=tensorboard)
     try:
@@ -633,18 +527,10 @@ def finetune_cmd(ctx, run_dir, data_dir, out, impl, resume, overwrite, device, t
                f"of {result['steps_run']} | {os.path.join(out, BEST_NAME)} | {os.path.join(out, RESULT_NAME)}")
 
 
-def _images_flag(ctx, param, value):
-    """sample's --images flag of the previous release: image files after RUN are completed without it."""
-    if value:
-        note("--images is not needed and goes in the next release: image files after RUN are completed "
-             "(igpt-fast sample RUN a.png b.png)")
-    return value
-
-
 @cli.command("sample")
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True))
 @click.argument("image_files", metavar="[IMAGE]...", nargs=-1, type=click.Path(exists=True, dir_okay=False))
-@click.option("--images", "from_files", is_flag=True, hidden=True, callback=_images_flag)
+@click.option("--images", "from_files", is_flag=True, hidden=True, callback=images_flag)
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False),
               help="Complete the first --n-images images of a split of these shards.")
 @click.option("--split", default="test", show_default=True, help="Split of --data.")

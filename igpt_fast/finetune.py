@@ -26,7 +26,9 @@ DDP without find_unused_parameters, so gen_weight 0 is for single-process runs.
 """
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -191,8 +193,9 @@ def finetune_config(data_dir, out_dir=None, steps=500, batch_size=16, lr=None, w
                        eval_batches=eval_batches, ckpt_every=eval_every if ckpt_every is None else ckpt_every, **kw)
 
 
-def finetune(run_dir, tcfg, fcfg=None, options=None, resume=None, overwrite=False, explicit=None, meta=None,
-             print_fn=print):
+def finetune(run_dir: str, tcfg: TrainConfig, fcfg: FinetuneConfig | None = None, options: RunOptions | None = None,
+             resume: str | None = None, overwrite: bool = False, explicit: Iterable[str] | None = None,
+             meta: dict | None = None, print_fn: Callable[..., object] = print) -> dict[str, Any] | None:
     """Finetune the pretrained run in run_dir (a run folder holding ckpt.pt, or a checkpoint file) on the
     labelled shards in tcfg.data_dir; see the module docstring. Returns the dict written to
     OUT/finetune.json ({"val_acc", "test_acc", "best_step", "stopped_early", ...}) on the main process,

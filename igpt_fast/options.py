@@ -12,14 +12,15 @@ path (`OUTPUT_DIR`, `OUTPUT_FILE`, `OutputPath`) checked before any work: a pare
 read-only place or a folder without write permission is a one-line usage error of the verb, not a
 traceback after minutes of work.
 
-Renamed spellings (`train DATA_DIR` -> `--data DATA_DIR`, `--num-workers` -> `--workers`) are kept
-for one release as hidden parameters (`renamed_option`, `renamed_argument`) of a `Verb`: the old
+Renamed spellings (`train DATA_DIR` -> `--data DATA_DIR` via `data_options`, `--num-workers` ->
+`--workers`, sample's `--images` flag, now implied: `images_flag`) are kept for one release as hidden parameters (`renamed_option`, `renamed_argument`) of a `Verb`: the old
 spelling still works, prints one `note:` line on stderr naming the new one, and its value lands in
 the new parameter, given on the command line as far as the verb can tell; both spellings at once
 are a usage error.
 """
 import math
 import os
+from typing import Iterable
 
 import click
 from click.core import ParameterSource
@@ -43,6 +44,17 @@ loader_workers_option = click.option("--workers", type=click.IntRange(0), defaul
                                           "training process).")
 overwrite_option = click.option("--overwrite", is_flag=True,
                                 help="Start a new run in a folder that already holds one (its checkpoints and log go).")
+tensorboard_option = click.option(
+    "--tensorboard", is_flag=True,
+    help="Also write log.jsonl's scalars as TensorBoard events into OUT/tb/ (needs the tensorboard package).")
+
+
+def explicit_params(ctx: click.Context, names: Iterable[str]) -> set[str]:
+    """The parameters among names that the user gave on the command line or in train's --config file (not
+    defaults)."""
+    return {n for n in names if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE,
+                                                                 ParameterSource.ENVIRONMENT,
+                                                                 ParameterSource.DEFAULT_MAP)}
 
 
 class FiniteFloat(click.ParamType):
@@ -156,6 +168,33 @@ def renamed_argument(metavar, dest, old, new, **kwargs):
     """An optional, hidden positional argument whose value goes to the parameter `dest` (an option now)."""
     return click.argument(f"{dest}_renamed", metavar=metavar, cls=_HiddenArgument, required=False,
                           expose_value=False, callback=_renamed(dest, old, new), **kwargs)
+
+
+def data_options(verb, help):
+    """--data DIR, and for one release the positional DATA_DIR it replaces (hidden, with a note)."""
+    path = click.Path(exists=True, file_okay=False)
+
+    def decorate(f):
+        f = click.option("--data", "data_dir", type=path, help=help + "  [required]")(f)
+        return renamed_argument("DATA_DIR", "data_dir", f"`igpt-fast {verb} DATA_DIR`",
+                                f"`igpt-fast {verb} --data DATA_DIR`", type=path)(f)
+
+    return decorate
+
+
+def need_data(data_dir: str | None, verb: str) -> None:
+    """--data is required (it is not click-required only because the old positional form may give it)."""
+    if data_dir is None:
+        raise click.UsageError(f"Missing option '--data': the token shards (from `igpt-fast tokenize`), e.g. "
+                               f"igpt-fast {verb} --data data/ ...")
+
+
+def images_flag(ctx, param, value):
+    """sample's --images flag of the previous release: image files after RUN are completed without it."""
+    if value:
+        note("--images is not needed and goes in the next release: image files after RUN are completed "
+             "(igpt-fast sample RUN a.png b.png)")
+    return value
 
 
 class Verb(click.Command):

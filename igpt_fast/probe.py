@@ -26,11 +26,15 @@ The results dict is what `igpt-fast probe` writes to RUN/probe.json; `plot_probe
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from igpt_fast.errors import ProbeError
+from igpt_fast.model import IGPT
+from igpt_fast.palette import Palette
 from igpt_fast.progress import Progress, duration, fmt
 
 __all__ = ["L2_GRID", "ProbeError", "extract_features", "standardize", "lbfgs", "fit_logistic", "predict",
@@ -115,7 +119,9 @@ def lbfgs(f, x, max_iter=200, tol=1e-5, history_size=20, max_backtracks=20):
     """
     loss, g = f(x)
     eps = 8 * torch.finfo(loss.dtype).eps
-    S, Y, R = [], [], []
+    S: list[torch.Tensor] = []
+    Y: list[torch.Tensor] = []
+    R: list[torch.Tensor] = []
     gamma = torch.clamp(1.0 / g.abs().sum(1), max=1.0)  # (P,): first step as torch.optim.LBFGS
     active = g.abs().amax(1) > tol  # (P,)
     it = 0
@@ -293,8 +299,11 @@ def _labelled(y, split):
     return y
 
 
-def probe(model, data, palette=None, batch_size=64, device=None, max_train=None, max_eval=None, l2_grid=L2_GRID,
-          max_iter=200, pixels=True, val_fraction=0.1, seed=0, progress=True, log=None, meta=None):
+def probe(model: IGPT, data: str, palette: Palette | None = None, batch_size: int = 64,
+          device: torch.device | str | None = None, max_train: int | None = None, max_eval: int | None = None,
+          l2_grid: Sequence[float] = L2_GRID, max_iter: int = 200, pixels: bool = True, val_fraction: float = 0.1,
+          seed: int = 0, progress: bool = True, log: Callable[[str], object] | None = None,
+          meta: dict | None = None) -> dict[str, Any]:
     """Linear probe of every layer of `model` on the tokenized dataset `data` (see the module docstring).
 
     palette: the Palette of the tokens (default: data/palette.npy), used by the raw-pixel baseline;

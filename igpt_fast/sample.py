@@ -32,6 +32,7 @@ then one cached decode step per token; temperature and top-k on the last logits)
 """
 import math
 import os
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import numpy as np
@@ -40,6 +41,8 @@ import torch
 from igpt_fast.atomic import atomic_path
 from igpt_fast.checkpoint import load_run  # noqa: F401 (its home before checkpoint.py; still importable here)
 from igpt_fast.errors import SampleError
+from igpt_fast.model import IGPT
+from igpt_fast.palette import Palette
 from igpt_fast.progress import Progress
 
 __all__ = ["SampleError", "load_run", "load_originals", "autocast", "sample_logits", "generate", "complete",
@@ -49,14 +52,16 @@ GREY = 128  # colour of the pixels a completion did not condition on, in the mas
 LABEL_BAND = 16  # pixels of the band of column labels over a completion grid
 
 
-def load_originals(model, palette, ckpt_path, data_dir=None, meta=None, split="test", n_images=8, image_files=(),
-                   resize="squash"):
+def load_originals(model: IGPT, palette: Palette | None, ckpt_path: str, data_dir: str | None = None,
+                   meta: dict | None = None, split: str = "test", n_images: int = 8, image_files: Sequence[str] = (),
+                   resize: str = "squash") -> tuple[torch.Tensor | None, Palette]:
     """(tokens (N, n_ctx) to complete or None, palette to draw with): the first n_images of a split of
     the shards in data_dir (meta: its meta.json), or image files tokenized with the run's palette, or
     None for unconditional samples. SampleError when there is nothing to draw with."""
     if data_dir:
-        from igpt_fast.data import eval_loader, load_data_palette
+        from igpt_fast.data import eval_loader, load_data_palette, read_meta
 
+        meta = meta if meta is not None else read_meta(data_dir)
         palette = palette if palette is not None else load_data_palette(data_dir, meta)
         batch = next(iter(eval_loader(data_dir, split, n_images, meta=meta)), None)
         if batch is None:
@@ -138,7 +143,7 @@ def _bert_fill(model, out, t0, temperature, top_k, generator, steps, bar):
     return out
 
 
-_COMPILED_STEPS = {}  # torch.compile mode -> the compiled _decode_step (one per process, as in gpt-fast)
+_COMPILED_STEPS: dict[str | None, Callable] = {}  # torch.compile mode -> the compiled _decode_step (one per process, as in gpt-fast)
 
 
 def _decode_step(model, tok, t):
@@ -180,8 +185,9 @@ def _decode_loop(model, logits, out, t0, temperature, top_k, generator, bar, com
 
 
 @torch.no_grad()
-def generate(model, prefix=None, n=None, temperature=1.0, top_k=None, generator=None, use_cache=True,
-             bert_steps=None, progress=False, compile=False):
+def generate(model: IGPT, prefix: torch.Tensor | None = None, n: int | None = None, temperature: float = 1.0, top_k: int | None = None,
+             generator: torch.Generator | None = None, use_cache: bool = True, bert_steps: int | None = None,
+             progress: bool | Progress = False, compile: bool = False) -> torch.Tensor:
     """Sample images token by token. prefix: int tokens (B, t) with 0 <= t < n_ctx (the first t pixels
     of each image, kept as they are), or None with n for n unconditional samples. Returns int64
     tokens (B, n_ctx) on the model's device. AR models use the KV cache (use_cache=False: recompute
@@ -218,12 +224,13 @@ def generate(model, prefix=None, n=None, temperature=1.0, top_k=None, generator=
         out = torch.zeros(B, c.n_ctx, dtype=torch.long, device=device)
         out[:, :t0] = prefix
         own = not isinstance(progress, Progress)
-        bar = Progress(B * (c.n_ctx - t0), "sample", unit="px", enabled=bool(progress)) if own else progress
+        bar = (progress if isinstance(progress, Progress)
+               else Progress(B * (c.n_ctx - t0), "sample", unit="px", enabled=bool(progress)))
         try:
             if c.objective == "bert":
                 return _bert_fill(model, out, t0, temperature, top_k, generator, bert_steps or c.n_px, bar)
             if use_cache:
-                had_cache = model.h[0].attn.kv_cache is not None
+                had_cache = model._blocks()[0].attn.kv_cache is not None
                 model.setup_cache(B, dtype=dtype)  # under autocast, k and v come out of c_attn in its dtype
                 try:
                     logits = model.prefill(prefix)  # (B, V): logits for x_{t0}
@@ -253,8 +260,10 @@ def _batched(model, prefix, batch_size, progress, **kw):
     return torch.cat(outs)
 
 
-def complete(model, tokens, rows=None, samples_per_image=1, batch_size=64, temperature=1.0, top_k=None,
-             generator=None, use_cache=True, bert_steps=None, progress=False, compile=False):
+def complete(model: IGPT, tokens: torch.Tensor, rows: int | None = None, samples_per_image: int = 1,
+             batch_size: int = 64, temperature: float = 1.0, top_k: int | None = None,
+             generator: torch.Generator | None = None, use_cache: bool = True, bert_steps: int | None = None,
+             progress: bool = False, compile: bool = False) -> torch.Tensor:
     """Completions of images from their first `rows` rows (default n_px // 2).
 
     tokens: int (N, n_ctx) (or (N, >= rows * n_px)). Returns int64 (N, samples_per_image, n_ctx) on the
@@ -273,8 +282,9 @@ def complete(model, tokens, rows=None, samples_per_image=1, batch_size=64, tempe
     return out.view(len(tokens), samples_per_image, -1)  # (N, S, n_ctx)
 
 
-def unconditional(model, n, batch_size=64, temperature=1.0, top_k=None, generator=None, use_cache=True,
-                  bert_steps=None, progress=False, compile=False):
+def unconditional(model: IGPT, n: int, batch_size: int = 64, temperature: float = 1.0, top_k: int | None = None,
+                  generator: torch.Generator | None = None, use_cache: bool = True, bert_steps: int | None = None,
+                  progress: bool = False, compile: bool = False) -> torch.Tensor:
     """n samples from sos alone: int64 (n, n_ctx) on the CPU."""
     prefix = torch.zeros(n, 0, dtype=torch.long)
     return _batched(model, prefix, batch_size, progress, temperature=temperature, top_k=top_k,

@@ -8,11 +8,11 @@ with every checkpoint) and RunOptions (how this process runs the model: kernels,
 checkpointing, compile, DDP or FSDP; recorded in config.json, never saved in a checkpoint, so a run
 made on a GPU with the Triton kernels resumes, probes and samples on a CPU).
 
-Recipe (Chen et al. 2020, section 3.5): AdamW betas (0.9, 0.95), linear warmup then cosine decay,
-no weight decay, no dropout; gradient accumulation and clipping, bf16 autocast on GPU, activation
-checkpointing, optional torch.compile, DDP or FSDP2 under torchrun (gloo on CPU, nccl on GPU; see
-distributed.py, which also says what a resume on another number of processes does to the data
-stream). The learning rate is a function of the step and the TrainConfig (`lr_at`), so a resumed run
+Recipe (Chen et al. 2020, section 3.5; the optimizer and schedule shape in optim.py): AdamW betas
+(0.9, 0.95), linear warmup then cosine decay, no weight decay, no dropout; gradient accumulation and
+clipping, bf16 autocast on GPU, activation checkpointing, optional torch.compile, DDP or FSDP2 under
+torchrun (gloo on CPU, nccl on GPU; see distributed.py, which also says what a resume on another number
+of processes does to the data stream). The learning rate is a function of the step and the TrainConfig (`lr_at`), so a resumed run
 continues its schedule from the saved step, with whatever schedule flags the resume changed. The
 pretraining loss is L_GEN (`gen_loss`: AR next pixel or BERT masked pixels, as the config says).
 
@@ -48,9 +48,10 @@ import signal
 import statistics
 import time
 from collections import deque
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,8 @@ from igpt_fast.checkpoint import (CKPT_NAME, DCP_NAME, check_resumable, checkpoi
                                   restore_previous, run_info, save_checkpoint, save_sharded_checkpoint)
 from igpt_fast.distributed import all_reduce_sum, setup_distributed, shard_model
 from igpt_fast.errors import RunStopped, TrainError, TrainingDiverged
-from igpt_fast.model import IGPT
+from igpt_fast.model import IGPT, GPTConfig
+from igpt_fast.optim import configure_optimizer, lr_factor
 from igpt_fast.progress import line
 from igpt_fast.resume import (ARCH_FIELDS, choose_checkpoint, merge_on_resume, restore, rng_state,
                               set_rng_state)
@@ -138,9 +140,9 @@ class Objective:
     module (so DDP syncs); evaluate(run) -> metrics; on_eval(run, metrics) -> True stops the run early;
     classifier: the module the loss calls is a model.Classifier around the model (finetuning)."""
 
-    loss: Callable = gen_loss
-    evaluate: Callable = None  # None: evaluate_gen_loss
-    on_eval: Callable = None
+    loss: Callable[..., tuple[torch.Tensor, dict]] = gen_loss
+    evaluate: Callable[["Run"], dict] | None = None  # None: evaluate_gen_loss
+    on_eval: Callable[["Run", dict], object] | None = None
     classifier: bool = False
 
 
@@ -165,10 +167,10 @@ class Run:
     saved_step: int = -1  # step of RUN/ckpt.pt (ckpt.dcp with fsdp), -1 when none
     losses: deque = field(default_factory=lambda: deque(maxlen=50))  # recent step losses (blow-up test)
     rng_state: object = None  # this rank's RNG state from the checkpoint, set once the data loader exists
-    print_fn: object = print
+    print_fn: Callable[..., object] = print
     signal_received: int = 0  # SIGTERM or SIGINT as this process got it (stop.StopOnSignal), 0 before
     stop_signal: int = 0  # the signal every rank agreed to stop on after the current step (train_step), 0 if none
-    tb: object = None  # the main process's TensorBoard SummaryWriter (options.tensorboard), else None
+    tb: Any = None  # the main process's TensorBoard SummaryWriter (options.tensorboard), else None
 
     @property
     def master(self):
@@ -199,26 +201,6 @@ class Run:
                 for key, value in row.items():
                     if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                         self.tb.add_scalar(key, value, row["step"])
-
-
-def configure_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
-    """AdamW; weight decay (if any) on matrices only, never on norms, sos or positions' gains."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
-
-
-def lr_factor(step, warmup_steps, decay_steps, min_ratio=0.0):
-    """Multiplier of the peak LR at optimizer step `step` (0-based): linear warmup over warmup_steps,
-    then cosine decay to min_ratio at decay_steps, flat after."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if step >= decay_steps:
-        return min_ratio
-    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def lr_at(tcfg, step):
@@ -392,8 +374,6 @@ def _check_divergence(run, loss, grad_norm):
                            "--resume auto")
 
 
-
-
 def train_step(run, batches, loss_fn=gen_loss):
     """One optimizer step over grad_accum micro-batches: (loss, grad norm or None, extra metrics)."""
     tcfg = run.tcfg
@@ -545,8 +525,10 @@ def _pause(run, evaluate):
     return tuple(seconds)
 
 
-def train(model_config, tcfg, options=None, resume=None, overwrite=False, explicit=None, model=None, meta=None,
-          objective=None, print_fn=print):
+def train(model_config: GPTConfig, tcfg: TrainConfig, options: RunOptions | None = None, resume: str | None = None,
+          overwrite: bool = False, explicit: Iterable[str] | None = None, model: IGPT | None = None,
+          meta: dict | None = None, objective: Objective | None = None,
+          print_fn: Callable[..., object] = print) -> dict[str, Any]:
     """Train; returns {"step", "loss", "val_loss", "ckpt", "skipped_shards"}. Setup arguments as `start`;
     objective: an Objective (default: pretraining, L_GEN). Holds the run folder's lock throughout; raises
     RunStopped after saving when SIGTERM or SIGINT stopped it."""

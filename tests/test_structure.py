@@ -1,9 +1,12 @@
 """The shape of the package: no import cycles among igpt_fast's modules (every import counted, the lazy
 ones inside functions included, read with ast so nothing is imported), every IGPTError subclass defined
-in errors.py, and meta.json read once per command (train, finetune, probe, sample run in-process through
-click's CliRunner with the one reader, data.read_meta, counting its calls)."""
+in errors.py, the CLI importable without torch, and meta.json read once per command (train, finetune,
+probe, sample run in-process through click's CliRunner with the one reader, data.read_meta, counting
+its calls)."""
 import ast
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -130,3 +133,11 @@ def test_each_command_reads_meta_json_once(dataset, tmp_path, meta_reads):
         res = CliRunner().invoke(cli, args)
         assert res.exit_code == 0, (verb, res.output)
         assert len(meta_reads) == 1, (verb, meta_reads)
+
+
+def test_cli_import_loads_no_torch():
+    """`igpt-fast --help` stays instant: importing the CLI (options.py, run_config.py included) loads neither
+    torch nor numpy; each verb imports what it needs when it runs."""
+    code = "import sys, igpt_fast.cli; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
