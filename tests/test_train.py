@@ -273,11 +273,17 @@ def test_max_minutes_ends_on_time_with_the_cosine_completed(data_dir, tmp_path):
                                    "--spike-factor", "0"])  # thousands of steps at a high lr: no spike stop
     wall = time.perf_counter() - t0
     assert res.exit_code == 0, res.output
-    assert budget_s / 2 < wall < budget_s + 3.0, (wall, res.output)
+    # Never late. How early it ends depends on the machine: the plan is fitted to the step times measured
+    # before it, and N never grows, so a neighbour's load during the first steps ends the run early.
+    assert wall < budget_s + 5.0, (wall, res.output)
     rows = read_log(str(run / "log.jsonl"))
     plan = next(r for r in rows if "time_plan" in r)
     # planned at the end of warmup (step 10), or earlier once 10% of the budget is spent (a slow machine)
     assert TIME_MIN_TIMED + TIME_SKIP <= plan["step"] <= 10 and plan["time_plan"]["upper_bound"] == 10**9, plan
+    # the plan's own arithmetic fills the budget: time spent + steps left x measured step + the final pause
+    p = plan["time_plan"]
+    planned_end = p["elapsed_s"] + (p["steps"] - plan["step"]) * p["ms_per_step"] / 1e3 + p["save_s"] + p["eval_s"]
+    assert 0.8 * budget_s < planned_end + p["plot_s"] <= budget_s, p
     ckpt = load_checkpoint(str(run / "ckpt.pt"), weights=False)
     steps = ckpt["train_config"]["steps"]
     assert ckpt["step"] == steps >= 30 and ckpt["train_config"]["max_minutes"] == 0.0, ckpt["train_config"]
