@@ -64,13 +64,15 @@ test: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
-# The suite against the newest releases of every dependency (no constraints; CPU torch still pinned,
-# since the newest torch wheel on PyPI is the multi-GB CUDA build). Optional: main is judged by `make test`.
+# The suite against the newest releases of every dependency (no constraints but the CPU torch pin: the
+# newest torch wheel on PyPI is the multi-GB CUDA build, which an eager upgrade would otherwise pull).
+# Optional: main is judged by `make test`.
 test-latest:
 	@if [ ! -x $(LATEST_VENV)/bin/python ]; then $(PYTHON) -m venv $(LATEST_VENV); fi
+	@echo "$(CPU_TORCH)" > $(LATEST_VENV)/torch-pin.txt
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools
-	@$(LATEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(LATEST_VENV)/bin/python -m pip install -q $(CPU_TORCH)
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip install -q -c $(LATEST_VENV)/torch-pin.txt $(CPU_TORCH)
+	$(LATEST_VENV)/bin/python -m pip install -q -c $(LATEST_VENV)/torch-pin.txt --upgrade --upgrade-strategy eager -e ".[dev]"
 	@$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -i -E '^(torch|triton|transformers|kernels|numpy|webdataset|faiss-cpu) '
 	@$(MAKE) --no-print-directory data FMNIST=$(FMNIST) || echo "note: the Fashion-MNIST tests will be skipped"
 	IGPT_FAST_FMNIST=$(FMNIST) $(LATEST_VENV)/bin/python -m pytest -q tests
