@@ -14,7 +14,7 @@ is rebuilt from OUT/log.jsonl on resume, so an interrupted run resumes with the 
 
 Everything else is train.train, given a TrainConfig: AdamW, schedule, clipping, accumulation, DDP, atomic checkpoints
 (OUT/ckpt.pt is the latest state, for --resume), log.jsonl, loss.png. At the end the best model is
-scored on val and test (at most max_eval samples each) and OUT/finetune.json is written.
+scored on val and test (at most max_eval samples each, on the run's device) and OUT/finetune.json is written.
 
 What it shows: every log step prints (and logs) the combined loss and its parts, L_CLF as `clf_loss`
 (nats per image), L_GEN as `gen_loss` (nats per pixel), the batch's `train_acc`; every evaluation
@@ -35,11 +35,11 @@ import torch
 from igpt_fast.checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from igpt_fast.errors import FinetuneError
 from igpt_fast.model import Classifier
-from igpt_fast.distributed import all_reduce_sum
+from igpt_fast.distributed import all_reduce_sum, setup_distributed
 from igpt_fast.progress import line
 from igpt_fast.resume import ARCH_FIELDS
 from igpt_fast.runlog import read_log, write_text_atomic
-from igpt_fast.train import Objective, RunOptions, TrainConfig, save, train
+from igpt_fast.train import Objective, RunOptions, TrainConfig, run_device, save, train
 
 __all__ = ["FinetuneError", "FINETUNE_DIR", "BEST_NAME", "RESULT_NAME", "FinetuneConfig", "count_classes",
            "accuracy", "classifier_loss", "EarlyStopping", "finetune_config", "finetune"]
@@ -170,10 +170,9 @@ class EarlyStopping:
         return self.stopped
 
 
-def _score_best(best_path, data_dir, meta, max_eval, impl):
-    """{split: (accuracy or None, n)} of the model in best_path on val and test."""
+def _score_best(best_path, data_dir, meta, max_eval, impl, device):
+    """{split: (accuracy or None, n)} of the model in best_path on val and test, scored on `device` (the run's)."""
     best = model_from_checkpoint(best_path, impl=impl)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     best = best.to(device).eval()
     scores = {}
     for split in ("val", "test"):
@@ -247,7 +246,8 @@ def finetune(run_dir: str, tcfg: TrainConfig, fcfg: FinetuneConfig | None = None
         return None
 
     best_ckpt = load_checkpoint(stopper.best_path)
-    scores = _score_best(best_ckpt, tcfg.data_dir, meta, fcfg.max_eval, options.impl)
+    device = run_device(options, setup_distributed()[3])  # the device the run trained on (--device honoured)
+    scores = _score_best(best_ckpt, tcfg.data_dir, meta, fcfg.max_eval, options.impl, device)
     c = best_ckpt["model_config"]
     result = {"val_acc": scores["val"][0], "n_val": scores["val"][1],
               "test_acc": scores["test"][0] if "test" in scores else None,

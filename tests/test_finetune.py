@@ -1,6 +1,7 @@
 """Finetuning tests on tiny label-dependent shards written here: accuracy far above chance (AR with
 L_GEN, AR without it, BERT), outputs in RUN/finetune, early stopping, interrupted + resumed runs equal
-to a straight run, the early-stopping state rebuilt from log.jsonl, and the CLI (run and errors)."""
+to a straight run, the early-stopping state rebuilt from log.jsonl, the final scoring on the run's device
+(--device), and the CLI (run and errors)."""
 import json
 import os
 
@@ -89,6 +90,27 @@ def test_default_out_dir_and_lower_lr(data_dir, ar_run):
     res = finetune(ar_run, data_dir, steps=2, batch_size=8, eval_every=0, eval_batches=1, **QUIET)
     assert os.path.dirname(res["best"]) == os.path.join(os.path.abspath(ar_run), "finetune")
     assert res["lr"] == pytest.approx(1e-3)  # pretraining LR / 10
+
+
+def test_best_is_scored_on_the_runs_device(data_dir, ar_run, tmp_path, monkeypatch):
+    # a machine with a GPU (faked) and a run on --device cpu: the final scoring of best.pt stays on cpu too
+    import igpt_fast.finetune as ft
+    from igpt_fast.train import RunOptions
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.zeros(16, dtype=torch.uint8))
+    devices = []
+    real = ft.accuracy
+
+    def accuracy(model, *args, **kw):  # during training and in the final scoring
+        devices.append(next(model.parameters()).device)
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(ft, "accuracy", accuracy)
+    tcfg = finetune_config(data_dir, str(tmp_path / "ft"), steps=2, batch_size=8, eval_every=0, eval_batches=1)
+    res = finetune_run(ar_run, tcfg, FinetuneConfig(max_eval=8), RunOptions(device="cpu"), **QUIET)
+    assert res["n_val"] == 8 and res["n_test"] == 8
+    assert devices and all(d.type == "cpu" for d in devices)
 
 
 def test_early_stopping_stops_and_keeps_the_best(data_dir, ar_run, tmp_path):
