@@ -367,22 +367,26 @@ def probe(model: IGPT, data: str, palette: Palette | None = None, batch_size: in
 
 
 def format_table(result):
-    """The probe table as text: layer | val acc | test acc (in %) | best L2, then the pixel baseline."""
-    ev = result["eval_split"]
-    lines = [f"{'layer':>6} | {'val acc':>7} | {ev + ' acc':>8} | {'best L2':>7}"]
+    """The probe table as text: layer | val acc | test acc (in %) | best L2, then the pixel baseline. Without a
+    test split the chosen L2 is scored on val (eval_split "val"), so the test column is left out rather than
+    repeating val."""
+    test = result["eval_split"] == "test"
+    cols = [("val acc", "val_acc", 7)] + ([("test acc", "test_acc", 8)] if test else [])
+    lines = [" | ".join([f"{'layer':>6}"] + [f"{head:>{w}}" for head, _, w in cols] + [f"{'best L2':>7}"])]
     last = result["n_layer"]
     rows = [(f"{r['layer']}" if r["layer"] < last else f"{r['layer']}f", r,
              " *" if r["layer"] == result["best_layer"] else "") for r in result["layers"]]
     if result.get("pixels") is not None:
         rows.append(("pixels", result["pixels"], ""))
     for name, r, mark in rows:
-        lines.append(f"{name:>6} | {fmt('val_acc', r['val_acc']):>7} | {fmt('test_acc', r['test_acc']):>8} | "
-                     f"{r['l2']:7.0e}{mark}")
+        lines.append(" | ".join([f"{name:>6}"] + [f"{fmt(key, r[key]):>{w}}" for _, key, w in cols]
+                                + [f"{r['l2']:7.0e}{mark}"]))
     return "\n".join(lines)
 
 
 def plot_probe(result, path, title=None):
-    """Accuracy vs layer (the paper's figure 3), the raw-pixel baseline as a horizontal line."""
+    """Accuracy vs layer (the paper's figure 3), the raw-pixel baseline as a horizontal line. Test and val
+    accuracy with a test split; val accuracy alone without one (it is then also the scored split)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -391,8 +395,11 @@ def plot_probe(result, path, title=None):
     layers = [r["layer"] for r in result["layers"]]
     ev = result["eval_split"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(layers, [100 * r["test_acc"] for r in result["layers"]], "o-", label=f"{ev} accuracy")
-    ax.plot(layers, [100 * r["val_acc"] for r in result["layers"]], "s--", alpha=0.6, label="val accuracy")
+    if ev == "test":
+        ax.plot(layers, [100 * r["test_acc"] for r in result["layers"]], "o-", label="test accuracy")
+        ax.plot(layers, [100 * r["val_acc"] for r in result["layers"]], "s--", alpha=0.6, label="val accuracy")
+    else:
+        ax.plot(layers, [100 * r["val_acc"] for r in result["layers"]], "o-", label="val accuracy (no test split)")
     p = result.get("pixels")
     if p is not None:
         ax.axhline(100 * p["test_acc"], color="grey", linestyle=":", label=f"raw pixels ({ev})")

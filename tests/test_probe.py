@@ -1,6 +1,7 @@
 """Linear probe tests: the batched L-BFGS logistic regression against a Newton's-method
-reference, joint vs separate fits, per-layer feature shapes, and `igpt-fast probe` end to end on a
-tiny model and tiny shards written by the real tokenizer (`tokenize_dataset` on generated PNGs).
+reference, joint vs separate fits, per-layer feature shapes, the table and plot with and without a test
+split, and `igpt-fast probe` end to end on a tiny model and tiny shards written by the real tokenizer
+(`tokenize_dataset` on generated PNGs).
 
 `make_dataset` and `make_run` are shared with tests/test_sample.py."""
 import json
@@ -16,8 +17,8 @@ from PIL import Image
 from igpt_fast.cli import cli
 from igpt_fast.model import GPTConfig, IGPT
 from igpt_fast.palette import Palette
-from igpt_fast.probe import (ProbeError, extract_features, fit_logistic, lbfgs, pixel_features, predict, probe,
-                             standardize)
+from igpt_fast.probe import (ProbeError, extract_features, fit_logistic, format_table, lbfgs, pixel_features,
+                             plot_probe, predict, probe, standardize)
 from igpt_fast.tokenize import tokenize_dataset
 from igpt_fast.checkpoint import model_state, save_checkpoint
 
@@ -230,6 +231,38 @@ def test_probe_without_val_or_labels(tmp_path):
     assert bare["splits"]["train"]["samples"] == 6
     with pytest.raises(ProbeError, match="unlabelled"):
         probe(model, str(tmp_path / "bare"), pixels=False, progress=False, log=lambda s: None)
+
+
+def _result(eval_split):
+    """A probe result of two layers and the pixel baseline; without a test split test_acc repeats val_acc."""
+    rows = [dict(layer=0, l2=0.1, val_acc=0.5, test_acc=0.25), dict(layer=1, l2=1.0, val_acc=0.75, test_acc=0.625)]
+    pixels = dict(layer=0, l2=0.1, val_acc=0.375, test_acc=0.125)
+    if eval_split == "val":
+        for r in rows + [pixels]:
+            r["test_acc"] = r["val_acc"]
+    return {"layers": rows, "pixels": pixels, "best_layer": 1, "eval_split": eval_split, "n_layer": 1}
+
+
+@pytest.mark.parametrize("eval_split", ["test", "val"])
+def test_table_and_plot_show_test_only_with_a_test_split(eval_split, tmp_path, monkeypatch):
+    lines = format_table(_result(eval_split)).splitlines()
+    cells = [[c.strip() for c in line.split(" | ")] for line in lines]
+    if eval_split == "test":
+        assert cells[0] == ["layer", "val acc", "test acc", "best L2"]
+        assert cells[2][:3] == ["1f", "75.00%", "62.50%"] and cells[3][:3] == ["pixels", "37.50%", "12.50%"]
+    else:
+        assert cells[0] == ["layer", "val acc", "best L2"]
+        assert cells[2] == ["1f", "75.00%", "1e+00 *"] and cells[3] == ["pixels", "37.50%", "1e-01"]
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_probe(_result(eval_split), str(tmp_path / "probe.png"))
+    curves = {line.get_label(): list(line.get_ydata()) for line in figures[0].axes[0].get_lines()}
+    if eval_split == "test":
+        assert curves == {"test accuracy": [25.0, 62.5], "val accuracy": [50.0, 75.0],
+                          "raw pixels (test)": [12.5, 12.5]}
+    else:
+        assert curves == {"val accuracy (no test split)": [50.0, 75.0], "raw pixels (val)": [37.5, 37.5]}
 
 
 # ---------------------------------------------------------------------------------------- CLI
