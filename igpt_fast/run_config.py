@@ -28,7 +28,7 @@ def read_config(path: str) -> dict[str, Any]:
         text = f.read()
     if path.lower().endswith((".yaml", ".yml")):
         try:
-            import yaml  # type: ignore[import-untyped]  # PyYAML ships no type information
+            import yaml
         except ImportError:
             raise click.ClickException(f"--config {path}: reading YAML needs the PyYAML package (pip install pyyaml); "
                                        "or pass the run's config.json") from None
