@@ -1,6 +1,7 @@
 """Tests for the dispatch in igpt_fast/kernels/__init__.py: which implementation a call gets (once per
-shape class), the per-GPU defaults table, the fp32-on-CUDA rule, the fallback that keeps a kernel
-which cannot compile or launch from failing a run, and torch.compile seeing the Triton kernels.
+shape class), the per-GPU defaults table, the fp32-on-CUDA rule, bf16 under the interpreter, the fallback
+that keeps a kernel which cannot compile or launch from failing a run, and torch.compile seeing the Triton
+kernels.
 
 No GPU needed: `_capability` (dispatch's one device question) is patched to report a GPU while the
 kernels run under the Triton interpreter, and `_common.launch` (where every eager kernel launch goes)
@@ -161,6 +162,32 @@ def test_fp32_attention_on_cuda_takes_sdpa_or_raises(fake_cuda, launches, caplog
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
     assert names == [] and any("fp32 attention on CUDA" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="impl='triton' cannot take this call: fp32"):
+        attention(q, k, v, impl="triton")
+
+
+def test_bf16_under_the_interpreter_takes_torch_path_on_cuda(fake_cuda, launches, caplog):
+    # TRITON_INTERPRET=1 on a machine whose tensors are on a GPU: the interpreter has no bf16, so auto must not
+    # send bf16 to it (its ValueError is a contract error and would propagate); impl="triton" still raises it
+    names = launches()
+    q, k, v = _qkv(dtype=torch.bfloat16)
+    x = torch.randn(5, 40, dtype=torch.bfloat16, requires_grad=True)
+    with caplog.at_level(logging.INFO, logger="igpt_fast.kernels"):
+        out, grads = _grads(lambda a, b, c: attention(a, b, c, causal=True), (q, k, v))
+        attention(q, k, v, causal=True)
+        y, (dx,) = _grads(softmax, (x,))
+    ref, ref_grads = _grads(lambda a, b, c: attention(a, b, c, causal=True, impl="torch"), (q, k, v))
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    ref_y, (ref_dx,) = _grads(lambda t: softmax(t, impl="torch"), (x,))
+    torch.testing.assert_close(y, ref_y)
+    torch.testing.assert_close(dx, ref_dx)
+    assert names == [] and not kernels._fallback
+    lines = [r.getMessage() for r in caplog.records]
+    reason = "the Triton interpreter (TRITON_INTERPRET=1) cannot run bfloat16"
+    assert sum(m.startswith("igpt_fast.kernels.attention: using the torch") and reason in m for m in lines) == 1
+    assert sum(m.startswith("igpt_fast.kernels.softmax: using the torch") and reason in m for m in lines) == 1
+    with pytest.raises(ValueError, match="no bf16"):
         attention(q, k, v, impl="triton")
 
 

@@ -7,12 +7,13 @@ impl="auto"   on CUDA, the implementation the per-GPU defaults table (defaults.p
               T_q != T_k (e.g. a KV-cache decode step), D > 128, or fp32 inputs (fp32 attention dots
               miss the tensor cores, spill registers and at D >= 96 can overflow A100 shared memory;
               SDPA runs fp32 well, so Triton attention on CUDA is fp16/bf16 only). Elsewhere (CPU)
-              the torch path. A kernel that cannot compile or launch on this GPU (out of shared
-              memory or registers, an architecture Triton cannot target) never fails the run: the
-              first call of each shape class runs the Triton kernels once on a one-row slice of its
-              inputs (the backward too when the inputs need gradients); a Triton error there is
-              logged once as a warning with its reason, and that class takes the torch path from
-              then on.
+              the torch path, and under the Triton interpreter (TRITON_INTERPRET=1, even with
+              tensors on a GPU) the torch path for bf16, which the interpreter cannot run. A
+              kernel that cannot compile or launch on this GPU (out of shared memory or registers,
+              an architecture Triton cannot target) never fails the run: the first call of each
+              shape class runs the Triton kernels once on a one-row slice of its inputs (the
+              backward too when the inputs need gradients); a Triton error there is logged once as
+              a warning with its reason, and that class takes the torch path from then on.
 impl="triton" always the Triton kernels; a compile or launch failure raises, and so does a call the
               kernels do not cover (fp32 attention on CUDA included). On CPU this means the Triton
               interpreter: set TRITON_INTERPRET=1 before this package is imported (fp32/fp16 only).
@@ -64,6 +65,10 @@ _log = logging.getLogger("igpt_fast.kernels")
 _resolved: dict[tuple[Any, ...], Callable[..., torch.Tensor]] = {}  # shape class -> the function its calls run
 _fallback: dict[tuple[Any, ...], str] = {}  # (op, device, dtype, width, causal) -> why the Triton kernels failed on it
 _logged: set[tuple[str, str, str]] = set()  # (op, implementation, reason) already logged
+# The Triton interpreter (read once, at import, like kernels/_common.py) runs fp32/fp16 only: under it impl="auto"
+# sends the dtypes it cannot run to the torch path, even where the tensors are on a GPU.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_NOT_INTERPRETED = (torch.bfloat16,)
 
 
 def _capability(x):
@@ -100,6 +105,8 @@ def _choose(op, impl, x, width, causal, size, needs_grad, unsupported):
         return "torch", ""
     if unsupported is not None:
         return "torch", unsupported
+    if _INTERPRET and x.dtype in _NOT_INTERPRETED:
+        return "torch", f"the Triton interpreter (TRITON_INTERPRET=1) cannot run {str(x.dtype).replace('torch.', '')}"
     cls = (op, x.get_device(), x.dtype, width, causal)
     if cls in _fallback:
         return "torch", f"the Triton kernels failed on {_describe(cls)}: {_fallback[cls]}"
