@@ -2,7 +2,9 @@
 sampler's O(n_ctx^2) way).
 
 All paths are `igpt_fast.sample.generate` (use_cache=True / False, compile=False / True) on the same
-random model: n_px 32 (T = n_ctx = 1024), 8 layers, 256 wide, 8 heads, batch 8 by default, fp32, no grad.
+random model: n_px 32 (T = n_ctx = 1024), 8 layers, 256 wide, 8 heads, batch 8 by default, no grad. Precision
+is generate's (`igpt_fast.sample.autocast`): fp32 on the CPU, bf16 autocast on CUDA; the recompute estimate
+runs under the same autocast, so all paths compare in one precision.
 
 - kv-cache: one full unconditional generation of T pixels, timed end to end (prefill + T - 1 decodes +
   sampling), median of --reps runs; cpu_seconds is the process CPU time of the same runs (less
@@ -16,8 +18,14 @@ random model: n_px 32 (T = n_ctx = 1024), 8 layers, 256 wide, 8 heads, batch 8 b
   default the forward + sample time is measured at --positions stratified positions (the midpoint of
   each of equal buckets of t, median of --reps) and the total is the sum of bucket sizes x measured
   time: an estimate, and the table says so. --full times the whole recompute generation instead.
-- check: the last --check pixels regenerated from the same prefix with the same seed by both paths
-  must be identical tokens (the exactness the tests assert, on the benchmark's shapes).
+- check: in fp32 (CPU), the last --check pixels regenerated from the same prefix with the same seed by
+  both paths must be identical tokens (the exactness the tests assert, on the benchmark's shapes). Under
+  bf16 autocast (CUDA) the two paths round differently (other matmul shapes, the cache stored in bf16),
+  which can flip a draw near a boundary of the sampling CDF, and one flipped pixel changes every later
+  one: token equality is then reported (tokens_equal) but not required. The check is teacher-forced
+  instead: both paths score the same tokens' last --check pixels, and the KV-cache path's log-probs may
+  differ from an fp32 recompute by at most 2x the bf16 recompute's own difference from it (cache_err,
+  recompute_err: max |delta log p| in nats).
 
 Threads: CPU runs default to one intra-op thread. On a shared machine OpenMP's spin-waiting threads
 make two threads slower than one for both paths (measured on a busy 2-core box: cached 223 s vs 20 s,
@@ -36,7 +44,7 @@ import torch
 
 from common import DEFAULT_OUT, env_info, write_results
 from igpt_fast.model import GPTConfig, IGPT
-from igpt_fast.sample import generate, sample_logits
+from igpt_fast.sample import autocast, generate, sample_logits
 
 
 def _sync(device):
@@ -69,13 +77,35 @@ def recompute_estimate(model, batch_size, n_positions, reps, device):
         logits, _ = model(idx[:, :t + 1])  # (B, t + 1, V): position t predicts pixel t
         return sample_logits(logits[:, -1], 1.0, None, gen)
 
-    step(T // 2)  # warm-up
-    per_pixel, total = {}, 0.0
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        t = (lo + hi - 1) // 2
-        per_pixel[int(t)], _ = timed(lambda: step(t), device, reps)
-        total += per_pixel[int(t)] * (hi - lo)
+    with autocast(device):  # generate's precision: bf16 on CUDA
+        step(T // 2)  # warm-up
+        per_pixel, total = {}, 0.0
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            t = (lo + hi - 1) // 2
+            per_pixel[int(t)], _ = timed(lambda: step(t), device, reps)
+            total += per_pixel[int(t)] * (hi - lo)
     return total, per_pixel
+
+
+@torch.no_grad()
+def teacher_forced_errors(model, tokens, check, device):
+    """Log-probs of the last `check` pixels of tokens (B, T), scored by the KV-cache path (prefill, then
+    decode steps fed the same tokens) and by full recompute, both under generate's autocast, against an
+    fp32 recompute without it. Returns (cache_err, recompute_err): max |delta log p| in nats."""
+    B, T = tokens.shape
+    t0 = T - check
+    with autocast(device):
+        amp = torch.is_autocast_enabled(device.type)
+        model.setup_cache(B, dtype=torch.get_autocast_dtype(device.type) if amp else None)
+        try:
+            steps = [model.prefill(tokens[:, :t0])]  # (B, V) each: logits for pixel t0, then t0 + 1, ...
+            steps += [model.decode(tokens[:, t], t) for t in range(t0, T - 1)]
+        finally:
+            model.clear_cache()
+        cached = torch.stack(steps, 1).float().log_softmax(-1)  # (B, check, V)
+        recomputed = model(tokens)[0][:, t0:].float().log_softmax(-1)  # (B, check, V): position t predicts x_t
+    ref = model(tokens)[0][:, t0:].float().log_softmax(-1)  # (B, check, V), fp32
+    return (cached - ref).abs().max().item(), (recomputed - ref).abs().max().item()
 
 
 def main():
@@ -134,9 +164,20 @@ def main():
         full_s, _ = recompute_estimate(model, B, args.positions, args.reps, device)
         how = f"estimated: {args.positions} stratified positions timed, bucket-weighted sum"
     prefix = tokens[:, :T - args.check]
-    same = torch.equal(generate(model, prefix, generator=torch.Generator(device=device).manual_seed(2)),
-                       generate(model, prefix, use_cache=False,
-                                generator=torch.Generator(device=device).manual_seed(2)))
+    tokens_equal = torch.equal(generate(model, prefix, generator=torch.Generator(device=device).manual_seed(2)),
+                               generate(model, prefix, use_cache=False,
+                                        generator=torch.Generator(device=device).manual_seed(2)))
+    with autocast(device):
+        bf16 = torch.is_autocast_enabled(device.type)
+    if bf16:  # see the module docstring: tokens may differ, the log-probs may not beyond bf16's own error
+        cache_err, recompute_err = teacher_forced_errors(model, tokens, args.check, device)
+        same = cache_err <= 2 * recompute_err
+        check = (f"last {args.check} pixels' log-probs within 2x bf16 recompute's error "
+                 f"(cache {cache_err:.2g}, recompute {recompute_err:.2g} nats; identical tokens: {tokens_equal})")
+    else:
+        cache_err = recompute_err = None
+        same = tokens_equal
+        check = f"last {args.check} pixels identical"
 
     env = env_info()
     shape = dict(n_px=args.n_px, T=T, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, B=B,
@@ -145,7 +186,8 @@ def main():
     rows = [
         {**env, "path": "kv-cache", **shape, "seconds": cached_s, "cpu_seconds": cached_cpu,
          "ms_per_pixel": 1e3 * cached_s / T, "px_per_s": B * T / cached_s, "speedup_vs_recompute": speedup,
-         "speedup_vs_eager": 1.0, "how": f"measured: full run, median of {args.reps}", "tokens_equal": same},
+         "speedup_vs_eager": 1.0, "how": f"measured: full run, median of {args.reps}", "tokens_equal": tokens_equal,
+         "check_passed": same, "cache_err": cache_err, "recompute_err": recompute_err},
     ]
     if args.compile:
         comp_s = statistics.median(w for w, _, _ in runs[True])
@@ -158,7 +200,8 @@ def main():
                     "before, untimed",
              "tokens_equal": all(torch.equal(c[2], e[2]) for e, c in zip(runs[False], runs[True]))})
     rows.append({**env, "path": "full-recompute", **shape, "seconds": full_s, "ms_per_pixel": 1e3 * full_s / T,
-                 "px_per_s": B * T / full_s, "speedup_vs_recompute": 1.0, "how": how, "tokens_equal": same})
+                 "px_per_s": B * T / full_s, "speedup_vs_recompute": 1.0, "how": how, "tokens_equal": tokens_equal,
+                 "check_passed": same, "cache_err": cache_err, "recompute_err": recompute_err})
     csv_path, md_path = write_results(rows, "sample", args.out)
     print(f"{'path':>17} | {'seconds':>9} | {'ms/pixel':>9} | {'px/s':>9} | how")
     for r in rows:
@@ -168,7 +211,7 @@ def main():
               f"identical tokens: {rows[1]['tokens_equal']}")
     goal = "meets" if speedup >= 50 else "misses"
     print(f"speedup {speedup:.1f}x ({goal} the 50x goal) | T {T} | {args.n_layer} layers x {args.n_embd} | batch {B} "
-          f"| {env['device']} | {torch.get_num_threads()} threads | last {args.check} pixels identical: {same}")
+          f"| {env['device']} | {torch.get_num_threads()} threads | {check}: {same}")
     print(f"wrote {csv_path} and {md_path}")
 
 
