@@ -76,17 +76,18 @@ def _floor_functions(torch):
     class CrossEntropy(torch.autograd.Function):
         @staticmethod
         def forward(ctx, logits, targets):
-            loss, grad = fce._cross_entropy_forward(logits, targets, -100, logits.requires_grad)
-            ctx.save_for_backward(grad)
+            loss, grad, stats = fce._cross_entropy_forward(logits, targets, -100, logits.requires_grad, "mean")
+            ctx.save_for_backward(targets, grad, stats)
             return loss
 
         @staticmethod
         def backward(ctx, dloss):
-            return fce._cross_entropy_backward(ctx.saved_tensors[0], dloss), None
+            targets, grad, stats = ctx.saved_tensors
+            return fce._cross_entropy_backward(grad, targets, dloss, stats, -100, "mean"), None
 
     return dict(attention=lambda q, k, v: Attention.apply(q, k, v, True, 0.125),
                 softmax=Softmax.apply,
-                cross_entropy=lambda logits, targets: CrossEntropy.apply(logits, targets).mean())
+                cross_entropy=CrossEntropy.apply)  # the mean is reduced in the kernel (since the in-kernel reduction)
 
 
 def _cases(torch, device, dtype):

@@ -6,11 +6,17 @@ A program takes ROWS rows (a ROWS x BLOCK_V tile of about 2048 elements: 4 rows 
 colours, so narrow rows are neither launch- nor occupancy-bound; one row when V > 2048) and streams
 them in BLOCK_V chunks with the online max/sum (base 2: exp2 of x * log2(e)) to get lse and x_t,
 then walks them again writing the per-row gradient. No (N, V)
-probability tensor is ever kept: the forward returns the per-row loss and (only when logits need a
+probability tensor is ever kept: the forward returns the loss and (only when logits need a
 gradient) the unscaled per-row gradient in the logits' dtype, which replaces the logits as the
 saved state (the same memory trade as Liger-Kernel's fused cross-entropy, but written to a new
 buffer, never into the logits). The backward scales row i by grad_output_i (reduction "none"), by
 grad_output / n_valid (mean) or by grad_output (sum), in fp32, in one more pass.
+
+Reduction in the kernel (no torch op after it, no host sync): for "none" each program stores its
+rows' losses; for "sum"/"mean" each program stores its loss sum and non-ignored count as partials in
+a zeroed fp32 stats buffer, then takes a ticket (an fp32 atomic add, acq_rel); the program that draws
+the last ticket adds every partial in a fixed order (so the result is deterministic), writes the loss
+(sum, or sum / count) and the count, which the backward kernel reads to scale by grad_output / count.
 
 Rows whose target equals ignore_index get loss 0 and gradient 0. The mean is
 over non-ignored rows, like F.cross_entropy; when every row is ignored it is nan (0 / 0) with a zero
@@ -20,9 +26,11 @@ References: linkedin/Liger-Kernel src/liger_kernel/ops/cross_entropy.py; Milakov
 "Online normalizer calculation for softmax" (2018).
 
 Limits. logits (N, V) in fp16/bf16/fp32 (the last dimension contiguous; otherwise copied), any
-V >= 1; targets (N,) integer in [0, V) or ignore_index (checked on CPU; on CUDA a bad target is only
-caught with TRITON_DEBUG=1). Math in fp32; the loss is fp32; the gradient is in the logits' dtype.
-Deterministic. On CPU only under the Triton interpreter (TRITON_INTERPRET=1, fp32/fp16).
+V >= 1; targets (N,) integer in [0, V) or ignore_index, any stride (checked on CPU, where the
+interpreter skips device_assert: one aminmax per call, the exact test only when some target lies
+outside [0, V); on CUDA a bad target is only caught with TRITON_DEBUG=1). Math in fp32; the loss is
+fp32; the gradient is in the logits' dtype. "sum"/"mean" take fewer than 2^24 programs (2^26 rows at
+the palette's 512 colours). Deterministic. On CPU only under the Triton interpreter (TRITON_INTERPRET=1, fp32/fp16).
 """
 import torch
 import triton
@@ -33,16 +41,21 @@ from ._common import LN2, LOG2E
 _MAX_BLOCK_V = 4096
 _ROW_TILE = 2048  # elements per program when several rows share one
 _MAX_ROWS = 16
-_REDUCTIONS = ("none", "mean", "sum")
+_REDUCTIONS = ("none", "sum", "mean")  # the kernels' REDUCTION 0, 1, 2
+_BLOCK_P = 1024  # partials summed per step by the last program
+_MAX_PROGRAMS = 2 ** 24  # the fp32 ticket counts exactly below this
 
 
 @triton.jit
-def _ce_fwd_kernel(LOGITS, TARGETS, LOSS, GRAD, stride_l, N, V, ignore_index,
-                   COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ROWS: tl.constexpr):
-    # GRAD is contiguous (N, V).
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+def _ce_fwd_kernel(LOGITS, TARGETS, LOSS, GRAD, STATS, stride_l, stride_t, N, V, ignore_index,
+                   REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
+    # GRAD is contiguous (N, V). REDUCTION 0 (none): LOSS is (N,). 1 (sum) / 2 (mean): LOSS is (), STATS the
+    # zeroed fp32 [count, ticket, partial sums (P,), partial counts (P,)] over P programs.
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
-    target = tl.load(TARGETS + rows, mask=row_ok, other=ignore_index)
+    target = tl.load(TARGETS + rows * stride_t, mask=row_ok, other=ignore_index)
     valid = row_ok & (target != ignore_index)
     tl.device_assert(((target >= 0) & (target < V)) | (valid == 0), "cross_entropy: target out of [0, V)")
     logits = LOGITS + rows[:, None] * stride_l  # (ROWS, 1)
@@ -59,7 +72,7 @@ def _ce_fwd_kernel(LOGITS, TARGETS, LOSS, GRAD, stride_l, N, V, ignore_index,
         m = m_new
     lse2 = tl.where(valid, m + tl.log2(d), 0.0)  # log-sum-exp in base 2
     x_target = tl.load(LOGITS + rows * stride_l + tl.where(valid, target, 0), mask=valid, other=0.0).to(tl.float32)
-    tl.store(LOSS + rows, tl.where(valid, lse2 * LN2 - x_target, 0.0), mask=row_ok)
+    loss = tl.where(valid, lse2 * LN2 - x_target, 0.0)  # (ROWS,)
 
     if COMPUTE_GRAD:
         for start in range(0, V, BLOCK_V):
@@ -71,13 +84,43 @@ def _ce_fwd_kernel(LOGITS, TARGETS, LOSS, GRAD, stride_l, N, V, ignore_index,
             tl.store(GRAD + rows[:, None] * V + cols[None, :], g.to(GRAD.dtype.element_ty),
                      mask=row_ok[:, None] & (cols[None, :] < V))
 
+    if REDUCTION == 0:
+        tl.store(LOSS + rows, loss, mask=row_ok)
+    else:
+        P = tl.num_programs(0)
+        tl.store(STATS + 2 + pid, tl.sum(loss, 0))
+        tl.store(STATS + 2 + P + pid, tl.sum(valid.to(tl.float32), 0))
+        ticket = tl.atomic_add(STATS + 1, 1.0, sem="acq_rel")  # releases the partials above; exact below 2^24
+        if ticket == P - 1:  # the last program to finish sums every partial, in a fixed order
+            total = tl.zeros([BLOCK_P], dtype=tl.float32)
+            count = tl.zeros([BLOCK_P], dtype=tl.int32)
+            for start in range(0, P, BLOCK_P):
+                p = start + tl.arange(0, BLOCK_P)
+                total += tl.load(STATS + 2 + p, mask=p < P, other=0.0, volatile=True)
+                count += tl.load(STATS + 2 + P + p, mask=p < P, other=0.0, volatile=True).to(tl.int32)
+            n_valid = tl.sum(count, 0).to(tl.float32)
+            result = tl.sum(total, 0)
+            if REDUCTION == 2:
+                result = tl.math.div_rn(result, n_valid)  # 0 / 0 = nan when every row is ignored
+            tl.store(LOSS, result)
+            tl.store(STATS, n_valid)
+
 
 @triton.jit
-def _ce_bwd_kernel(GRAD, DLOSS, DLOGITS, N, V, BLOCK_V: tl.constexpr, ROWS: tl.constexpr):
-    # GRAD, DLOSS and DLOGITS are contiguous.
+def _ce_bwd_kernel(GRAD, TARGETS, DLOSS, STATS, DLOGITS, stride_t, stride_dl, N, V, ignore_index,
+                   REDUCTION: tl.constexpr, BLOCK_V: tl.constexpr, ROWS: tl.constexpr):
+    # GRAD and DLOGITS are contiguous (N, V); DLOSS is (N,) for REDUCTION 0, else () (mean: / STATS[0], the count).
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
-    scale = tl.load(DLOSS + rows, mask=row_ok, other=0.0).to(tl.float32)
+    target = tl.load(TARGETS + rows * stride_t, mask=row_ok, other=ignore_index)
+    valid = row_ok & (target != ignore_index)  # ignored rows get 0, even for inf / nan scales
+    if REDUCTION == 0:
+        scale = tl.load(DLOSS + rows * stride_dl, mask=valid, other=0.0).to(tl.float32)
+    else:
+        dloss = tl.load(DLOSS).to(tl.float32)
+        if REDUCTION == 2:
+            dloss = tl.math.div_rn(dloss, tl.load(STATS))
+        scale = tl.where(valid, dloss, 0.0)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         offs = rows[:, None] * V + cols[None, :]
@@ -100,34 +143,52 @@ def _plan(V):
     return plan
 
 
-def _fwd(logits, targets, ignore_index, compute_grad, launch):
-    """Allocate the per-row loss (N,) fp32 and, if compute_grad, the unscaled gradient (N, V) in the
-    logits' dtype; launch the forward. Its kernel's signature lives here."""
+def _fwd(logits, targets, ignore_index, compute_grad, reduction, launch):
+    """Allocate the loss ((N,) for "none", else ()) fp32, the reduction's stats (zeroed fp32 [count,
+    ticket, partials (2P,)]; the loss itself for "none") and, if compute_grad, the unscaled gradient (N, V)
+    in the logits' dtype; launch the forward. Its kernel's signature lives here."""
     N, V = logits.shape
-    loss = _common.empty(logits, (N,), torch.float32)
+    rows, meta = _plan(V)
+    programs = -(-N // rows)
+    code = _REDUCTIONS.index(reduction)
+    if code == 0:
+        loss = stats = _common.empty(logits, (N,), torch.float32)
+    elif N:
+        if programs >= _MAX_PROGRAMS:
+            raise ValueError(f"cross_entropy: {N} rows of width {V} need {programs} programs; reduction "
+                             f"{reduction!r} takes fewer than {_MAX_PROGRAMS} (use reduction='none')")
+        loss = _common.empty(logits, (), torch.float32)
+        stats = logits.new_zeros(2 + 2 * programs, dtype=torch.float32)
+    else:  # no rows: torch's sum 0 and mean nan, nothing to launch
+        loss = torch.full((), 0.0 if reduction == "sum" else float("nan"), device=logits.device)
+        stats = loss.new_zeros(1)
     grad = _common.empty(logits, (N, V) if compute_grad else (0, V))
     if N:
-        rows, meta = _plan(V)
-        launch(_ce_fwd_kernel, (-(-N // rows),), (logits, targets, loss, grad, logits.stride(0), N, V, ignore_index),
-               dict(meta, COMPUTE_GRAD=compute_grad))
-    return loss, grad
+        launch(_ce_fwd_kernel, (programs,),
+               (logits, targets, loss, grad, stats, logits.stride(0), targets.stride(0), N, V, ignore_index),
+               dict(meta, REDUCTION=code, COMPUTE_GRAD=compute_grad, BLOCK_P=_BLOCK_P if code else 1))
+    return loss, grad, stats
 
 
-def _bwd(grad, dloss, launch):
-    """d logits = grad * dloss[:, None] (fp32 math, grad's dtype); grad and dloss contiguous. Its
+def _bwd(grad, targets, dloss, stats, ignore_index, reduction, launch):
+    """d logits = grad * scale (fp32 math, grad's dtype; grad contiguous), scale per row: dloss_i ("none"),
+    dloss ("sum") or dloss / count ("mean", the count from the forward's stats), 0 on ignored rows. Its
     kernel's signature lives here."""
     N, V = grad.shape
     dlogits = _common.empty(grad, (N, V))
     if N:
         rows, meta = _plan(V)
-        launch(_ce_bwd_kernel, (-(-N // rows),), (grad, dloss, dlogits, N, V), meta)
+        code = _REDUCTIONS.index(reduction)
+        launch(_ce_bwd_kernel, (-(-N // rows),),
+               (grad, targets, dloss, stats, dlogits, targets.stride(0), dloss.stride(0) if code == 0 else 0, N, V,
+                ignore_index), dict(meta, REDUCTION=code))
     return dlogits
 
 
 def launch_specs(logits, compute_grad=True):
-    """The launches one forward (+ backward when compute_grad) over (N, V) logits like these makes,
-    recorded from the launchers themselves (no checks run): [(kernel, grid, args, keywords)]. For
-    tools/compile_check.py."""
+    """The launches one forward (+ backward when compute_grad) over (N, V) logits like these makes, for
+    reductions "mean" (the training loss) and "none", recorded from the launchers themselves (no checks
+    run): [(kernel, grid, args, keywords)]. For tools/compile_check.py."""
     specs = []
 
     def record(*spec):
@@ -135,15 +196,17 @@ def launch_specs(logits, compute_grad=True):
 
     N, V = logits.shape
     targets = torch.zeros(N, dtype=torch.int64, device=logits.device)
-    _, grad = _fwd(logits, targets, -100, compute_grad, record)
-    if compute_grad:
-        _bwd(grad, torch.empty(N, dtype=torch.float32, device=logits.device), record)
+    for reduction in ("mean", "none"):
+        loss, grad, stats = _fwd(logits, targets, -100, compute_grad, reduction, record)
+        if compute_grad:
+            _bwd(grad, targets, torch.empty_like(loss), stats, -100, reduction, record)
     return specs
 
 
-def _cross_entropy_forward(logits, targets, ignore_index, compute_grad, launch=None):
-    """The forward launcher: check, then the per-row loss (N,) fp32 and, if compute_grad, the unscaled
-    gradient (N, V) in logits' dtype."""
+def _cross_entropy_forward(logits, targets, ignore_index, compute_grad, reduction="none", launch=None):
+    """The forward launcher: check, then (loss, grad, stats): the loss fp32 ((N,) for "none", else ()),
+    the unscaled gradient (N, V) in logits' dtype if compute_grad (else (0, V)) and what the backward
+    launcher needs of the reduction."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy: need logits (N, V) and targets (N,), got {tuple(logits.shape)} "
                          f"and {tuple(targets.shape)}")
@@ -153,80 +216,81 @@ def _cross_entropy_forward(logits, targets, ignore_index, compute_grad, launch=N
         raise ValueError("cross_entropy: targets must be int64/int32 on the logits' device")
     _common.check_device("cross_entropy", logits)
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    return _fwd(logits, targets.contiguous(), ignore_index, compute_grad, launch or _common.launch)
+    return _fwd(logits, targets, ignore_index, compute_grad, reduction, launch or _common.launch)
 
 
-def _cross_entropy_backward(grad, dloss, launch=None):
-    """The backward launcher: d logits = grad * dloss[:, None], in fp32 math, stored in grad's dtype."""
-    return _bwd(grad.contiguous(), dloss.contiguous(), launch or _common.launch)
+def _cross_entropy_backward(grad, targets, dloss, stats, ignore_index, reduction="none", launch=None):
+    """The backward launcher: d logits from the forward's grad and stats and the loss's gradient dloss,
+    in fp32 math, stored in grad's dtype."""
+    if grad.shape[0] != targets.shape[0]:
+        raise RuntimeError("cross_entropy: the forward ran without computing the gradient (grad mode off "
+                           "or logits not requiring grad), so it cannot be differentiated")
+    return _bwd(grad, targets, dloss, stats, ignore_index, reduction, launch or _common.launch)
 
 
 class _CrossEntropy(torch.autograd.Function):
-    """Eager calls: the launchers and nothing else. Returns the per-row loss (N,) fp32."""
+    """Eager calls: the launchers and nothing else. Returns the loss fp32, reduced in the kernel."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, compute_grad):
-        loss, grad = _cross_entropy_forward(logits, targets, ignore_index, compute_grad)
-        ctx.save_for_backward(targets, grad)
-        ctx.ignore_index = ignore_index
+    def forward(ctx, logits, targets, ignore_index, compute_grad, reduction):
+        loss, grad, stats = _cross_entropy_forward(logits, targets, ignore_index, compute_grad, reduction)
+        ctx.save_for_backward(targets, grad, stats)
+        ctx.ignore_index, ctx.reduction = ignore_index, reduction
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
-        targets, grad = ctx.saved_tensors
-        return _ce_grad(grad, targets, ctx.ignore_index, dloss, _cross_entropy_backward), None, None, None
-
-
-def _ce_grad(grad, targets, ignore_index, dloss, backward):
-    if grad.shape[0] != targets.shape[0]:
-        raise RuntimeError("cross_entropy: the forward ran without computing the gradient (grad mode off "
-                           "or logits not requiring grad), so it cannot be differentiated")
-    dloss = dloss.masked_fill(targets == ignore_index, 0.0)  # ignored rows: 0, even for inf / nan scales
-    return backward(grad, dloss.float())
+        targets, grad, stats = ctx.saved_tensors
+        dlogits = _cross_entropy_backward(grad, targets, dloss, stats, ctx.ignore_index, ctx.reduction)
+        return dlogits, None, None, None, None
 
 
 @_common.kernel_op("igpt_fast::cross_entropy_fwd")
-def _cross_entropy_fwd_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                          compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _cross_entropy_forward(logits, targets, ignore_index, compute_grad, _common.launch_traceable)
+def _cross_entropy_fwd_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, compute_grad: bool,
+                          reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, grad, stats = _cross_entropy_forward(logits, targets, ignore_index, compute_grad, reduction,
+                                               _common.launch_traceable)
+    return loss, grad, stats if reduction != "none" else stats.new_empty(0)  # outputs may not alias
 
 
 @_common.kernel_op("igpt_fast::cross_entropy_bwd")
-def _cross_entropy_bwd_op(grad: torch.Tensor, dloss: torch.Tensor) -> torch.Tensor:
-    return _cross_entropy_backward(grad, dloss, _common.launch_traceable)
+def _cross_entropy_bwd_op(grad: torch.Tensor, targets: torch.Tensor, dloss: torch.Tensor, stats: torch.Tensor,
+                          ignore_index: int, reduction: str) -> torch.Tensor:
+    return _cross_entropy_backward(grad, targets, dloss, stats, ignore_index, reduction, _common.launch_traceable)
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    logits, targets, ignore_index, compute_grad = inputs
-    ctx.save_for_backward(targets, output[1])
-    ctx.ignore_index = ignore_index
+    logits, targets, ignore_index, compute_grad, reduction = inputs
+    ctx.save_for_backward(targets, output[1], output[2])
+    ctx.ignore_index, ctx.reduction = ignore_index, reduction
 
 
-def _fwd_backward(ctx, dloss, dgrad):
-    targets, grad = ctx.saved_tensors
-    return _ce_grad(grad, targets, ctx.ignore_index, dloss, _cross_entropy_bwd_op), None, None, None
+def _fwd_backward(ctx, dloss, dgrad, dstats):
+    targets, grad, stats = ctx.saved_tensors
+    dlogits = _cross_entropy_bwd_op(grad, targets, dloss, stats, ctx.ignore_index, ctx.reduction)
+    return dlogits, None, None, None, None
 
 
 _cross_entropy_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
+def _check_targets(targets, V, ignore_index):
+    """The interpreter's stand-in for the kernel's device_assert (which the interpreter skips): one
+    aminmax and, only when some target is outside [0, V) (ignored rows, or an error), the exact test."""
+    low, high = torch.aminmax(targets)
+    if (low < 0 or high >= V) and ((targets != ignore_index) & ((targets < 0) | (targets >= V))).any():
+        raise ValueError(f"cross_entropy: targets outside [0, {V}) that are not ignore_index={ignore_index}")
+
+
 def triton_cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
-    """Fused cross-entropy of (N, V) logits vs (N,) targets; fp32 loss; differentiable w.r.t. logits.
-    Eagerly the autograd.Function; under torch.compile the triton_op."""
+    """Fused cross-entropy of (N, V) logits vs (N,) targets; fp32 loss, reduced in the kernel;
+    differentiable w.r.t. logits. Eagerly the autograd.Function; under torch.compile the triton_op."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     ignore_index = int(ignore_index)
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     if torch.compiler.is_compiling():
-        loss, _ = _cross_entropy_fwd_op(logits, targets, ignore_index, compute_grad)  # (N,) fp32
-    else:
-        if not logits.is_cuda:  # the interpreter: check the targets here (on CUDA only TRITON_DEBUG=1 does)
-            V = logits.shape[-1]
-            if ((targets != ignore_index) & ((targets < 0) | (targets >= V))).any():
-                raise ValueError(f"cross_entropy: targets outside [0, {V}) that are not ignore_index={ignore_index}")
-        loss = _CrossEntropy.apply(logits, targets, ignore_index, compute_grad)  # (N,) fp32
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / (targets != ignore_index).sum()
+        return _cross_entropy_fwd_op(logits, targets, ignore_index, compute_grad, reduction)[0]
+    if not logits.is_cuda and targets.numel():  # the interpreter (on CUDA only TRITON_DEBUG=1 checks)
+        _check_targets(targets, logits.shape[-1], ignore_index)
+    return _CrossEntropy.apply(logits, targets, ignore_index, compute_grad, reduction)
