@@ -278,7 +278,7 @@ def _check_targets(targets, V, ignore_index):
     """The interpreter's stand-in for the kernel's device_assert (which the interpreter skips): one
     aminmax and, only when some target is outside [0, V) (ignored rows, or an error), the exact test."""
     low, high = torch.aminmax(targets)
-    if (low < 0 or high >= V) and ((targets != ignore_index) & ((targets < 0) | (targets >= V))).any():
+    if (low.item() < 0 or high.item() >= V) and ((targets != ignore_index) & ((targets < 0) | (targets >= V))).any():
         raise ValueError(f"cross_entropy: targets outside [0, {V}) that are not ignore_index={ignore_index}")
 
 
