@@ -3,8 +3,8 @@
 Per op (attention, softmax, cross_entropy) and mode (fwd: inputs without gradients; fwd+bwd: the
 forward and its backward), three providers on the same tensors:
   ours    the public op, igpt_fast.kernels.<op>(..., impl="triton") (after its first call);
-  floor   a bare torch.autograd.Function over the same launchers (the module's _*_forward /
-          _*_backward): what any eager wrapper must at least pay;
+  floor   the kernel module's own eager autograd.Function over its launchers (_FlashAttention,
+          _Softmax, _CrossEntropy) called directly: what any eager wrapper must at least pay;
   torch   torch's own op (F.scaled_dot_product_attention, torch.softmax, F.cross_entropy).
 With --stub (the default on CPU) the launch seam kernels/_common.launch is a no-op, so ours and floor
 measure only our Python (checks, allocation, launch plan) on top of Triton's launcher; `over_floor_us`
@@ -44,50 +44,14 @@ def parse_args(argv=None):
 
 
 def _floor_functions(torch):
-    """autograd.Functions that call the kernel modules' launchers and nothing else."""
+    """The kernel modules' own eager autograd.Functions: their launchers and nothing else."""
     from igpt_fast.kernels import flash_attention as fa
     from igpt_fast.kernels import fused_cross_entropy as fce
     from igpt_fast.kernels import fused_softmax as fs
 
-    class Attention(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v, causal, scale):
-            o, lse = fa._flash_attn_forward(q, k, v, causal, scale)[:2]  # (+ the laid-out q, k, v since d237481)
-            ctx.save_for_backward(q, k, v, o, lse)
-            ctx.causal, ctx.scale = causal, scale
-            return o
-
-        @staticmethod
-        def backward(ctx, do):
-            q, k, v, o, lse = ctx.saved_tensors
-            return (*fa._flash_attn_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale), None, None)
-
-    class Softmax(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            y = fs._softmax_forward(x)
-            ctx.save_for_backward(y)
-            return y
-
-        @staticmethod
-        def backward(ctx, dy):
-            return fs._softmax_backward(ctx.saved_tensors[0], dy)
-
-    class CrossEntropy(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, logits, targets):
-            loss, grad, stats = fce._cross_entropy_forward(logits, targets, -100, logits.requires_grad, "mean")
-            ctx.save_for_backward(targets, grad, stats)
-            return loss
-
-        @staticmethod
-        def backward(ctx, dloss):
-            targets, grad, stats = ctx.saved_tensors
-            return fce._cross_entropy_backward(grad, targets, dloss, stats, -100, "mean"), None
-
-    return dict(attention=lambda q, k, v: Attention.apply(q, k, v, True, 0.125),
-                softmax=Softmax.apply,
-                cross_entropy=CrossEntropy.apply)  # the mean is reduced in the kernel (since the in-kernel reduction)
+    return dict(attention=lambda q, k, v: fa._FlashAttention.apply(q, k, v, True, 0.125),
+                softmax=fs._Softmax.apply,
+                cross_entropy=lambda x, t: fce._CrossEntropy.apply(x, t, -100, x.requires_grad, "mean"))
 
 
 def _cases(torch, device, dtype):
