@@ -31,6 +31,7 @@ for finetuning, so forward keeps nanoGPT's (logits, loss) contract.
 """
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import cast
 
@@ -81,6 +82,14 @@ PRESETS: dict[str, dict[str, int]] = {
     "igpt-l": dict(n_px=32, n_layer=48, n_head=16, n_embd=1536),
     "igpt-xl": dict(n_px=64, n_layer=60, n_head=16, n_embd=3072),
 }
+
+
+def autocast(device: torch.device | str) -> AbstractContextManager:
+    """The precision a model runs in on `device` (train, probe and sample alike): bf16 autocast on CUDA
+    (the Triton attention takes bf16, not fp32); nothing elsewhere (the model's own dtype, fp32)."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def _rms_norm(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

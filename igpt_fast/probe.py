@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from igpt_fast.errors import ProbeError
-from igpt_fast.model import IGPT
+from igpt_fast.model import IGPT, autocast
 from igpt_fast.palette import Palette
 from igpt_fast.progress import Progress, duration, fmt
 
@@ -60,8 +60,6 @@ def extract_features(model, data, split, batch_size=64, device=None, max_samples
     total = meta.get("splits", {}).get(split, {}).get("samples")
     if max_samples is not None:
         total = max_samples if total is None else min(total, max_samples)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
     feats, labels, tokens = [], [], []
     n = 0
     bar = Progress(total, f"features {split}", unit="images", enabled=progress)
@@ -69,7 +67,7 @@ def extract_features(model, data, split, batch_size=64, device=None, max_samples
         for idx, y in eval_loader(data, split, batch_size, meta=meta):
             if max_samples is not None and n + len(idx) > max_samples:
                 idx, y = idx[:max_samples - n], y[:max_samples - n]
-            with autocast:
+            with autocast(device):
                 f = model.features(idx.to(device, non_blocking=True))  # (B, n_layer + 1, n_embd)
             feats.append(f.float().cpu())
             labels.append(y)

@@ -33,7 +33,6 @@ then one cached decode step per token; temperature and top-k on the last logits)
 import math
 import os
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -41,7 +40,7 @@ import torch
 from igpt_fast.atomic import atomic_path
 from igpt_fast.checkpoint import load_run  # noqa: F401 (its home before checkpoint.py; still importable here)
 from igpt_fast.errors import SampleError
-from igpt_fast.model import IGPT
+from igpt_fast.model import IGPT, autocast
 from igpt_fast.palette import Palette
 from igpt_fast.progress import Progress
 
@@ -82,14 +81,6 @@ def load_originals(model: IGPT, palette: Palette | None, ckpt_path: str, data_di
         raise SampleError(f"cannot read an image: {e}") from None
     ids = tokenize_images(pictures, palette, n_px=model.config.n_px, resize=resize)
     return torch.from_numpy(ids.astype(np.int64)), palette
-
-
-def autocast(device):
-    """The context generate runs the model in on `device`: bf16 autocast on CUDA, as `train` runs
-    (the Triton attention takes bf16, not fp32); nothing elsewhere (the model's dtype, fp32)."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def _check_impl(model, device, dtype):

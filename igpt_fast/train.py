@@ -61,7 +61,7 @@ from igpt_fast.checkpoint import (CKPT_NAME, DCP_NAME, check_resumable, checkpoi
                                   restore_previous, run_info, save_checkpoint, save_sharded_checkpoint)
 from igpt_fast.distributed import all_reduce_sum, setup_distributed, shard_model
 from igpt_fast.errors import RunStopped, TrainError, TrainingDiverged
-from igpt_fast.model import IGPT, GPTConfig
+from igpt_fast.model import IGPT, GPTConfig, autocast
 from igpt_fast.optim import configure_optimizer, lr_factor
 from igpt_fast.progress import line
 from igpt_fast.resume import (ARCH_FIELDS, choose_checkpoint, merge_on_resume, restore, rng_state,
@@ -281,9 +281,8 @@ def build(model_config, tcfg, options, ckpt=None, model=None, classifier=False, 
     if world_size > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     return Run(tcfg, options, model, module, optimizer, load_data_palette(tcfg.data_dir, meta), meta, rank,
-               world_size, device, autocast, print_fn=print_fn)
+               world_size, device, autocast(device), print_fn=print_fn)
 
 
 def record(run, resumed_from=None, changed=()):
