@@ -26,7 +26,6 @@ minutes). Every refusal is one TFCheckpointError line naming the file.
 """
 import os
 import re
-import struct
 
 import numpy as np
 

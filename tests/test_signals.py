@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -17,7 +16,6 @@ from igpt_fast.checkpoint import load_checkpoint
 from igpt_fast.cli import cli
 from igpt_fast.runlog import LOCK_NAME, read_log
 from test_run_lock import ENV, LONG, wait_for_rows
-from test_train import ARCH
 
 
 def logged_steps(run):
