@@ -1,6 +1,7 @@
 """Test helpers for the tokenizer's tests: image sources built the way the real ones are (CIFAR python
-batches pickled as Python 2 wrote them, tars), shards read back, one-line CLI errors, and the temporary
-lookup-table cache the tokenizer and palette tests share.
+batches pickled as Python 2 wrote them, tars), shards read back, one-line CLI errors, the temporary
+lookup-table cache the tokenizer and palette tests share, and `igpt-fast` run with its output piped to a
+file (what a log file sees).
 
 References: the CIFAR "python" batch layout (dict of data uint8 (N, 3072) in R, G, B planes, labels).
 """
@@ -8,6 +9,8 @@ import io
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -113,3 +116,14 @@ def one_line_error(result):
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1, result.output
     return errors[0]
+
+
+def run_piped(tmp_path, *args, progress_seconds=0, cwd=None):
+    """`igpt-fast ARGS` in a subprocess (in cwd), stdout and stderr piped to one file, progress lines every
+    `progress_seconds`: (exit status, the file's text)."""
+    log = tmp_path / "out.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IGPT_FAST_PROGRESS_SECONDS": str(progress_seconds)}
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "igpt_fast.cli", *map(str, args)], stdout=f, stderr=f, env=env,
+                              cwd=cwd, timeout=300)
+    return proc.returncode, log.read_text()

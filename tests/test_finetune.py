@@ -16,6 +16,7 @@ from igpt_fast.finetune import EarlyStopping, FinetuneConfig, finetune as finetu
 from igpt_fast.model import GPTConfig
 from igpt_fast.train import TrainConfig, train
 from shards import N_PX, N_VOCAB, write_dataset
+from sources import run_piped
 
 N_CLASSES = 3
 QUIET = dict(print_fn=lambda *a: None)
@@ -198,20 +199,13 @@ def test_cli_finetune_lines_in_a_log_file(data_dir, tmp_path):
     """Output piped to a file: step lines carry step/total, the combined loss, clf_loss, gen_loss, train_acc
     in % and lr; eval lines val_acc in % and val_n as a count; the LR (pretraining 3e-3 / 10) is 0.0003 in
     finetune.json and every jsonl lr is rounded; loss.png has two panels; paths print as given."""
-    import subprocess
-    import sys
 
     from PIL import Image
 
     pretrain(data_dir, tmp_path / "run", lr=3e-3)
-    log = tmp_path / "out.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "IGPT_FAST_PROGRESS_SECONDS": "0"}
-    with open(log, "w") as f:
-        res = subprocess.run([sys.executable, "-m", "igpt_fast.cli", "finetune", "run", "--data", data_dir, "--steps",
-                              "8", "--batch-size", "16", "--eval-every", "4", "--eval-batches", "1", "--log-every", "4"],
-                             stdout=f, stderr=f, env=env, cwd=tmp_path, timeout=300)
-    text = log.read_text()
-    assert res.returncode == 0, text
+    code, text = run_piped(tmp_path, "finetune", "run", "--data", data_dir, "--steps", "8", "--batch-size", "16",
+                           "--eval-every", "4", "--eval-batches", "1", "--log-every", "4", cwd=tmp_path)
+    assert code == 0, text
     assert "\r" not in text
     steps = [ln.split(" | ") for ln in text.splitlines() if ln.startswith("step 4/8 | ") or ln.startswith("step 8/8 | ")]
     train_lines = [p for p in steps if p[1].startswith("loss ")]

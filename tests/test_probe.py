@@ -21,6 +21,7 @@ from igpt_fast.probe import (ProbeError, extract_features, fit_logistic, format_
                              plot_probe, predict, probe, standardize)
 from igpt_fast.tokenize import tokenize_dataset
 from igpt_fast.checkpoint import model_state, save_checkpoint
+from sources import run_piped
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -297,18 +298,11 @@ def test_cli_probe_errors_name_the_fix(data_dir, tmp_path):
 def test_cli_probe_output_in_a_log_file(data_dir, tmp_path):
     """Output piped to a file: no carriage returns, one final progress line per split with its total, the
     table's accuracies in %, and the paths printed as given (a relative RUN gives relative paths)."""
-    import subprocess
-    import sys
 
     make_run(str(tmp_path), n_layer=1)
-    log = tmp_path / "out.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "IGPT_FAST_PROGRESS_SECONDS": "3600"}
-    with open(log, "w") as f:
-        res = subprocess.run([sys.executable, "-m", "igpt_fast.cli", "probe", "run", "--data", data_dir, "--batch-size",
-                              "8", "--max-train", "16", "--max-iter", "20", "--l2", "0.1", "--device", "cpu"],
-                             stdout=f, stderr=f, env=env, cwd=tmp_path, timeout=300)
-    text = log.read_text()
-    assert res.returncode == 0, text
+    code, text = run_piped(tmp_path, "probe", "run", "--data", data_dir, "--batch-size", "8", "--max-train", "16",
+                           "--max-iter", "20", "--l2", "0.1", "--device", "cpu", progress_seconds=3600, cwd=tmp_path)
+    assert code == 0, text
     assert "\r" not in text
     progress = [ln.split(" | ")[0] for ln in text.splitlines() if ln.startswith("features ")]
     assert progress == ["features train: 16/16 images (100%)", "features val: 8/8 images (100%)",

@@ -3,13 +3,11 @@ lines off a terminal (every IGPT_FAST_PROGRESS_SECONDS, always a final line with
 on one, and `igpt-fast train` run with its output piped to a file: step/total, lr, ETA, the warmup warning."""
 import io
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
 from igpt_fast.progress import Progress, ProgressError, duration, fmt, interval, line, metric, rate
+from sources import run_piped
 
 
 @pytest.mark.parametrize("name,value,text", [
@@ -82,16 +80,6 @@ def test_a_bar_on_a_terminal():
     assert "\r" in text and text.count("\n") == 1 and "4/4" in text and "loss 2.0000" in text
 
 
-
-
-def run_piped(tmp_path, *args):
-    """`igpt-fast ARGS` in a subprocess, stdout and stderr piped to one file: (exit status, its text)."""
-    log = tmp_path / "out.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "IGPT_FAST_PROGRESS_SECONDS": "0"}
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "igpt_fast.cli", *map(str, args)], stdout=f, stderr=f, env=env,
-                              timeout=300)
-    return proc.returncode, log.read_text()
 
 
 def test_cli_train_lines_in_a_log_file(data_dir, tmp_path):

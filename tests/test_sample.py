@@ -25,6 +25,7 @@ import igpt_fast.sample as sample
 from igpt_fast.sample import (SampleError, autocast, complete, completion_grid, generate, image_grid, load_run,
                               sample_logits, unconditional)
 from test_kernels_dispatch import fake_cuda, launches  # noqa: F401 (fixtures)
+from sources import run_piped
 from test_probe import N_PX, PALETTE, make_dataset, make_run
 
 interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -327,13 +328,9 @@ def test_cli_sample_progress_in_a_log_file(tmp_path):
     """Output piped to a file: no carriage returns, one progress display over all batches ending in a line
     with the total, and the paths printed as given on the command line (relative stays relative)."""
     run, _ = make_run(str(tmp_path))
-    log = tmp_path / "out.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "IGPT_FAST_PROGRESS_SECONDS": "3600"}
-    with open(log, "w") as f:
-        res = subprocess.run([sys.executable, "-m", "igpt_fast.cli", "sample", "run", "--n-samples", "3", "--batch-size",
-                              "2", "--device", "cpu"], stdout=f, stderr=f, env=env, cwd=tmp_path, timeout=300)
-    text = log.read_text()
-    assert res.returncode == 0, text
+    code, text = run_piped(tmp_path, "sample", "run", "--n-samples", "3", "--batch-size", "2", "--device", "cpu",
+                           progress_seconds=3600, cwd=tmp_path)
+    assert code == 0, text
     assert "\r" not in text
     progress = [ln for ln in text.splitlines() if ln.startswith("sample: ")]
     total = 3 * N_PX * N_PX
