@@ -5,8 +5,8 @@ Heavy imports (torch, faiss, webdataset) happen inside each command so `igpt-fas
 this module imports neither torch nor numpy. What several verbs share is defined once, in options.py:
 the options (--impl, --resize, --workers, --device, --data, --tensorboard), the parameter types, and the
 spellings of the previous release (`train DATA_DIR`, `--num-workers`, `sample RUN --images a.png`), which
-work for one release, hidden from --help, each printing a one-line note. train's --config file is read by
-run_config.py.
+work for one release, hidden from --help, each printing a one-line note. The --config files of train and
+finetune are read by run_config.py.
 
 One vocabulary across verbs: raw images are the positional SRC... (palette, tokenize), a run being read
 is the positional RUN (probe, finetune, sample, export), token shards are always `--data DIR` (train,
@@ -27,7 +27,7 @@ from .options import (NON_NEGATIVE, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, FiniteFlo
                       data_options, device_option, explicit_params, images_flag, impl_option,
                       loader_workers_option, need_data, overwrite_option, renamed_option, resize_option,
                       tensorboard_option, train_device_option, workers_option)
-from .run_config import config_option
+from .run_config import config_option, finetune_config_option
 
 
 class _Group(click.Group):
@@ -460,6 +460,7 @@ def probe_cmd(run_dir, data_dir, max_train, max_eval, batch_size, device, impl, 
 
 
 @cli.command("finetune")
+@finetune_config_option
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True))
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Tokenized, labelled dataset with train and val splits (test is scored when present).")
@@ -493,8 +494,8 @@ def finetune_cmd(ctx, run_dir, data_dir, out, impl, resume, overwrite, device, t
 
     Average-pooled ln_f output -> zero-initialised bias-free linear head; loss L_CLF + w L_GEN; early
     stopping on val accuracy. Writes OUT/best.pt (best model), OUT/ckpt.pt (latest state, for --resume),
-    OUT/log.jsonl, OUT/loss.png (and OUT/tb/ with --tensorboard) and OUT/finetune.json (val and test
-    accuracy of the best model).
+    OUT/log.jsonl, OUT/loss.png (and OUT/tb/ with --tensorboard), OUT/config.json (the settings: `--config
+    OUT/config.json --out OUT2` repeats the run) and OUT/finetune.json (val and test accuracy of the best model).
     """
     from .checkpoint import resolve_checkpoint
     from .finetune import BEST_NAME, FINETUNE_DIR, RESULT_NAME, FinetuneConfig, finetune, finetune_config

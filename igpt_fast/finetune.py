@@ -13,8 +13,11 @@ training state), `patience` evaluations without improvement stop the run. The ea
 is rebuilt from OUT/log.jsonl on resume, so an interrupted run resumes with the same decisions.
 
 Everything else is train.train, given a TrainConfig: AdamW, schedule, clipping, accumulation, DDP, atomic checkpoints
-(OUT/ckpt.pt is the latest state, for --resume), log.jsonl, loss.png. At the end the best model is
-scored on val and test (at most max_eval samples each, on the run's device) and OUT/finetune.json is written.
+(OUT/ckpt.pt is the latest state, for --resume), log.jsonl, loss.png, OUT/config.json. At the end the best model
+is scored on val and test (at most max_eval samples each, on the run's device) and OUT/finetune.json is written.
+OUT/config.json, as train.record writes it, gets a 'finetune' section when the run ends or is stopped by a
+signal: RUN as given and the FinetuneConfig, so `igpt-fast finetune --config OUT/config.json` repeats the run
+(run_config.py reads it back).
 
 What it shows: every log step prints (and logs) the combined loss and its parts, L_CLF as `clf_loss`
 (nats per image), L_GEN as `gen_loss` (nats per pixel), the batch's `train_acc`; every evaluation
@@ -24,6 +27,7 @@ and an accuracy panel (val and train accuracy in %; runlog.plot_losses).
 DDP note: with gen_weight 0 the generative head takes no part in the loss, and train.train builds
 DDP without find_unused_parameters, so gen_weight 0 is for single-process runs.
 """
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -33,16 +37,16 @@ from typing import Any
 import torch
 
 from igpt_fast.checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from igpt_fast.errors import FinetuneError
+from igpt_fast.errors import FinetuneError, RunStopped
 from igpt_fast.model import Classifier
-from igpt_fast.distributed import all_reduce_sum, setup_distributed
+from igpt_fast.distributed import all_reduce_sum, is_main_process, setup_distributed
 from igpt_fast.progress import line
 from igpt_fast.resume import ARCH_FIELDS
 from igpt_fast.runlog import read_log, write_text_atomic
 from igpt_fast.train import Objective, RunOptions, TrainConfig, run_device, save, train
 
 __all__ = ["FinetuneError", "FINETUNE_DIR", "BEST_NAME", "RESULT_NAME", "FinetuneConfig", "count_classes",
-           "accuracy", "classifier_loss", "EarlyStopping", "finetune_config", "finetune"]
+           "accuracy", "classifier_loss", "EarlyStopping", "record_config", "finetune_config", "finetune"]
 
 FINETUNE_DIR = "finetune"  # RUN/finetune
 BEST_NAME = "best.pt"
@@ -183,6 +187,16 @@ def _score_best(best_path, data_dir, meta, max_eval, impl, device):
     return scores
 
 
+def record_config(out_dir: str, run_dir: str, fcfg: FinetuneConfig) -> None:
+    """Main process: the 'finetune' section (RUN as given, the FinetuneConfig) added to OUT/config.json, which
+    train.record wrote when the run started; the file is replaced atomically."""
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["finetune"] = {"run": run_dir, **dataclasses.asdict(fcfg)}
+    write_text_atomic(path, json.dumps(cfg, indent=2))
+
+
 def finetune_config(data_dir, out_dir=None, steps=500, batch_size=16, lr=None, warmup_steps=None, eval_every=100,
                     eval_batches=20, ckpt_every=None, **kw):
     """A TrainConfig with finetuning's defaults: lr None (the pretraining LR / 10, filled by finetune),
@@ -206,10 +220,6 @@ def finetune(run_dir: str, tcfg: TrainConfig, fcfg: FinetuneConfig | None = None
     -- is returned as it is) or a checkpoint path. options (train.RunOptions; DDP only), overwrite,
     explicit, meta: as train.train.
     """
-    import dataclasses
-
-    import torch.distributed as dist
-
     from igpt_fast.data import check_data, read_meta
 
     fcfg, options = fcfg or FinetuneConfig(), options or RunOptions()
@@ -241,9 +251,15 @@ def finetune(run_dir: str, tcfg: TrainConfig, fcfg: FinetuneConfig | None = None
     explicit -= set(ARCH_FIELDS)
     stopper = EarlyStopping(out_dir, fcfg.patience, resumed=resume is not None)
     objective = Objective(classifier_loss(fcfg.gen_weight), evaluate_clf, stopper, classifier=True)
-    out = train(model.config, tcfg, options, resume, overwrite, explicit, model, meta, objective, print_fn)
-    if dist.is_initialized() and dist.get_rank() != 0:
+    try:
+        out = train(model.config, tcfg, options, resume, overwrite, explicit, model, meta, objective, print_fn)
+    except RunStopped:  # saved, with OUT/config.json written: recorded for `finetune --config` all the same
+        if is_main_process():
+            record_config(out_dir, run_dir, fcfg)
+        raise
+    if not is_main_process():
         return None
+    record_config(out_dir, run_dir, fcfg)
 
     best_ckpt = load_checkpoint(stopper.best_path)
     device = run_device(options, setup_distributed()[3])  # the device the run trained on (--device honoured)

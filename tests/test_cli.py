@@ -183,6 +183,11 @@ def test_config_errors_are_one_line(run, tmp_path, monkeypatch):
     assert res.exit_code == 1 and res.output.strip().splitlines() == [
         f"Error: --config {bad}: not a run's config (no 'model' and 'train' sections); pass the config.json that "
         "`igpt-fast train` wrote into its run folder"]
+    for cfg, message in (({"model": {}, "train": {"steps": [3]}}, "--steps [3] is not an integer"),
+                         ({"model": {}, "train": {}, "compiled": True}, "unknown setting 'compiled'")):
+        bad.write_text(json.dumps(cfg))
+        res = invoke("train", "--config", bad)
+        assert res.exit_code == 1 and res.output.strip().splitlines() == [f"Error: --config {bad}: {message}"]
     monkeypatch.setitem(sys.modules, "yaml", None)  # PyYAML not installed
     path = tmp_path / "run.yml"
     path.write_text("model: {}\ntrain: {}\n")

@@ -1,7 +1,8 @@
 """Finetuning tests on tiny label-dependent shards written here: accuracy far above chance (AR with
 L_GEN, AR without it, BERT), outputs in RUN/finetune, early stopping, interrupted + resumed runs equal
 to a straight run, the early-stopping state rebuilt from log.jsonl, the final scoring on the run's device
-(--device), and the CLI (run and errors)."""
+(--device), and the CLI (run and errors; `--config OUT/config.json` repeating a run, flags overriding it, and
+its bad inputs as one line each)."""
 import json
 import os
 
@@ -228,3 +229,104 @@ def test_cli_finetune_lines_in_a_log_file(data_dir, tmp_path):
     assert done.startswith("done | val acc ") and done.split()[4].endswith("%"), done
     assert done.endswith(f" | {os.path.join('run', 'finetune', 'best.pt')} | "
                          f"{os.path.join('run', 'finetune', 'finetune.json')}")
+
+
+FT_FLAGS = ["--steps", "4", "--batch-size", "8", "--lr", "5e-3", "--eval-every", "2", "--eval-batches", "1",
+            "--gen-weight", "0.5", "--patience", "0", "--max-eval", "16", "--seed", "3", "--log-every", "2"]
+
+
+def cli_run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def finetuned(data_dir, ar_run, tmp_path_factory):
+    """A 4-step CLI finetune of ar_run with non-default flags: its OUT folder."""
+    out = tmp_path_factory.mktemp("ft") / "first"
+    res = cli_run("finetune", ar_run, "--data", data_dir, "--out", out, *FT_FLAGS)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_cli_finetune_config_repeats_a_run(finetuned, ar_run, tmp_path):
+    """OUT/config.json records the finetune section; `finetune --config OUT/config.json --out OUT2` repeats
+    the run bit for bit: the same settings, the same best model, the same scores."""
+    again = tmp_path / "again"
+    res = cli_run("finetune", "--config", finetuned / "config.json", "--out", again)
+    assert res.exit_code == 0, res.output
+    a, b = (json.loads((out / "config.json").read_text()) for out in (finetuned, again))
+    assert a["finetune"] == {"run": os.path.join(ar_run, "ckpt.pt"), "gen_weight": 0.5, "patience": 0,
+                             "max_eval": 16, "n_classes": None}
+    assert a["train"].pop("out_dir") != b["train"].pop("out_dir")
+    assert a == b
+    assert (a["train"]["steps"], a["train"]["lr"], a["train"]["seed"], a["train"]["eval_every"]) == (4, 5e-3, 3, 2)
+    first, second = (torch.load(out / "best.pt", map_location="cpu", weights_only=True)["model"]
+                     for out in (finetuned, again))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    ra, rb = (json.loads((out / "finetune.json").read_text()) for out in (finetuned, again))
+    assert {k: ra[k] for k in ("val_acc", "test_acc", "n_val", "best_step", "steps_run")} == \
+        {k: rb[k] for k in ("val_acc", "test_acc", "n_val", "best_step", "steps_run")}
+
+
+def test_cli_finetune_flags_override_the_config_and_yaml_reads_the_same(finetuned, tmp_path):
+    yaml = pytest.importorskip("yaml")
+    cfg = json.loads((finetuned / "config.json").read_text())
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = cli_run("finetune", "--config", path, "--out", tmp_path / "other", "--gen-weight", "0", "--steps", "2")
+    assert res.exit_code == 0, res.output
+    other = json.loads((tmp_path / "other" / "config.json").read_text())
+    assert other["finetune"] == {**cfg["finetune"], "gen_weight": 0.0}
+    assert other["train"]["steps"] == 2
+    assert {k: v for k, v in other["train"].items() if k not in ("steps", "out_dir")} == \
+        {k: v for k, v in cfg["train"].items() if k not in ("steps", "out_dir")}
+    assert json.loads((tmp_path / "other" / "finetune.json").read_text())["steps_run"] == 2
+
+
+def test_cli_finetune_config_errors_are_one_line(finetuned, ar_run, tmp_path):
+    cfg = json.loads((finetuned / "config.json").read_text())
+
+    def error(verb, config):
+        res = cli_run(verb, "--config", config, "--out", tmp_path / "never")
+        assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+        assert not os.path.exists(tmp_path / "never")
+        return res.output.strip()
+
+    assert error("finetune", os.path.join(ar_run, "config.json")).startswith(
+        f"Error: --config {os.path.join(ar_run, 'config.json')}: not a finetune run's config (no 'finetune' section)")
+    assert error("train", finetuned / "config.json").endswith(
+        "a finetune run's config (it has a 'finetune' section); pass it to `igpt-fast finetune --config`")
+    bad = tmp_path / "bad.json"
+    cases = [("finetune", "gen_weigth", 1, "unknown finetune setting 'gen_weigth'"),
+             ("train", "stepz", 3, "unknown train setting 'stepz'"),
+             (None, "tensorbaord", True, "unknown setting 'tensorbaord'"),
+             ("train", "steps", 2.5, "--steps 2.5 is not an integer"),
+             ("train", "steps", [4], "--steps [4] is not an integer"),
+             ("train", "steps", None, "--steps null is not an integer"),
+             ("train", "steps", 0, "--steps 0: 0 is not in the range x>=1."),
+             ("finetune", "gen_weight", "abc", "--gen-weight \"abc\": 'abc' is not a number"),
+             (None, "tensorboard", "yes", "--tensorboard \"yes\" is not true or false"),
+             ("finetune", "run", 5, "RUN 5 is not a string"),
+             ("train", "weight_decay", 0.1, "train weight_decay 0.1 cannot be set on the command line (finetune uses "
+                                             "0.0); finetune with the library (igpt_fast.finetune)")]
+    for section, key, value, message in cases:
+        broken = json.loads(json.dumps(cfg))
+        (broken if section is None else broken[section])[key] = value
+        bad.write_text(json.dumps(broken))
+        assert error("finetune", bad) == f"Error: --config {bad}: {message}"
+
+
+def test_a_stopped_finetune_records_its_config(data_dir, ar_run, tmp_path, monkeypatch):
+    """A run stopped by a signal (train.RunStopped, after saving) has its finetune section recorded too."""
+    import igpt_fast.finetune as ft
+    from igpt_fast.errors import RunStopped
+
+    def stopped(*args, **kw):
+        train(*args, **kw)
+        raise RunStopped("stopped by SIGTERM", 15)
+
+    monkeypatch.setattr(ft, "train", stopped)
+    with pytest.raises(RunStopped):
+        finetune(ar_run, data_dir, out_dir=str(tmp_path / "ft"), steps=1, batch_size=8, eval_batches=1,
+                 gen_weight=0.0, **QUIET)
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["finetune"]["gen_weight"] == 0.0
