@@ -18,13 +18,14 @@ with its error. Results: OUT/attention.csv (appended), OUT/attention.md, OUT/att
     python benchmarks/bench_attention.py --sweep --record defaults.json   # the GPU sweep (gpu_sweep.sh)
 
 --sweep times every kernel variant x tile config of the launch plan at each (D, causal, T): for each
-grid order (natural, heavy_first; natural only when not causal), the forward tiles (mode fwd) and the
+grid order (natural, heavy_first; natural only when not causal) and I/O (pointer; on sm_90 also tma,
+which covers the forward and the split backward), the forward tiles (mode fwd) and the
 backward variants (mode bwd, the backward of a saved forward): split with each dK/dV tile (dQ at its
 default), then each dQ tile (dK/dV at the best), and fused_atomic with each of its tiles. Every
 candidate is first checked against the fp32 reference on one (batch, 2-head) slice at the same T
 (outputs for the forward, gradients for the backward; error at most 2x torch's default SDPA in the
 same dtype + a floor); a failing or crashing candidate is recorded and skipped. The winner (best
-order, then best forward + best backward) is then timed in fwd and fwd+bwd against torch's default
+(order, I/O), then best forward + best backward) is then timed in fwd and fwd+bwd against torch's default
 SDPA, cuDNN, FlashAttention-2 and efficient SDPA; the table gets one entry per (class, T, mode) with
 ours_ms (the winner), torch_ms (the faster of default SDPA and forced cuDNN: the torch path impl="auto"
 would take, named in torch_backend), the winning config and every timing. Before timing, --jobs
@@ -223,20 +224,31 @@ def _label(config):
 _SMOKE_TILES = dict(fwd=[(64, 32, 4, 1)], dkdv=[(32, 64, 4, 1)], dq=[(64, 32, 4, 1)], fused=[(32, 64, 4, 1)])
 
 
-def _candidates(causal, max_tiles, smoke=False):
+def _candidates(causal, max_tiles, smoke=False, tma=False):
     """[(order, [fwd configs], bwd stage 1 [configs], split dQ tiles)] the sweep times: see --sweep.
-    smoke: the interpreter's small tiles, one per kernel."""
+    smoke: the interpreter's small tiles, one per kernel. tma (an sm_90 GPU, or smoke): every order
+    also with io "tma" (the forward and split backward; the fused backward has pointer I/O only)."""
     from igpt_fast.kernels import flash_attention as fa
 
     tiles = {name: (_SMOKE_TILES[name] if smoke else fa.attention_tune_tiles(name))[:max_tiles]
              for name in ("fwd", "dkdv", "dq", "fused")}
     plans = []
     for order in (("natural", "heavy_first") if causal else ("natural",)):
-        fwd = [dict(order=order, fwd=t) for t in tiles["fwd"]]
-        bwd = ([dict(order=order, bwd="split", dkdv=t) for t in tiles["dkdv"]]
-               + [dict(order=order, bwd="fused_atomic", fused=t) for t in tiles["fused"]])
-        plans.append((order, fwd, bwd, tiles["dq"]))
+        for io in ("pointer", "tma") if tma else ("pointer",):
+            fwd = [dict(order=order, io=io, fwd=t) for t in tiles["fwd"]]
+            bwd = [dict(order=order, io=io, bwd="split", dkdv=t) for t in tiles["dkdv"]]
+            if io == "pointer":
+                bwd += [dict(order=order, io=io, bwd="fused_atomic", fused=t) for t in tiles["fused"]]
+            plans.append((order, fwd, bwd, tiles["dq"]))
     return plans
+
+
+def _sweeps_tma(smoke):
+    """Whether the sweep times io "tma": on a Hopper GPU (TMA hardware), and in the CPU smoke run (so
+    the interpreter exercises those candidates too)."""
+    import torch
+
+    return smoke or (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9)
 
 
 def _warm_worker(job):
@@ -269,7 +281,7 @@ def _warm(classes, args, dtype_name, max_tiles):
     jobs = []
     for H, D, causal in classes:
         configs = []
-        for _, fwd, bwd, dq_tiles in _candidates(causal, max_tiles):
+        for _, fwd, bwd, dq_tiles in _candidates(causal, max_tiles, tma=_sweeps_tma(False)):
             configs += fwd + bwd + [dict(bwd[0], dq=t) for t in dq_tiles]
         for i in range(args.jobs):  # round-robin so every worker gets a share of every class
             jobs.append((H, D, causal, dtype_name, configs[i::args.jobs]))
@@ -368,7 +380,7 @@ def sweep(args):
                 return math.inf if err else ms
 
             best = None  # (fwd ms + bwd ms, fwd config, bwd config)
-            for order, fwd, bwd, dq_tiles in _candidates(causal, max_tiles, args.smoke):
+            for order, fwd, bwd, dq_tiles in _candidates(causal, max_tiles, args.smoke, _sweeps_tma(args.smoke)):
                 f_ms, f_cfg = min(((try_config(c, "fwd"), c) for c in fwd), key=lambda t: t[0])
                 b_ms, b_cfg = min(((try_config(c, "bwd"), c) for c in bwd), key=lambda t: t[0])
                 if b_cfg.get("bwd") == "split":

@@ -8,7 +8,8 @@
 #
 # What it does (benchmarks/bench_attention.py --sweep has the details): bf16, D 64 / 128 / 96 (H = 2048 / D),
 # causal and not, T 1024 / 2304 / 4096 / 16384 (B = 16384 / T); for each shape every grid order, forward
-# tile and backward variant (split with each dK/dV and dQ tile, fused_atomic with each tile) is checked
+# tile and backward variant (split with each dK/dV and dQ tile, fused_atomic with each tile), with pointer
+# and (sm_90) TMA I/O, is checked
 # against the fp32 reference and then timed; the winner is timed in fwd and fwd+bwd next to torch's
 # default SDPA, cuDNN, FlashAttention-2 and efficient SDPA. OUT_DIR/defaults.json is the project's
 # igpt_fast/kernels/defaults.json with those entries merged in (config = the winning variant and tiles,
@@ -20,11 +21,12 @@
 # Time arithmetic (run it after gpu_check.sh in the same 15-minute window, as a second call while the
 # machine is warm): machine start 60-120 s; gpu_check.sh 445 s of step limits (213 s measured on an H200,
 # 2026-12-04); this script 40 + 280 = 320 s of step limits: 120 + 445 + 320 = 885 s <= 900 s at worst,
-# about 90 + 215 + 220 = 525 s expected. Inside the sweep step (280 s): ~50 s compiling every candidate
-# in 14 parallel processes (~120 configs, ~180 kernels, 2-4 s each), then 24 shapes x 26 (causal) or
-# 13 candidates x ~80 ms (check on a 2-head slice + do_bench warmup 5 ms, rep 20 ms) + 10 provider
-# timings x ~80 ms: ~3-4 s a shape, ~100 s in all; --budget-s 240 starts no new shape after 240 s, and the
-# table is rewritten after each shape, so a slow machine still returns every shape it finished.
+# about 90 + 215 + 250 = 555 s expected. Inside the sweep step (280 s), on sm_90 (io "tma" doubles the
+# forward and split-backward candidates): ~85 s compiling every candidate in 14 parallel processes (~200
+# configs, ~300 kernels, 2-4 s each), then 24 shapes x 46 (causal) or 23 candidates x ~80 ms (check on a
+# 2-head slice + do_bench warmup 5 ms, rep 20 ms) + 10 provider timings x ~80 ms: ~4-5 s a shape, ~110 s
+# in all; --budget-s 240 starts no new shape after 240 s, and the table is rewritten after each shape, so
+# a slow machine still returns every shape it finished (the shapes run in order of value, D 96 last).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_steps.sh

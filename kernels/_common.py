@@ -75,5 +75,24 @@ def kernel_op(name):
     return register
 
 
+def _scratch(size, alignment, stream):
+    """Triton's global scratch (the tensor descriptors a kernel builds in device code) from torch's
+    caching allocator, on the current device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_scratch_allocator():
+    """Give Triton an allocator for kernel scratch unless one is set. Triton keeps it in a ContextVar, so
+    a thread that never set one (autograd's backward threads do not inherit it) gets ours on its first
+    launch; torch.compile's own launcher sets its own."""
+    import triton
+    from triton.runtime import _allocation
+
+    null = getattr(_allocation, "_NULL_ALLOCATOR", None)
+    current = getattr(_allocation, "_allocator", None)
+    if null is None or current is None or current.get() is null:
+        triton.set_allocator(_scratch)
+
+
 def cdiv(a, b):
     return -(-a // b)

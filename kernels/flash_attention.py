@@ -13,7 +13,10 @@ the key tiles (FlashAttention-2, Sec. 3.1; Dao 2023, arXiv:2307.08691): seven ma
 with relaxed atomics (as FlashAttention-2's own backward and FlashAttention-3 do): five matmuls, K/V
 read once. Both scale scores into base 2 in the exponent's multiply-add, exp2(S * c - L) with
 c = scale * log2(e), as the forward does. The grid order (the plan's "order"): "natural" or
-"heavy_first" (the causal tiles that do the most work start first, so the last wave is short).
+"heavy_first" (the causal tiles that do the most work start first, so the last wave is short). The
+I/O (the plan's "io"): "pointer" (masked loads and stores) or "tma" (forward and split backward: each
+(batch, head) plane read and written through a tensor descriptor built in the kernel, TMA copies on
+sm_90, bounded by the plane so ragged tiles need no masks).
 Causal tiles wholly above the diagonal are never visited; only the diagonal tiles (and the ragged
 last tile) pay for masking.
 
@@ -96,16 +99,60 @@ def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.co
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+def _rows(base, n_rows, stride_t, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+          TMA: tl.constexpr):
+    """Where a (n_rows, HEAD_DIM) plane of one (batch, head) is read or written in BLOCK_R-row tiles: its
+    base pointer (io "pointer"), or a tensor descriptor over it (io "tma": on sm_90 the loads and stores
+    are TMA copies, bounded by the plane, so rows past n_rows and columns past HEAD_DIM read as zeros
+    and are never written; elsewhere Triton lowers them to plain loads). Built in the kernel, so the
+    signature is the same for both (the descriptors live in a small global scratch Triton allocates)."""
+    if TMA:
+        rows = tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[stride_t, 1],
+                                         block_shape=[BLOCK_R, BLOCK_D])
+    else:
+        rows = base
+    return rows
+
+
+@triton.jit
+def _load_rows(src, start, stride_t, n_rows, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
+    """The (BLOCK_R, BLOCK_D) tile of rows [start, start + BLOCK_R) of _rows' `src`, zero outside."""
+    if TMA:
+        tile = src.load([start, 0])
+    else:
+        offs = start + tl.arange(0, BLOCK_R)
+        offs_d = tl.arange(0, BLOCK_D)
+        tile = _load_tile(src + offs[:, None] * stride_t + offs_d[None, :], offs, n_rows, offs_d, HEAD_DIM, EVEN_D)
+    return tile
+
+
+@triton.jit
+def _store_rows(dst, start, value, stride_t, n_rows, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
+    """Store a (BLOCK_R, BLOCK_D) tile as rows [start, start + BLOCK_R) of _rows' `dst`, inside only."""
+    if TMA:
+        dst.store([start, 0], value)
+    else:
+        offs = start + tl.arange(0, BLOCK_R)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = offs[:, None] < n_rows
+        if not EVEN_D:
+            mask = mask & (offs_d[None, :] < HEAD_DIM)
+        tl.store(dst + offs[:, None] * stride_t + offs_d[None, :], value, mask=mask)
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, offs_m,
                     lo, hi, N_CTX, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                    IEEE_DOT: tl.constexpr, TMA: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, N_CTX, offs_d,
-                       HEAD_DIM, EVEN_D)  # (BLOCK_N, BLOCK_D)
+        k = _load_rows(k_src, start_n, stride_kt, N_CTX, BLOCK_N, HEAD_DIM, BLOCK_D, EVEN_D, TMA)  # (BLOCK_N, BLOCK_D)
         qk = _dot(q, tl.trans(k), IEEE_DOT)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
             keep = offs_n[None, :] < N_CTX
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
@@ -115,8 +162,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, N_CTX, offs_d,
-                       HEAD_DIM, EVEN_D)  # (BLOCK_N, BLOCK_D)
+        v = _load_rows(v_src, start_n, stride_vt, N_CTX, BLOCK_N, HEAD_DIM, BLOCK_D, EVEN_D, TMA)  # (BLOCK_N, BLOCK_D)
         acc = _dot_acc(p.to(v.dtype), v, acc, IEEE_DOT)
         m_i = m_new
     return acc, l_i, m_i
@@ -129,20 +175,19 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale,
                      H, N_CTX,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                      CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+                     TMA: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile, off_bh = _tile_index(HEAVY_FIRST, True)
     start_m = tile * BLOCK_M
     off_b = off_bh // H
     off_h = off_bh % H
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    o_base = O + off_b * stride_ob + off_h * stride_oh
+    q_src = _rows(Q + off_b * stride_qb + off_h * stride_qh, N_CTX, stride_qt, BLOCK_M, HEAD_DIM, BLOCK_D, TMA)
+    k_src = _rows(K + off_b * stride_kb + off_h * stride_kh, N_CTX, stride_kt, BLOCK_N, HEAD_DIM, BLOCK_D, TMA)
+    v_src = _rows(V + off_b * stride_vb + off_h * stride_vh, N_CTX, stride_vt, BLOCK_N, HEAD_DIM, BLOCK_D, TMA)
+    o_dst = _rows(O + off_b * stride_ob + off_h * stride_oh, N_CTX, stride_ot, BLOCK_M, HEAD_DIM, BLOCK_D, TMA)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, N_CTX, offs_d,
-                   HEAD_DIM, EVEN_D)  # (BLOCK_M, BLOCK_D)
+    q = _load_rows(q_src, start_m, stride_qt, N_CTX, BLOCK_M, HEAD_DIM, BLOCK_D, EVEN_D, TMA)  # (BLOCK_M, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -154,21 +199,17 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale,
     else:
         free_hi = (N_CTX // BLOCK_N) * BLOCK_N
         hi = N_CTX
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                    offs_d, 0, free_hi, N_CTX, qk_scale, False, CAUSAL, BLOCK_N,
-                                    HEAD_DIM, EVEN_D, IEEE_DOT)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                    offs_d, free_hi, hi, N_CTX, qk_scale, True, CAUSAL, BLOCK_N,
-                                    HEAD_DIM, EVEN_D, IEEE_DOT)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, offs_m,
+                                    0, free_hi, N_CTX, qk_scale, False, CAUSAL, BLOCK_N,
+                                    HEAD_DIM, BLOCK_D, EVEN_D, IEEE_DOT, TMA)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kt, stride_vt, offs_m,
+                                    free_hi, hi, N_CTX, qk_scale, True, CAUSAL, BLOCK_N,
+                                    HEAD_DIM, BLOCK_D, EVEN_D, IEEE_DOT, TMA)
 
     acc = acc / l_i[:, None]
-    row_ok = offs_m < N_CTX
-    tl.store(LSE + off_bh * N_CTX + offs_m, m_i + tl.log2(l_i), mask=row_ok)
-    o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :]
-    if EVEN_D:
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(LSE + off_bh * N_CTX + offs_m, m_i + tl.log2(l_i), mask=offs_m < N_CTX)
+    _store_rows(o_dst, start_m, acc.to(O.dtype.element_ty), stride_ot, N_CTX, BLOCK_M, HEAD_DIM, BLOCK_D, EVEN_D,
+                TMA)
 
 
 @triton.jit
@@ -190,25 +231,24 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, s
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
-                         offs_n, offs_d, lo, hi, N_CTX, qk_scale, sm_scale,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_base, stride_qt, stride_dot,
+                         offs_n, lo, hi, N_CTX, qk_scale, sm_scale,
                          MASKED: tl.constexpr, BLOCK_M1: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr, FUSED_DQ: tl.constexpr):
+                         BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr,
+                         FUSED_DQ: tl.constexpr, TMA: tl.constexpr):
     # Query rows past N_CTX load as zeros (q, dO, L, Delta), which makes their P^T dO and dS^T Q zero.
     # FUSED_DQ: also dQ += scale * dS K for this query tile, added atomically into the fp32 dq_base
     # (five matmuls per tile pair instead of the split kernels' seven).
     for start_m in range(lo, hi, BLOCK_M1):
         offs_m = start_m + tl.arange(0, BLOCK_M1)
         row_ok = offs_m < N_CTX
-        q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, N_CTX, offs_d,
-                       HEAD_DIM, EVEN_D)  # (BLOCK_M1, BLOCK_D)
+        q = _load_rows(q_src, start_m, stride_qt, N_CTX, BLOCK_M1, HEAD_DIM, BLOCK_D, EVEN_D, TMA)  # (BLOCK_M1, BLOCK_D)
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
         qk_t = _dot(k, tl.trans(q), IEEE_DOT)  # (BLOCK_N1, BLOCK_M1)
         p_t = tl.exp2(qk_t * qk_scale - lse[None, :])  # one multiply-add
         if MASKED:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-        do = _load_tile(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, N_CTX, offs_d,
-                        HEAD_DIM, EVEN_D)  # (BLOCK_M1, BLOCK_D)
+        do = _load_rows(do_src, start_m, stride_dot, N_CTX, BLOCK_M1, HEAD_DIM, BLOCK_D, EVEN_D, TMA)  # (BLOCK_M1, BLOCK_D)
         dv = _dot_acc(p_t.to(do.dtype), do, dv, IEEE_DOT)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         dp_t = _dot(v, tl.trans(do), IEEE_DOT)  # (BLOCK_N1, BLOCK_M1)
@@ -216,6 +256,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq
         dk = _dot_acc(ds_t, q, dk, IEEE_DOT)
         if FUSED_DQ:
             dq = _dot(tl.trans(ds_t), k, IEEE_DOT) * sm_scale  # (BLOCK_M1, BLOCK_D)
+            offs_d = tl.arange(0, BLOCK_D)
             dq_mask = row_ok[:, None]
             if not EVEN_D:
                 dq_mask = dq_mask & (offs_d[None, :] < HEAD_DIM)
@@ -229,7 +270,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, sm_scale, stride_
                           stride_dob, stride_doh, stride_dot, H, N_CTX,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                           CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr, HEAVY_FIRST: tl.constexpr,
-                          FUSED_DQ: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr):
+                          FUSED_DQ: tl.constexpr, TMA: tl.constexpr,
+                          BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr):
     """dK, dV of one key tile; with FUSED_DQ also dQ, accumulated in fp32 in DQ (zeroed by the host)
     with relaxed atomic adds (bwd="fused_atomic"; DQ unused otherwise)."""
     tile, off_bh = _tile_index(HEAVY_FIRST, False)
@@ -237,18 +279,18 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, sm_scale, stride_
     off_b = off_bh // H
     off_h = off_bh % H
     qk_scale = sm_scale * LOG2E
-    q_base = Q + off_b * stride_b + off_h * stride_h
-    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    q_src = _rows(Q + off_b * stride_b + off_h * stride_h, N_CTX, stride_t, BLOCK_M1, HEAD_DIM, BLOCK_D, TMA)
+    do_src = _rows(DO + off_b * stride_dob + off_h * stride_doh, N_CTX, stride_dot, BLOCK_M1, HEAD_DIM, BLOCK_D,
+                   TMA)
     lse_base = LSE + off_bh * N_CTX
     delta_base = DELTA + off_bh * N_CTX
     dq_base = DQ + off_bh * N_CTX * HEAD_DIM  # DQ contiguous fp32
 
     offs_n = start_n + tl.arange(0, BLOCK_N1)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + off_b * stride_b + off_h * stride_h + offs_n[:, None] * stride_t + offs_d[None, :],
-                   offs_n, N_CTX, offs_d, HEAD_DIM, EVEN_D)  # (BLOCK_N1, BLOCK_D)
-    v = _load_tile(V + off_b * stride_b + off_h * stride_h + offs_n[:, None] * stride_t + offs_d[None, :],
-                   offs_n, N_CTX, offs_d, HEAD_DIM, EVEN_D)  # (BLOCK_N1, BLOCK_D)
+    k = _load_rows(_rows(K + off_b * stride_b + off_h * stride_h, N_CTX, stride_t, BLOCK_N1, HEAD_DIM, BLOCK_D, TMA),
+                   start_n, stride_t, N_CTX, BLOCK_N1, HEAD_DIM, BLOCK_D, EVEN_D, TMA)  # (BLOCK_N1, BLOCK_D)
+    v = _load_rows(_rows(V + off_b * stride_b + off_h * stride_h, N_CTX, stride_t, BLOCK_N1, HEAD_DIM, BLOCK_D, TMA),
+                   start_n, stride_t, N_CTX, BLOCK_N1, HEAD_DIM, BLOCK_D, EVEN_D, TMA)  # (BLOCK_N1, BLOCK_D)
     dk = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
 
@@ -256,41 +298,37 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, sm_scale, stride_
     # ones see every key of this tile; the earlier ones see none and are skipped.
     if CAUSAL:
         diag_hi = start_n + BLOCK_N1
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_t,
-                                      stride_dot, offs_n, offs_d, start_n, tl.minimum(diag_hi, N_CTX),
-                                      N_CTX, qk_scale, sm_scale, True, BLOCK_M1, HEAD_DIM, EVEN_D, IEEE_DOT,
-                                      FUSED_DQ)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_base, stride_t,
+                                      stride_dot, offs_n, start_n, tl.minimum(diag_hi, N_CTX),
+                                      N_CTX, qk_scale, sm_scale, True, BLOCK_M1, HEAD_DIM, BLOCK_D, EVEN_D,
+                                      IEEE_DOT, FUSED_DQ, TMA)
     else:
         diag_hi = 0
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_t,
-                                  stride_dot, offs_n, offs_d, diag_hi, N_CTX, N_CTX, qk_scale, sm_scale, False,
-                                  BLOCK_M1, HEAD_DIM, EVEN_D, IEEE_DOT, FUSED_DQ)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_base, stride_t,
+                                  stride_dot, offs_n, diag_hi, N_CTX, N_CTX, qk_scale, sm_scale, False,
+                                  BLOCK_M1, HEAD_DIM, BLOCK_D, EVEN_D, IEEE_DOT, FUSED_DQ, TMA)
 
     dk *= sm_scale
-    row_ok = offs_n[:, None] < N_CTX
-    if not EVEN_D:
-        row_ok = row_ok & (offs_d[None, :] < HEAD_DIM)
-    out_offs = off_bh * N_CTX * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # DK, DV contiguous
-    dk_ptrs = DK + out_offs
-    dv_ptrs = DV + out_offs
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_ok)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=row_ok)
+    plane = off_bh * N_CTX * HEAD_DIM  # DK, DV contiguous
+    _store_rows(_rows(DK + plane, N_CTX, HEAD_DIM, BLOCK_N1, HEAD_DIM, BLOCK_D, TMA), start_n,
+                dk.to(DK.dtype.element_ty), HEAD_DIM, N_CTX, BLOCK_N1, HEAD_DIM, BLOCK_D, EVEN_D, TMA)
+    _store_rows(_rows(DV + plane, N_CTX, HEAD_DIM, BLOCK_N1, HEAD_DIM, BLOCK_D, TMA), start_n,
+                dv.to(DV.dtype.element_ty), HEAD_DIM, N_CTX, BLOCK_N1, HEAD_DIM, BLOCK_D, EVEN_D, TMA)
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_src, v_src, stride_kt, stride_vt, offs_m,
                        lo, hi, N_CTX, qk_scale,
                        MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N2: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                       IEEE_DOT: tl.constexpr, TMA: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N2):
-        offs_n = start_n + tl.arange(0, BLOCK_N2)
-        k = _load_tile(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, N_CTX, offs_d,
-                       HEAD_DIM, EVEN_D)  # (BLOCK_N2, BLOCK_D)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, N_CTX, offs_d,
-                       HEAD_DIM, EVEN_D)  # (BLOCK_N2, BLOCK_D)
+        k = _load_rows(k_src, start_n, stride_kt, N_CTX, BLOCK_N2, HEAD_DIM, BLOCK_D, EVEN_D, TMA)  # (BLOCK_N2, BLOCK_D)
+        v = _load_rows(v_src, start_n, stride_vt, N_CTX, BLOCK_N2, HEAD_DIM, BLOCK_D, EVEN_D, TMA)  # (BLOCK_N2, BLOCK_D)
         qk = _dot(q, tl.trans(k), IEEE_DOT)  # (BLOCK_M2, BLOCK_N2)
         p = tl.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N2)
             keep = offs_n[None, :] < N_CTX
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
@@ -306,22 +344,23 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, stride_b, stride_
                         stride_dob, stride_doh, stride_dot, H, N_CTX,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                         CAUSAL: tl.constexpr, IEEE_DOT: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+                        TMA: tl.constexpr,
                         BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
     tile, off_bh = _tile_index(HEAVY_FIRST, True)
     start_m = tile * BLOCK_M2
     off_b = off_bh // H
     off_h = off_bh % H
     qk_scale = sm_scale * LOG2E
-    k_base = K + off_b * stride_b + off_h * stride_h
-    v_base = V + off_b * stride_b + off_h * stride_h
+    k_src = _rows(K + off_b * stride_b + off_h * stride_h, N_CTX, stride_t, BLOCK_N2, HEAD_DIM, BLOCK_D, TMA)
+    v_src = _rows(V + off_b * stride_b + off_h * stride_h, N_CTX, stride_t, BLOCK_N2, HEAD_DIM, BLOCK_D, TMA)
 
     offs_m = start_m + tl.arange(0, BLOCK_M2)
-    offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N_CTX
-    q = _load_tile(Q + off_b * stride_b + off_h * stride_h + offs_m[:, None] * stride_t + offs_d[None, :],
-                   offs_m, N_CTX, offs_d, HEAD_DIM, EVEN_D)  # (BLOCK_M2, BLOCK_D)
-    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot
-                    + offs_d[None, :], offs_m, N_CTX, offs_d, HEAD_DIM, EVEN_D)  # (BLOCK_M2, BLOCK_D)
+    q = _load_rows(_rows(Q + off_b * stride_b + off_h * stride_h, N_CTX, stride_t, BLOCK_M2, HEAD_DIM, BLOCK_D, TMA),
+                   start_m, stride_t, N_CTX, BLOCK_M2, HEAD_DIM, BLOCK_D, EVEN_D, TMA)  # (BLOCK_M2, BLOCK_D)
+    do = _load_rows(_rows(DO + off_b * stride_dob + off_h * stride_doh, N_CTX, stride_dot, BLOCK_M2, HEAD_DIM,
+                          BLOCK_D, TMA),
+                    start_m, stride_dot, N_CTX, BLOCK_M2, HEAD_DIM, BLOCK_D, EVEN_D, TMA)  # (BLOCK_M2, BLOCK_D)
     lse = tl.load(LSE + off_bh * N_CTX + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + off_bh * N_CTX + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
@@ -332,19 +371,16 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, stride_b, stride_
     else:
         free_hi = (N_CTX // BLOCK_N2) * BLOCK_N2
         hi = N_CTX
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_t, stride_t, offs_m, offs_d,
-                            0, free_hi, N_CTX, qk_scale, False, CAUSAL, BLOCK_N2, HEAD_DIM, EVEN_D,
-                            IEEE_DOT)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_t, stride_t, offs_m, offs_d,
-                            free_hi, hi, N_CTX, qk_scale, True, CAUSAL, BLOCK_N2, HEAD_DIM, EVEN_D,
-                            IEEE_DOT)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_src, v_src, stride_t, stride_t, offs_m,
+                            0, free_hi, N_CTX, qk_scale, False, CAUSAL, BLOCK_N2, HEAD_DIM, BLOCK_D, EVEN_D,
+                            IEEE_DOT, TMA)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_src, v_src, stride_t, stride_t, offs_m,
+                            free_hi, hi, N_CTX, qk_scale, True, CAUSAL, BLOCK_N2, HEAD_DIM, BLOCK_D, EVEN_D,
+                            IEEE_DOT, TMA)
 
     dq *= sm_scale
-    mask = row_ok[:, None]
-    if not EVEN_D:
-        mask = mask & (offs_d[None, :] < HEAD_DIM)
-    dq_ptrs = DQ + off_bh * N_CTX * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # DQ contiguous
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
+    _store_rows(_rows(DQ + off_bh * N_CTX * HEAD_DIM, N_CTX, HEAD_DIM, BLOCK_M2, HEAD_DIM, BLOCK_D, TMA), start_m,
+                dq.to(DQ.dtype.element_ty), HEAD_DIM, N_CTX, BLOCK_M2, HEAD_DIM, BLOCK_D, EVEN_D, TMA)  # DQ contiguous
 
 
 # Tile configurations and variants. The causal loop bounds need BLOCK_M % BLOCK_N == 0 (forward, dQ)
@@ -353,7 +389,12 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, stride_b, stride_
 #       dK/dV kernel with dQ added atomically, (BLOCK_M1, BLOCK_N1));
 #   bwd: "split" (dK/dV kernel + dQ kernel, deterministic) | "fused_atomic" (one pass per K/V tile);
 #   order: "natural" (grid (tiles, B * H)) | "heavy_first" (grid (B * H, tiles), heaviest causal tiles
-#       of every head first).
+#       of every head first);
+#   io: "pointer" (masked tl.load / tl.store) | "tma" (tensor descriptors built in the kernel over each
+#       (batch, head) plane, _rows: TMA copies on sm_90, plain loads elsewhere) for the forward and the
+#       split backward. The fused backward keeps pointer I/O: with descriptors on sm_90 its 64-row
+#       tiles spilled 160-800 B and its 32-row tiles lost the tensor cores for the dQ product (triton
+#       3.9). A launch whose tensors break TMA's alignment rules (_tma_meta) uses pointer I/O.
 # Where it comes from, first match wins: use_configs() (benchmarks, the GPU sweep), the environment
 # variable IGPT_FAST_ATTENTION_CONFIG (JSON of any of those keys, read when a plan is built, e.g.
 # '{"bwd": "fused_atomic", "fwd": [128, 64, 8, 3]}'), the per-GPU defaults table's "config" for the
@@ -372,16 +413,23 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, stride_b, stride_
 #       +3-8% at T = 1024 causal (8-16 tiles per head), within noise at T >= 4096 or non-causal.
 #   acc = tl.dot(p, v, acc) and the scale folded into the exponent's multiply-add (all variants):
 #       +2-5% forward.
+#   io="tma" (sm_90): Q/K/V/dO tiles arrive by TMA into shared memory, with no address arithmetic or
+#       masks in registers (the forward drops from 182-187 to 109-138 registers, the split dK/dV from
+#       ~238 to 134-212): +5-10% forward at D 128 and T >= 4096, less at D 64; backward within +-5%.
+#       Automatic warp specialisation (tl.range(warp_specialize=True), FlashAttention-3's producer /
+#       consumer split) is not offered: on this forward Triton 3.6 and 3.9 fail an assertion in their
+#       warp-specialisation pass at 4 warps and leave the loop unspecialised at 8.
 #   sm_90 forward at D 32/64 on 8 warps instead of 4: triton 3.6 gave the 4-warp tile 255 registers
 #       (at ptxas' cap); 8 warps hold it in ~115. +5-10% forward at D 64 with triton 3.6.
 _AUTOTUNE = os.environ.get("IGPT_FAST_AUTOTUNE") == "1"
 _CONFIG_ENV = "IGPT_FAST_ATTENTION_CONFIG"
 _TILE_KEYS = ("fwd", "dkdv", "dq", "fused")
-_VARIANTS = dict(bwd=("split", "fused_atomic"), order=("natural", "heavy_first"))
+_VARIANTS = dict(bwd=("split", "fused_atomic"), order=("natural", "heavy_first"), io=("pointer", "tma"))
+_BASE_VARIANTS = dict(bwd="split", order="natural", io="pointer")  # what a GPU has measured
 _BLOCK_NAMES = dict(fwd=("BLOCK_M", "BLOCK_N"), dkdv=("BLOCK_M1", "BLOCK_N1"), dq=("BLOCK_M2", "BLOCK_N2"),
                     fused=("BLOCK_M1", "BLOCK_N1"))
 _INTERPRET_CONFIGS = dict(fwd=(64, 32, 4, 1), dkdv=(32, 64, 4, 1), dq=(64, 32, 4, 1), fused=(32, 64, 4, 1),
-                          bwd="split", order="natural")
+                          **_BASE_VARIANTS)
 # By target and BLOCK_D. Rule: no register spill, with a margin below ptxas' 255-register cap in
 # both fp16 and bf16, causal or not, with triton 3.6 and 3.9 (benchmarks/results/compile_check*.md).
 # Where a tile spilled (or sat at the cap) with 4 warps, it keeps its shape and gets 8 warps (half
@@ -389,7 +437,7 @@ _INTERPRET_CONFIGS = dict(fwd=(64, 32, 4, 1), dkdv=(32, 64, 4, 1), dq=(64, 32, 4
 # sm_90 forward at D32/64 and dK/dV at D64 (4 -> 8 warps); sm_80 forward at D64 (4 -> 8 warps) and
 # D128 (3 -> 2 stages), dK/dV at D32, D64 and D128, dQ at D64 and the fused backward at D96/128 (4 -> 8
 # warps: (32, 64, 4, 2) spilled 24-36 B at D96 on both triton versions). The variants stay at
-# the ones a GPU measured (split, natural) until a sweep's table entry names others.
+# the ones a GPU measured (split, natural, pointer) until a sweep's table entry names others.
 _DEFAULT_CONFIGS = {
     "sm90": {
         32: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3), fused=(64, 128, 8, 2)),
@@ -415,7 +463,7 @@ _KERNELS = dict(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_d
 _TUNED = {name: triton.autotune(
     configs=[triton.Config(dict(zip(_BLOCK_NAMES[name], (r, c))), num_warps=w, num_stages=st)
              for r, c, w, st in _TUNE_SETS[name]],
-    key=["N_CTX", "HEAD_DIM", "CAUSAL", "HEAVY_FIRST"],
+    key=["N_CTX", "HEAD_DIM", "CAUSAL", "HEAVY_FIRST", "TMA"],
     reset_to_zero=["DQ"] if name == "fused" else None)(kernel) for name, kernel in _KERNELS.items()}
 
 
@@ -458,7 +506,7 @@ def check_config(config, where="attention config"):
 
 def attention_configs(capability, head_dim, override=None):
     """Launch keywords of each attention kernel ("fwd", "dkdv", "dq", "fused", "pre") and the variants
-    ("bwd", "order") on a GPU of compute `capability` (major, minor) at `head_dim`; capability None:
+    ("bwd", "order", "io") on a GPU of compute `capability` (major, minor) at `head_dim`; capability None:
     the interpreter's small tiles. `override`: a config dict (any subset of the keys) replacing the
     built-in entries. The launchers and tools/compile_check.py both call this, so CI compiles exactly
     what runs."""
@@ -466,10 +514,10 @@ def attention_configs(capability, head_dim, override=None):
         tiles = dict(_INTERPRET_CONFIGS)
     else:
         tiles = dict(_DEFAULT_CONFIGS[attention_target(capability)][min(128, max(32, _block_d(head_dim)))],
-                     bwd="split", order="natural")
+                     **_BASE_VARIANTS)
     tiles.update(check_config(dict(override or {})))
     configs = {name: _config(name, tiles[name]) for name in _TILE_KEYS}
-    return dict(configs, pre=dict(_PREPROCESS_CONFIG), bwd=tiles["bwd"], order=tiles["order"])
+    return dict(configs, pre=dict(_PREPROCESS_CONFIG), **{key: tiles[key] for key in _VARIANTS})
 
 
 def attention_tune_configs(name):
@@ -493,9 +541,11 @@ def _make_plan(configs, dtype, head_dim, causal, tuned=False):
     plan = dict(pre=(_attn_bwd_preprocess_kernel, configs["pre"]["BLOCK_M"], dict(shape, **configs["pre"])),
                 bwd=configs["bwd"])
     meta = dict(shape, CAUSAL=bool(causal), IEEE_DOT=dtype == torch.float32,
-                HEAVY_FIRST=configs["order"] == "heavy_first")
+                HEAVY_FIRST=configs["order"] == "heavy_first", TMA=configs["io"] == "tma")
     for name, axis in (("fwd", "BLOCK_M"), ("dkdv", "BLOCK_N1"), ("dq", "BLOCK_M2"), ("fused", "BLOCK_N1")):
         kmeta = dict(meta, FUSED_DQ=name == "fused") if name in ("dkdv", "fused") else meta
+        if name == "fused":  # pointer I/O always: see the io note above
+            kmeta["TMA"] = False
         if tuned:
             plan[name] = (_TUNED[name], axis, kmeta)
         else:
@@ -597,6 +647,20 @@ def _shared_layout(q, k, v):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
+def _tma_meta(meta, *tensors):
+    """`meta`, or (io "tma" where a tensor breaks TMA's rules: a 16-byte aligned start and every stride
+    but the last a multiple of 16 bytes, e.g. a head dim that is not a multiple of 8 in fp16) the same
+    launch with pointer I/O. With TMA, makes sure Triton can allocate the descriptors' scratch."""
+    if not meta["TMA"]:
+        return meta
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            return dict(meta, TMA=False)
+    _common.ensure_scratch_allocator()
+    return meta
+
+
 def _attn_fwd(q, k, v, scale, plan, launch):
     """Allocate o (B, H, T, D) in q's dtype and the base-2 LSE (B, H, T) fp32; launch the forward.
     q, k, v share their strides (_shared_layout). The forward kernel's signature lives here."""
@@ -605,6 +669,7 @@ def _attn_fwd(q, k, v, scale, plan, launch):
     lse = _common.empty(q, (B, H, T), torch.float32)
     if B * H:
         kernel, tile, meta = plan["fwd"]
+        meta = _tma_meta(meta, q, k, v, o)
         args = (q, k, v, o, lse, scale * LOG2E.value, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                 *o.stride()[:3], H, T)
         launch(kernel, _grid(T, B * H, tile, meta["HEAVY_FIRST"]), args, meta)
@@ -629,11 +694,13 @@ def _attn_bwd(do, q, k, v, o, lse, scale, plan, launch):
     kernel, tile, meta = plan["pre"]
     launch(kernel, (-(-T // tile), BH), (o, do, delta, *o.stride()[:3], sdb, sdh, sdt, H, T), meta)
     kernel, tile, meta = plan["fused" if fused else "dkdv"]
+    meta = _tma_meta(meta, q, do, dk)
     launch(kernel, _grid(T, BH, tile, meta["HEAVY_FIRST"]),
            (q, k, v, do, dk, dv, dq if fused else dk, lse, delta, scale, sb, sh, st, sdb, sdh, sdt, H, T), meta)
     if fused:
         return dq.to(q.dtype), dk, dv
     kernel, tile, meta = plan["dq"]
+    meta = _tma_meta(meta, q, do, dq)
     launch(kernel, _grid(T, BH, tile, meta["HEAVY_FIRST"]),
            (q, k, v, do, dq, lse, delta, scale, sb, sh, st, sdb, sdh, sdt, H, T), meta)
     return dq, dk, dv

@@ -186,9 +186,10 @@ def test_public_op_survives_submodule_import():
     assert kernels.attention is attention and callable(kernels.attention)
 
 
-# Every kernel variant (the launch plan's bwd and order, tests/test_attention.py's default being
-# split + natural) on one small set of odd shapes: outputs and gradients against fp64.
-_VARIANT_CONFIGS = [dict(bwd="fused_atomic"), dict(order="heavy_first"), dict(bwd="fused_atomic", order="heavy_first")]
+# Every kernel variant (the launch plan's bwd, order and io, tests/test_attention.py's default being
+# split + natural + pointer) on one small set of odd shapes: outputs and gradients against fp64.
+_VARIANT_CONFIGS = [dict(bwd="fused_atomic"), dict(order="heavy_first"), dict(bwd="fused_atomic", order="heavy_first"),
+                    dict(io="tma"), dict(io="tma", order="heavy_first")]
 _VARIANT_COVER = [(17, 32, True), (100, 96, False), (130, 64, True)]
 
 
@@ -208,6 +209,75 @@ def test_attention_variant_tiles_match_reference():
 
     with use_configs(dict(bwd="fused_atomic", fused=[32, 32, 4, 1], fwd=[32, 32, 4, 1])):
         _check(*_inputs(70, 64, PRECISE), causal=True)
+
+
+def _tma_launches(monkeypatch):
+    """Record, for every attention launch, whether it ran with tensor descriptors (TMA)."""
+    from igpt_fast.kernels import flash_attention as fa
+
+    seen = []
+    real = fa._tma_meta
+
+    def spy(meta, *tensors):
+        out = real(meta, *tensors)
+        seen.append(out["TMA"])
+        return out
+
+    monkeypatch.setattr(fa, "_tma_meta", spy)
+    return seen
+
+
+def test_attention_tma_strided_views_and_fallback(monkeypatch):
+    """io "tma": descriptors over strided views of one fused projection (each (batch, head) plane its own
+    descriptor, bounded by T and D, so ragged tiles neither read the next head nor write past the end);
+    a head dim whose rows break TMA's 16-byte rule (D = 20 in fp16: 40-byte rows) falls back to
+    pointer I/O, same results. The fused backward never takes descriptors."""
+    from igpt_fast.kernels import flash_attention as fa
+
+    seen = _tma_launches(monkeypatch)
+    with fa.use_configs(dict(io="tma")):
+        B, T, H, D = 2, 45, 3, 32
+        qkv = torch.randn(B, T, 3, H, D, device=DEVICE, dtype=PRECISE)
+        _check(*qkv.permute(2, 0, 3, 1, 4).unbind(0), causal=True, scale=0.3)
+        assert seen == [True, True, True]  # forward, dK/dV, dQ
+        seen.clear()
+        _check(*_inputs(33, 20, torch.float16), causal=False)
+        assert seen == [False, False, False]
+    seen.clear()
+    with fa.use_configs(dict(io="tma", bwd="fused_atomic")):
+        _check(*_inputs(40, 32, PRECISE), causal=True)
+        plan = fa._plan_for(_inputs(40, 32, PRECISE)[0], True)
+        assert plan["fwd"][2]["TMA"] and not plan["fused"][2]["TMA"]
+
+
+def test_scratch_allocator_per_thread_and_never_replaced():
+    """Triton keeps its scratch allocator in a ContextVar that new threads (autograd's backward threads)
+    do not inherit: ensure_scratch_allocator sets ours where none is set, and keeps a user's."""
+    import threading
+
+    import triton
+    from triton.runtime import _allocation
+
+    from igpt_fast.kernels import _common
+
+    seen = {}
+
+    def fresh_thread():
+        seen["before"] = _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+        _common.ensure_scratch_allocator()
+        seen["ours"] = _allocation._allocator.get() is _common._scratch
+
+        def mine(size, alignment, stream):
+            return None
+
+        triton.set_allocator(mine)
+        _common.ensure_scratch_allocator()
+        seen["kept"] = _allocation._allocator.get() is mine
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert seen == dict(before=True, ours=True, kept=True)
 
 
 def test_attention_config_from_environment(monkeypatch):
@@ -235,8 +305,10 @@ def test_attention_config_validation():
         check_config(dict(fwd=[64, 128, 4, 3]))
     with pytest.raises(ValueError, match="cols % rows"):
         check_config(dict(fused=[64, 32, 4, 3]))
+    with pytest.raises(ValueError, match="io must be one of"):
+        check_config(dict(io="bulk"))
     configs = attention_configs((9, 0), 64, dict(bwd="fused_atomic", fused=(32, 128, 8, 2)))
-    assert configs["bwd"] == "fused_atomic" and configs["order"] == "natural"
+    assert configs["bwd"] == "fused_atomic" and configs["order"] == "natural" and configs["io"] == "pointer"
     assert configs["fused"] == dict(BLOCK_M1=32, BLOCK_N1=128, num_warps=8, num_stages=2)
     assert configs["fwd"] == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
 

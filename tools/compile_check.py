@@ -17,8 +17,10 @@ Covered: attention forward, backward preprocessing, dK/dV and dQ (fp16, bf16; he
 128; causal and not; fp32 attention on CUDA goes to the torch path, so it is not compiled), in the
 built-in default config ("default": bwd split, order natural) and in each other variant's default
 tiles: "variant:fused_atomic+heavy_first" (the fused dK/dV/dQ kernel, whose PTX must hold
-the fp32 atomic adds, and the heavy-first forward) and "variant:heavy_first" (split dK/dV and
-dQ in heavy-first order), each compiling only the kernels the default case did not; softmax
+the fp32 atomic adds, and the heavy-first forward), "variant:heavy_first" (split dK/dV and
+dQ in heavy-first order) and "variant:tma" (io "tma": forward, dK/dV and dQ through tensor
+descriptors, whose sm_90 PTX must hold TMA copies, cp.async.bulk.tensor), each compiling only the
+kernels the default case did not; softmax
 forward/backward and cross-entropy forward/backward (fp16, bf16, fp32) at the widths that select each
 of their launch configs. With --all, also every config of the attention autotune sets
 (IGPT_FAST_AUTOTUNE=1), which are also the tiles the GPU sweep times: there a spill or an over-limit shared memory is reported, not failed (the
@@ -62,6 +64,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ATTN_VARIANTS = {  # source -> (config override, kernels to compile: those the default case lacks)
     "variant:fused_atomic+heavy_first": (dict(bwd="fused_atomic", order="heavy_first"), ("fwd", "fused")),
     "variant:heavy_first": (dict(order="heavy_first"), ("dkdv", "dq")),
+    "variant:tma": (dict(io="tma"), ("fwd", "dkdv", "dq")),
 }
 SOFTMAX_WIDTHS = (512, 4096, 8192, 20000)  # 4 warps, 8 warps, one 16-warp tile, the looped path
 CE_VOCABS = (512, 50000)  # the palette (one tile), a long row (looped 4096-wide tiles)
@@ -172,10 +175,19 @@ def _tensor_cores(compiled, arch):
     return f"ok ({len(dots)} mma)"
 
 
+def _tma_note(compiled, meta, arch):
+    """io "tma" on sm_90: the PTX must hold TMA copies (cp.async.bulk.tensor); elsewhere Triton lowers
+    the descriptors to plain loads, so there is nothing to find."""
+    if not meta.get("TMA") or arch != 90:
+        return ""
+    copies = len(re.findall(r"cp\.async\.bulk\.tensor", compiled.asm["ptx"]))
+    return f"; {copies} TMA copies" if copies else "; FAIL: no TMA copy (cp.async.bulk.tensor) in PTX"
+
+
 def _config_label(meta):
     keys = [k for k in meta if k.startswith("BLOCK") and k != "BLOCK_D"]
     parts = [f"{k}={meta[k]}" for k in keys] + [f"w{meta.get('num_warps', 4)}", f"s{meta.get('num_stages', 3)}"]
-    parts += [flag.lower() for flag in ("FUSED_DQ", "HEAVY_FIRST") if meta.get(flag)]
+    parts += [flag.lower() for flag in ("FUSED_DQ", "HEAVY_FIRST", "TMA") if meta.get(flag)]
     return " ".join(parts)
 
 
@@ -212,6 +224,7 @@ def check_case(case):
         if meta.get("FUSED_DQ"):
             atomics = len(re.findall(r"\b(?:red|atom)\.global[a-z0-9.]*\.add[a-z0-9.]*\.f32", compiled.asm["ptx"]))
             cores += f"; {atomics} f32 atomic adds" if atomics else "; FAIL: no f32 atomic add in PTX"
+        cores += _tma_note(compiled, meta, arch)
         problems, notes = [], []
         if shared > limits["max_shared"]:
             (notes if tuned else problems).append(f"shared {shared} B > {limits['max_shared']} B")
