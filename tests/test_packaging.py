@@ -20,7 +20,8 @@ import zipfile
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNEL_MODULES = ["__init__", "flash_attention", "fused_softmax", "fused_cross_entropy", "_common", "reference"]
+KERNEL_MODULES = ["__init__", "flash_attention", "attention_configs", "fused_softmax", "fused_cross_entropy", "_common",
+                  "reference"]
 NO_PROXY = "http://127.0.0.1:9"  # the discard port: any HTTP(S) request through it fails at once
 
 
