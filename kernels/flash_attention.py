@@ -508,7 +508,10 @@ def _tma_meta(meta, *tensors):
         return meta
     for t in tensors:
         size = t.element_size()
-        if t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+        # A traced call sees fake tensors (no data pointer): their storage offset and strides decide, the
+        # storage itself being allocator-aligned.
+        start = t.data_ptr() if type(t) is torch.Tensor else t.storage_offset() * size
+        if start % 16 or any(st * size % 16 for st in t.stride()[:-1]):
             return dict(meta, TMA=False)
     _common.ensure_scratch_allocator()
     return meta

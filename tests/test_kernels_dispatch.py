@@ -8,6 +8,7 @@ kernels run under the Triton interpreter, and `_common.launch` (where every eage
 is patched to raise Triton's OutOfResources for chosen kernels, as a real GPU would for a config that
 does not fit.
 """
+import json
 import logging
 import os
 import subprocess
@@ -260,6 +261,8 @@ def test_shipped_table_says_torch_where_torch_won():
 
 
 _COMPILED_STEP = """
+import re
+
 import torch
 import torch._functorch.config
 import triton
@@ -312,22 +315,28 @@ except Exception as err:
 node = "higher_order.triton_kernel_wrapper_functional("
 names = sorted({kernel_side_table.get_kernel(i).fn.__name__ for i in range(len(kernel_side_table.id_to_kernel))})
 graphs = "".join(codes)
-print(len(codes), graphs.count(node), "igpt_fast" in graphs, "tensors_to_clone = ['Q'" in graphs, " ".join(names))
+tma = sorted(set(re.findall(r"'TMA': (True|False)", graphs)))
+print(len(codes), graphs.count(node), "igpt_fast" in graphs, "tensors_to_clone = ['Q'" in graphs, "/".join(tma),
+      " ".join(names))
 """
 
 
-def test_compiled_graph_holds_the_triton_kernels():
+@pytest.mark.parametrize("io", ["pointer", "tma"])
+def test_compiled_graph_holds_the_triton_kernels(io):
     """torch.compile(fullgraph=True) traces the public ops (the triton_ops a GPU gets) to forward and
     backward graphs whose nodes are the Triton kernels themselves (triton_kernel_wrapper_functional over
     our @triton.jit functions, with torch's analysis of what each kernel writes, so inputs are not
     cloned), with no opaque op left: the graphs Inductor compiles and CUDA graphs capture. Without a
     GPU the graphs are traced, not run (the interpreter's kernels cannot be captured at all: they are
-    not JITFunctions); a fresh process, as the ops are registered at import."""
+    not JITFunctions); a fresh process, as the ops are registered at import. With io "tma" the traced
+    kernels build their tensor descriptors (the alignment check reads fake tensors' offsets and strides)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["IGPT_FAST_ATTENTION_CONFIG"] = json.dumps(dict(io=io))
     out = subprocess.run([sys.executable, "-c", _COMPILED_STEP], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    n_graphs, n_kernels, opaque, cloned, names = out.stdout.split(maxsplit=4)
+    n_graphs, n_kernels, opaque, cloned, tma, names = out.stdout.split(maxsplit=5)
     assert (n_graphs, n_kernels, opaque, cloned) == ("2", "8", "False", "False")  # fwd 3, bwd 3 + 1 + 1
+    assert tma == str(io == "tma")  # every attention launch (the preprocess kernel takes no TMA flag)
     assert names.split() == sorted(["_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
                                     "_attn_bwd_dq_kernel", "_softmax_fwd_kernel", "_softmax_bwd_kernel",
                                     "_ce_fwd_kernel", "_ce_bwd_kernel"])
