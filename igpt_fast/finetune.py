@@ -15,9 +15,8 @@ is rebuilt from OUT/log.jsonl on resume, so an interrupted run resumes with the 
 Everything else is train.train, given a TrainConfig: AdamW, schedule, clipping, accumulation, DDP, atomic checkpoints
 (OUT/ckpt.pt is the latest state, for --resume), log.jsonl, loss.png, OUT/config.json. At the end the best model
 is scored on val and test (at most max_eval samples each, on the run's device) and OUT/finetune.json is written.
-OUT/config.json, as train.record writes it, gets a 'finetune' section when the run ends or is stopped by a
-signal: RUN as given and the FinetuneConfig, so `igpt-fast finetune --config OUT/config.json` repeats the run
-(run_config.py reads it back).
+OUT/config.json, as train.record writes it when the run starts, has a 'finetune' section: RUN as given and the
+FinetuneConfig, so `igpt-fast finetune --config OUT/config.json` repeats the run (run_config.py reads it back).
 
 What it shows: every log step prints (and logs) the combined loss and its parts, L_CLF as `clf_loss`
 (nats per image), L_GEN as `gen_loss` (nats per pixel), the batch's `train_acc`; every evaluation
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 
 from igpt_fast.checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from igpt_fast.errors import FinetuneError, RunStopped
+from igpt_fast.errors import FinetuneError
 from igpt_fast.model import Classifier
 from igpt_fast.distributed import all_reduce_sum, is_main_process, setup_distributed
 from igpt_fast.progress import line
@@ -46,7 +45,7 @@ from igpt_fast.runlog import read_log, write_text_atomic
 from igpt_fast.train import Objective, RunOptions, TrainConfig, run_device, save, train
 
 __all__ = ["FinetuneError", "FINETUNE_DIR", "BEST_NAME", "RESULT_NAME", "FinetuneConfig", "count_classes",
-           "accuracy", "classifier_loss", "EarlyStopping", "record_config", "finetune_config", "finetune"]
+           "accuracy", "classifier_loss", "EarlyStopping", "finetune_config", "finetune"]
 
 FINETUNE_DIR = "finetune"  # RUN/finetune
 BEST_NAME = "best.pt"
@@ -187,16 +186,6 @@ def _score_best(best_path, data_dir, meta, max_eval, impl, device):
     return scores
 
 
-def record_config(out_dir: str, run_dir: str, fcfg: FinetuneConfig) -> None:
-    """Main process: the 'finetune' section (RUN as given, the FinetuneConfig) added to OUT/config.json, which
-    train.record wrote when the run started; the file is replaced atomically."""
-    path = os.path.join(out_dir, "config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg["finetune"] = {"run": run_dir, **dataclasses.asdict(fcfg)}
-    write_text_atomic(path, json.dumps(cfg, indent=2))
-
-
 def finetune_config(data_dir, out_dir=None, steps=500, batch_size=16, lr=None, warmup_steps=None, eval_every=100,
                     eval_batches=20, ckpt_every=None, **kw):
     """A TrainConfig with finetuning's defaults: lr None (the pretraining LR / 10, filled by finetune),
@@ -250,16 +239,11 @@ def finetune(run_dir: str, tcfg: TrainConfig, fcfg: FinetuneConfig | None = None
     explicit = {f.name for f in dataclasses.fields(tcfg)} if explicit is None else set(explicit)
     explicit -= set(ARCH_FIELDS)
     stopper = EarlyStopping(out_dir, fcfg.patience, resumed=resume is not None)
-    objective = Objective(classifier_loss(fcfg.gen_weight), evaluate_clf, stopper, classifier=True)
-    try:
-        out = train(model.config, tcfg, options, resume, overwrite, explicit, model, meta, objective, print_fn)
-    except RunStopped:  # saved, with OUT/config.json written: recorded for `finetune --config` all the same
-        if is_main_process():
-            record_config(out_dir, run_dir, fcfg)
-        raise
+    objective = Objective(classifier_loss(fcfg.gen_weight), evaluate_clf, stopper, classifier=True,
+                          sections={"finetune": {"run": run_dir, **dataclasses.asdict(fcfg)}})
+    out = train(model.config, tcfg, options, resume, overwrite, explicit, model, meta, objective, print_fn)
     if not is_main_process():
         return None
-    record_config(out_dir, run_dir, fcfg)
 
     best_ckpt = load_checkpoint(stopper.best_path)
     device = run_device(options, setup_distributed()[3])  # the device the run trained on (--device honoured)

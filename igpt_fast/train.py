@@ -138,12 +138,14 @@ def gen_loss(module, tokens, labels):
 class Objective:
     """What the loop optimises and measures. loss(module, tokens, labels) -> (loss, metrics) gets the wrapped
     module (so DDP syncs); evaluate(run) -> metrics; on_eval(run, metrics) -> True stops the run early;
-    classifier: the module the loss calls is a model.Classifier around the model (finetuning)."""
+    classifier: the module the loss calls is a model.Classifier around the model (finetuning); sections: more
+    top-level sections of RUN/config.json, written with the rest when the run starts (finetune's settings)."""
 
     loss: Callable[..., tuple[torch.Tensor, dict]] = gen_loss
     evaluate: Callable[["Run"], dict] | None = None  # None: evaluate_gen_loss
     on_eval: Callable[["Run", dict], object] | None = None
     classifier: bool = False
+    sections: dict[str, Any] | None = None
 
 
 @dataclass
@@ -285,9 +287,10 @@ def build(model_config, tcfg, options, ckpt=None, model=None, classifier=False, 
                world_size, device, autocast(device), print_fn=print_fn)
 
 
-def record(run, resumed_from=None, changed=()):
-    """Main process: RUN made, log.jsonl cut back to a resumed step, the resolved configuration written to
-    RUN/config.json and printed, with the changes a resume made and a warning for a warmup as long as the run."""
+def record(run, resumed_from=None, changed=(), sections=None):
+    """Main process: RUN made, log.jsonl cut back to a resumed step, the resolved configuration (plus the
+    caller's `sections`) written to RUN/config.json and printed, with the changes a resume made and a warning
+    for a warmup as long as the run."""
     if not run.master:
         return
     tcfg = run.tcfg
@@ -298,7 +301,7 @@ def record(run, resumed_from=None, changed=()):
                 **asdict(run.options), "device": str(run.device),
                 "mixed_precision": bool(run.options.mixed_precision), "params": run.model.num_params(),
                 "flops_per_token": flops_per_token(run.model), "resumed_from": resumed_from, "start_step": run.step,
-                "changed_on_resume": list(changed), "palette_sha256": run.palette.sha256}
+                "changed_on_resume": list(changed), "palette_sha256": run.palette.sha256, **(sections or {})}
     if changed:
         run.say("changed on resume: " + ", ".join(changed))
     write_text_atomic(os.path.join(tcfg.out_dir, "config.json"), json.dumps(resolved, indent=2))
@@ -310,7 +313,7 @@ def record(run, resumed_from=None, changed=()):
 
 
 def start(model_config, tcfg, options=None, resume=None, overwrite=False, explicit=None, model=None, meta=None,
-          classifier=False, print_fn=print):
+          classifier=False, print_fn=print, sections=None):
     """Set up a run (see the module docstring for the folder rules) and return its Run.
 
     options: RunOptions (default RunOptions()). resume: None (fresh), "auto" (the newest complete
@@ -318,6 +321,7 @@ def start(model_config, tcfg, options=None, resume=None, overwrite=False, explic
     explicit: the names of the GPTConfig and TrainConfig fields the caller set on purpose (None: all of
     them). model: an initial IGPT for fresh runs (default IGPT(model_config)). meta: the data's meta.json
     (read when None). classifier: the loss calls a model.Classifier around the model (finetuning, DDP only).
+    sections: more sections of RUN/config.json (record).
     """
     from igpt_fast.data import check_data, read_meta
 
@@ -340,7 +344,7 @@ def start(model_config, tcfg, options=None, resume=None, overwrite=False, explic
     if ckpt is not None:
         restore(run, ckpt)
         del ckpt
-    record(run, resume, changed)
+    record(run, resume, changed, sections)
     return run
 
 
@@ -539,7 +543,7 @@ def train(model_config: GPTConfig, tcfg: TrainConfig, options: RunOptions | None
     run = None
     try:
         run = start(model_config, tcfg, options, resume, overwrite, explicit, model, meta, objective.classifier,
-                    print_fn)
+                    print_fn, objective.sections)
         if writer is not None and run.master:  # a resumed run's events past its step are hidden (purge_step)
             run.tb = writer(os.path.join(tcfg.out_dir, "tb"), purge_step=run.step or None, flush_secs=10)
         return _loop(run, objective, started)

@@ -316,17 +316,17 @@ def test_cli_finetune_config_errors_are_one_line(finetuned, ar_run, tmp_path):
         assert error("finetune", bad) == f"Error: --config {bad}: {message}"
 
 
-def test_a_stopped_finetune_records_its_config(data_dir, ar_run, tmp_path, monkeypatch):
-    """A run stopped by a signal (train.RunStopped, after saving) has its finetune section recorded too."""
-    import igpt_fast.finetune as ft
-    from igpt_fast.errors import RunStopped
+def test_a_finetune_records_its_config_when_it_starts(data_dir, ar_run, tmp_path, monkeypatch):
+    """The finetune section is written with the rest of config.json when the run starts, so a run that dies
+    in its first step (killed, crashed) can still be repeated with --config."""
+    import igpt_fast.train as train_module
 
-    def stopped(*args, **kw):
-        train(*args, **kw)
-        raise RunStopped("stopped by SIGTERM", 15)
+    def crash(run, objective, started):
+        raise RuntimeError("died in its first step")
 
-    monkeypatch.setattr(ft, "train", stopped)
-    with pytest.raises(RunStopped):
+    monkeypatch.setattr(train_module, "_loop", crash)
+    with pytest.raises(RuntimeError, match="first step"):
         finetune(ar_run, data_dir, out_dir=str(tmp_path / "ft"), steps=1, batch_size=8, eval_batches=1,
                  gen_weight=0.0, **QUIET)
-    assert json.loads((tmp_path / "ft" / "config.json").read_text())["finetune"]["gen_weight"] == 0.0
+    section = json.loads((tmp_path / "ft" / "config.json").read_text())["finetune"]
+    assert section["gen_weight"] == 0.0 and section["run"] == ar_run
