@@ -157,7 +157,18 @@ def test_attention_long_cuda(T, causal):
 
 
 @pytest.mark.cuda
-def test_attention_compile_vs_eager_cuda():
+@pytest.mark.parametrize("io", ["pointer", "tma"])
+def test_attention_compile_vs_eager_cuda(io):
+    """Inductor's launch of our kernels matches the eager Function; with io "tma" Inductor also provides the
+    descriptors' scratch (its launcher sets Triton's allocator), in forward and backward."""
+    from igpt_fast.kernels.flash_attention import use_configs
+
+    with use_configs(dict(io=io)):
+        _compile_vs_eager_cuda()
+
+
+def _compile_vs_eager_cuda():
+    torch._dynamo.reset()
     torch.manual_seed(0)
     B, T, H, D = 2, 576, 4, 64
     proj = torch.nn.Linear(H * D, 3 * H * D, device="cuda", dtype=torch.bfloat16)
