@@ -550,13 +550,13 @@ def _attn_bwd(do, q, k, v, o, lse, scale, plan, launch):
     kernel, tile, meta = plan["pre"]
     launch(kernel, (-(-T // tile), BH), (o, do, delta, *o.stride()[:3], sdb, sdh, sdt, H, T), meta)
     kernel, tile, meta = plan["fused" if fused else "dkdv"]
-    meta = _tma_meta(meta, q, do, dk)
+    meta = _tma_meta(meta, q, k, v, do, dk, dv)
     launch(kernel, _grid(T, BH, tile, meta["HEAVY_FIRST"]),
            (q, k, v, do, dk, dv, dq if fused else dk, lse, delta, scale, sb, sh, st, sdb, sdh, sdt, H, T), meta)
     if fused:
         return dq.to(q.dtype), dk, dv
     kernel, tile, meta = plan["dq"]
-    meta = _tma_meta(meta, q, do, dq)
+    meta = _tma_meta(meta, q, k, v, do, dq)
     launch(kernel, _grid(T, BH, tile, meta["HEAVY_FIRST"]),
            (q, k, v, do, dq, lse, delta, scale, sb, sh, st, sdb, sdh, sdt, H, T), meta)
     return dq, dk, dv

@@ -238,11 +238,28 @@ def _tma_launches(monkeypatch):
     return seen
 
 
+def _check_views(base, starts, D, causal=True):
+    """q, k, v as the views base[..., s:s + D] of one buffer (passed as views, not copies): output and the
+    buffer's gradient against fp64, within _check's rule."""
+    from igpt_fast.kernels.flash_attention import flash_attention
+
+    do = torch.randn(*base.shape[:-1], D, device=base.device, dtype=base.dtype)
+    results = []
+    for fn, dtype in ((attention_ref, torch.float64), (flash_attention, base.dtype), (_naive, base.dtype)):
+        leaf = base.detach().to(dtype).requires_grad_()
+        out = fn(*(leaf[..., s:s + D] for s in starts), causal)
+        out.backward(do.to(dtype))
+        results.append((out.detach(), leaf.grad))
+    for ref, ours, naive in zip(*results):
+        err, base_err = ((x.double() - ref).abs().max().item() for x in (ours, naive))
+        assert err <= 2 * base_err + _FLOOR[base.dtype], (err, base_err)
+
+
 def test_attention_tma_strided_views_and_fallback(monkeypatch):
     """io "tma": descriptors over strided views of one fused projection (each (batch, head) plane its own
     descriptor, bounded by T and D, so ragged tiles neither read the next head nor write past the end);
-    a head dim whose rows break TMA's 16-byte rule (D = 20 in fp16: 40-byte rows) falls back to
-    pointer I/O, same results. The fused backward never takes descriptors."""
+    a head dim whose rows break TMA's 16-byte rule (D = 20 in fp16: 40-byte rows), or a k / v starting off a
+    16-byte boundary, falls back to pointer I/O, same results. The fused backward never takes descriptors."""
     from igpt_fast.kernels import flash_attention as fa
 
     seen = _tma_launches(monkeypatch)
@@ -254,6 +271,12 @@ def test_attention_tma_strided_views_and_fallback(monkeypatch):
         seen.clear()
         _check(*_inputs(33, 20, torch.float16), causal=False)
         assert seen == [False, False, False]
+        seen.clear()  # views of one buffer with aligned strides, k and v starting off a 16-byte boundary
+        _check_views(torch.randn(2, 2, 30, 104, device=DEVICE, dtype=torch.float16), (0, 36, 68), 32)  # 208-B rows
+        assert seen == [False, False, False]
+        seen.clear()  # the same with every view on a 16-byte boundary: descriptors over the views themselves
+        _check_views(torch.randn(2, 2, 30, 104, device=DEVICE, dtype=torch.float16), (0, 40, 72), 32)
+        assert seen == [True, True, True]
     seen.clear()
     with fa.use_configs(dict(io="tma", bwd="fused_atomic")):
         _check(*_inputs(40, 32, PRECISE), causal=True)
