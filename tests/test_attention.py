@@ -91,10 +91,8 @@ def test_attention_matches_reference_flipped_causal(T, D, causal):
 
 def test_attention_strided_inputs_and_scale():
     """q, k, v as views of one fused (B, T, 3, H, D) projection, with a custom scale."""
-    B, T, H, D = 2, 40, 3, 32
-    qkv = torch.randn(B, T, 3, H, D, device=DEVICE, dtype=PRECISE)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D), non-contiguous
-    _check(q, k, v, causal=True, scale=0.3)
+    _check_views(torch.randn(2, 40, 3, 3, 32, device=DEVICE, dtype=PRECISE),  # (B, T, 3, H, D)
+                 lambda qkv: qkv.permute(2, 0, 3, 1, 4).unbind(0), causal=True, scale=0.3)  # each (B, H, T, D)
 
 
 def test_dispatch_torch_and_triton_agree():
@@ -238,16 +236,16 @@ def _tma_launches(monkeypatch):
     return seen
 
 
-def _check_views(base, starts, D, causal=True):
-    """q, k, v as the views base[..., s:s + D] of one buffer (passed as views, not copies): output and the
-    buffer's gradient against fp64, within _check's rule."""
+def _check_views(base, split, causal=True, scale=None):
+    """q, k, v = split(buffer), views of one buffer passed as they are (not copies): output and the buffer's
+    gradient against fp64, within _check's rule."""
     from igpt_fast.kernels.flash_attention import flash_attention
 
-    do = torch.randn(*base.shape[:-1], D, device=base.device, dtype=base.dtype)
+    do = torch.randn_like(split(base)[0])
     results = []
     for fn, dtype in ((attention_ref, torch.float64), (flash_attention, base.dtype), (_naive, base.dtype)):
         leaf = base.detach().to(dtype).requires_grad_()
-        out = fn(*(leaf[..., s:s + D] for s in starts), causal)
+        out = fn(*split(leaf), causal, scale)
         out.backward(do.to(dtype))
         results.append((out.detach(), leaf.grad))
     for ref, ours, naive in zip(*results):
@@ -264,18 +262,19 @@ def test_attention_tma_strided_views_and_fallback(monkeypatch):
 
     seen = _tma_launches(monkeypatch)
     with fa.use_configs(dict(io="tma")):
-        B, T, H, D = 2, 45, 3, 32
-        qkv = torch.randn(B, T, 3, H, D, device=DEVICE, dtype=PRECISE)
-        _check(*qkv.permute(2, 0, 3, 1, 4).unbind(0), causal=True, scale=0.3)
+        _check_views(torch.randn(2, 45, 3, 3, 32, device=DEVICE, dtype=PRECISE),  # (B, T, 3, H, D)
+                     lambda qkv: qkv.permute(2, 0, 3, 1, 4).unbind(0), causal=True, scale=0.3)
         assert seen == [True, True, True]  # forward, dK/dV, dQ
         seen.clear()
         _check(*_inputs(33, 20, torch.float16), causal=False)
         assert seen == [False, False, False]
         seen.clear()  # views of one buffer with aligned strides, k and v starting off a 16-byte boundary
-        _check_views(torch.randn(2, 2, 30, 104, device=DEVICE, dtype=torch.float16), (0, 36, 68), 32)  # 208-B rows
+        _check_views(torch.randn(2, 2, 30, 104, device=DEVICE, dtype=torch.float16),  # 208-byte rows
+                     lambda x: (x[..., :32], x[..., 36:68], x[..., 68:100]))
         assert seen == [False, False, False]
         seen.clear()  # the same with every view on a 16-byte boundary: descriptors over the views themselves
-        _check_views(torch.randn(2, 2, 30, 104, device=DEVICE, dtype=torch.float16), (0, 40, 72), 32)
+        _check_views(torch.randn(2, 2, 30, 104, device=DEVICE, dtype=torch.float16),
+                     lambda x: (x[..., :32], x[..., 40:72], x[..., 72:104]))
         assert seen == [True, True, True]
     seen.clear()
     with fa.use_configs(dict(io="tma", bwd="fused_atomic")):
