@@ -22,9 +22,11 @@ import triton
 #       of every head first);
 #   io: "pointer" (masked tl.load / tl.store) | "tma" (tensor descriptors built in the kernel over each
 #       (batch, head) plane, flash_attention._rows: TMA copies on sm_90, plain loads elsewhere) for the forward and the
-#       split backward. The fused backward keeps pointer I/O: with descriptors on sm_90 its 64-row
-#       tiles spilled 160-800 B and its 32-row tiles lost the tensor cores for the dQ product (triton
-#       3.9). A launch whose tensors break TMA's alignment rules (flash_attention._tma_meta) uses pointer I/O.
+#       split backward. The fused backward keeps pointer I/O: with descriptors on sm_90 (triton 3.9)
+#       its 32-row tiles lost the tensor cores for the dQ product (M = 32 < wgmma's 64) and every 64-row
+#       tile tried spilled at D 128 (seven choices of columns, warps and stages: 164-8328 B; at D 64 one
+#       stage fits). A launch whose tensors break TMA's alignment rules (flash_attention._tma_meta) uses
+#       pointer I/O.
 # Where it comes from, first match wins: use_configs() (benchmarks, the GPU sweep), the environment
 # variable IGPT_FAST_ATTENTION_CONFIG (JSON of any of those keys, read when a plan is built, e.g.
 # '{"bwd": "fused_atomic", "fwd": [128, 64, 8, 3]}'), the per-GPU defaults table's "config" for the
