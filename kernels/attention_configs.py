@@ -46,8 +46,9 @@ import triton
 #   acc = tl.dot(p, v, acc) and the scale folded into the exponent's multiply-add (all variants):
 #       +2-5% forward.
 #   io="tma" (sm_90): Q/K/V/dO tiles arrive by TMA into shared memory, with no address arithmetic or
-#       masks in registers (the forward drops from 182-187 to 109-138 registers, the split dK/dV from
-#       ~238 to 134-212): +5-10% forward at D 128 and T >= 4096, less at D 64; backward within +-5%.
+#       masks in registers (most registers per thread over dtypes, head dims and causal, triton 3.9 / 3.6:
+#       forward 187 / 188 -> 138, dK/dV 239 / 248 -> 212 / 226, dQ 182 / 203 -> 163 / 168): +5-10% forward
+#       at D 128 and T >= 4096, less at D 64; backward within +-5%.
 #       Automatic warp specialisation (tl.range(warp_specialize=True), FlashAttention-3's producer /
 #       consumer split) is not offered: on this forward Triton 3.6 and 3.9 fail an assertion in their
 #       warp-specialisation pass at 4 warps and leave the loop unspecialised at 8.
