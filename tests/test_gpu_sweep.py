@@ -36,10 +36,13 @@ def test_gpu_sweep_dry_run(tmp_path):
     for e in new:
         assert (e["op"], e["dtype"], e["width"], e["causal"], e["size"]) == ("attention", "fp32", 32, True, 100)
         assert e["config"]["bwd"] in ("split", "fused_atomic") and e["config"]["order"] in ("natural", "heavy_first")
+        assert e["config"]["io"] in ("pointer", "tma")
         assert e["torch_backend"] == "default" and e["ours_ms"] > 0 and e["torch_ms"] > 0
-        # every candidate was checked and timed: both orders, forward tiles, split and fused backward
+        # every candidate was checked and timed: both orders, both I/O modes (the dry run times tma as an
+        # sm_90 sweep does), forward tiles, split and fused backward
         timed = [k for k, ms in e["timings"].items() if ms is not None]
-        for part in ("fwd order=natural", "fwd order=heavy_first", "bwd=split", "bwd=fused_atomic", "fwd sdpa"):
+        for part in ("fwd order=natural", "fwd order=heavy_first", "io=pointer", "io=tma", "io=tma bwd=split",
+                     "bwd=split", "bwd=fused_atomic", "fwd sdpa"):
             assert any(part in k for k in timed), (part, e["timings"])
     table = (out / "attention_sweep.md").read_text()
     assert "winner: " in table and "sdpa" in table
