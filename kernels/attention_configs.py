@@ -21,7 +21,7 @@ import triton
 #   order: "natural" (grid (tiles, B * H)) | "heavy_first" (grid (B * H, tiles), heaviest causal tiles
 #       of every head first);
 #   io: "pointer" (masked tl.load / tl.store) | "tma" (tensor descriptors built in the kernel over each
-#       (batch, head) plane, flash_attention._rows: TMA copies on sm_90, plain loads elsewhere) for the forward and the
+#       (batch, head) plane, flash_attention._rows: TMA copies; sm_90 on, "pointer" below) for the forward and the
 #       split backward. The fused backward keeps pointer I/O: with descriptors on sm_90 (triton 3.9)
 #       its 32-row tiles lost the tensor cores for the dQ product (M = 32 < wgmma's 64) and every 64-row
 #       tile tried spilled at D 128 (seven choices of columns, warps and stages: 164-8328 B; at D 64 one
@@ -134,13 +134,16 @@ def attention_configs(capability, head_dim, override=None):
     ("bwd", "order", "io") on a GPU of compute `capability` (major, minor) at `head_dim`; capability None:
     the interpreter's small tiles. `override`: a config dict (any subset of the keys) replacing the
     built-in entries. The launchers and tools/compile_check.py both call this, so CI compiles exactly
-    what runs."""
+    what runs. io "tma" below sm_90 (no TMA unit) becomes "pointer": there the descriptors would only
+    be lowered to plain loads with more registers (the sm_80 forward at D 96/128 reached 255)."""
     if capability is None:
         tiles = dict(_INTERPRET_CONFIGS)
     else:
         tiles = dict(_DEFAULT_CONFIGS[attention_target(capability)][min(128, max(32, _block_d(head_dim)))],
                      **_BASE_VARIANTS)
     tiles.update(check_config(dict(override or {})))
+    if capability is not None and capability[0] < 9:
+        tiles["io"] = "pointer"
     configs = {name: _config(name, tiles[name]) for name in _TILE_KEYS}
     return dict(configs, pre=dict(_PREPROCESS_CONFIG), **{key: tiles[key] for key in _VARIANTS})
 

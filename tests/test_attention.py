@@ -344,6 +344,9 @@ def test_attention_config_validation():
     assert configs["bwd"] == "fused_atomic" and configs["order"] == "natural" and configs["io"] == "pointer"
     assert configs["fused"] == dict(BLOCK_M1=32, BLOCK_N1=128, num_warps=8, num_stages=2)
     assert configs["fwd"] == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    assert attention_configs((9, 0), 64, dict(io="tma"))["io"] == "tma"  # TMA hardware from sm_90 on
+    assert attention_configs((8, 0), 64, dict(io="tma"))["io"] == "pointer"
+    assert attention_configs(None, 64, dict(io="tma"))["io"] == "tma"  # the interpreter runs the descriptors
 
 
 def test_attention_table_config_lookup(tmp_path):
