@@ -19,8 +19,10 @@ fake runs the same body with the launches skipped), and compiled graphs call it 
 import os
 
 import torch
+import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor
+from triton.runtime import _allocation
 
 if not hasattr(torch.library, "triton_op"):
     raise ImportError(f"igpt-fast's Triton kernels need torch >= 2.6 (torch.library.triton_op), found "
@@ -81,16 +83,15 @@ def _scratch(size, alignment, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+_NULL_ALLOCATOR = getattr(_allocation, "_NULL_ALLOCATOR", None)  # both private: None where a triton lacks them
+_ALLOCATOR = getattr(_allocation, "_allocator", None)
+
+
 def ensure_scratch_allocator():
     """Give Triton an allocator for kernel scratch unless one is set. Triton keeps it in a ContextVar, so
     a thread that never set one (autograd's backward threads do not inherit it) gets ours on its first
     launch; torch.compile's own launcher sets its own."""
-    import triton
-    from triton.runtime import _allocation
-
-    null = getattr(_allocation, "_NULL_ALLOCATOR", None)
-    current = getattr(_allocation, "_allocator", None)
-    if null is None or current is None or current.get() is null:
+    if _ALLOCATOR is None or _NULL_ALLOCATOR is None or _ALLOCATOR.get() is _NULL_ALLOCATOR:
         triton.set_allocator(_scratch)
 
 

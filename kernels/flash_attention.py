@@ -58,7 +58,7 @@ import triton.language as tl
 from . import _common
 from ._common import INTERPRET, LOG2E
 from .attention_configs import (_BLOCK_NAMES, _TUNE_SETS, _block_d, _env_config, attention_configs,  # noqa: F401
-                                attention_target, attention_tune_configs, attention_tune_tiles, check_config)
+                                attention_tune_configs, attention_tune_tiles, check_config)
 
 
 @triton.jit
@@ -408,7 +408,7 @@ def _make_plan(configs, dtype, head_dim, causal, tuned=False):
                 HEAVY_FIRST=configs["order"] == "heavy_first", TMA=configs["io"] == "tma")
     for name, axis in (("fwd", "BLOCK_M"), ("dkdv", "BLOCK_N1"), ("dq", "BLOCK_M2"), ("fused", "BLOCK_N1")):
         kmeta = dict(meta, FUSED_DQ=name == "fused") if name in ("dkdv", "fused") else meta
-        if name == "fused":  # pointer I/O always: see the io note above
+        if name == "fused":  # pointer I/O always: see the io note in attention_configs.py
             kmeta["TMA"] = False
         if tuned:
             plan[name] = (_TUNED[name], axis, kmeta)
