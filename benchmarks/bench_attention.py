@@ -281,7 +281,7 @@ def _warm(classes, args, dtype_name, max_tiles):
     jobs = []
     for H, D, causal in classes:
         configs = []
-        for _, fwd, bwd, dq_tiles in _candidates(causal, max_tiles, tma=_sweeps_tma(False)):
+        for _, fwd, bwd, dq_tiles in _candidates(causal, max_tiles, args.smoke, _sweeps_tma(args.smoke)):
             configs += fwd + bwd + [dict(bwd[0], dq=t) for t in dq_tiles]
         for i in range(args.jobs):  # round-robin so every worker gets a share of every class
             jobs.append((H, D, causal, dtype_name, configs[i::args.jobs]))
