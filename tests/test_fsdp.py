@@ -29,7 +29,7 @@ ARCH = ["--n-px", str(N_PX), "--n-layer", "2", "--n-head", "2", "--n-embd", "32"
 # 4 optimizer steps of 2 micro-batches (accumulation without gradient sync), clipping on, checkpoints at 2 and 4
 TRAIN = [*ARCH, "--steps", "4", "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps", "2",
          "--log-every", "1", "--eval-every", "0", "--eval-batches", "0", "--ckpt-every", "2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crashing rank logs its Python stacks
 
 
 def model_config():
